@@ -1,0 +1,82 @@
+"""Options and printing shared by the sub-commands.
+
+Output contract: ``--json`` prints exactly one JSON object on stdout and nothing else there;
+tables and progress go to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from typing import Any
+
+from flatlab.io import dumps_json
+
+
+def add_output_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print one JSON object on stdout (tables go to stderr)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars or tables on stderr")
+
+
+def add_device_option(parser: argparse.ArgumentParser, default: str = "auto") -> None:
+    parser.add_argument("--device", default=default,
+                        help=f"cpu, cuda, cuda:N or auto (CUDA when available); default {default}")
+
+
+def add_data_dir_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data-dir", default=None,
+                        help="root of a folder data set, if it moved since training (checked against the stored hash)")
+
+
+def emit(args: argparse.Namespace, payload: dict[str, Any], table: str) -> None:
+    """Print ``payload`` as JSON on stdout (``--json``), or ``table`` for humans.
+
+    Without ``--json`` the table goes to stdout so it can be piped; with ``--json`` the table goes
+    to stderr unless ``--quiet``.
+    """
+    if getattr(args, "json", False):
+        sys.stdout.write(dumps_json(payload) + "\n")
+        if not getattr(args, "quiet", False):
+            sys.stderr.write(table.rstrip() + "\n")
+    else:
+        sys.stdout.write(table.rstrip() + "\n")
+    sys.stdout.flush()
+
+
+def fmt(value: Any, digits: int = 4) -> str:
+    """Human formatting: floats to ``digits`` significant digits, missing values as '-'."""
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        return f"{value:.{digits}g}"
+    return str(value)
+
+
+def table(rows: list[list[Any]], header: list[str] | None = None) -> str:
+    """A plain aligned text table."""
+    cells = [[fmt(c) for c in r] for r in rows]
+    if header:
+        cells.insert(0, list(header))
+    if not cells:
+        return ""
+    widths = [max(len(r[i]) for r in cells if i < len(r)) for i in range(max(len(r) for r in cells))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells]
+    if header:
+        lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def parse_json_arg(text: str, flag: str) -> dict[str, Any]:
+    from flatlab.errors import FlatlabError
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise FlatlabError(f"{flag} is not valid JSON ({exc.msg} at character {exc.pos}): e.g. '{{\"lr\": 0.001}}'") from None
+    if not isinstance(value, dict):
+        raise FlatlabError(f"{flag} must be a JSON object, e.g. '{{\"lr\": 0.001}}'")
+    return value

@@ -1,0 +1,51 @@
+"""``flatlab evaluate``: loss and accuracy of a checkpoint on every domain's splits."""
+
+from __future__ import annotations
+
+import argparse
+
+from flatlab.commands.common import (
+    add_data_dir_option,
+    add_device_option,
+    add_output_options,
+    emit,
+    table,
+)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("evaluate", help="accuracy and loss on every domain (id_acc, ood_acc)",
+                       description="Evaluate a checkpoint on the in and out split of every domain.")
+    p.add_argument("checkpoint", help="model.pt (or a run folder)")
+    p.add_argument("--batch-size", type=int, default=512)
+    add_data_dir_option(p)
+    add_device_option(p)
+    add_output_options(p)
+    p.set_defaults(func=run)
+
+
+def evaluation_table(meta: dict, metrics: dict) -> str:
+    rows = []
+    for i, name in enumerate(meta["domains"]):
+        role = "target" if i in meta["test_envs"] else "source"
+        rows.append([i, name, role, metrics[f"env{i}_in_acc"], metrics[f"env{i}_out_acc"],
+                     metrics[f"env{i}_in_loss"], metrics[f"env{i}_out_loss"]])
+    text = table(rows, ["env", "domain", "role", "in_acc", "out_acc", "in_loss", "out_loss"])
+    text += (f"\nid_acc (source-out) {metrics['id_acc']:.4f}   ood_acc (target) {metrics['ood_acc']:.4f}"
+             f"   source_acc (train) {metrics['source_acc']:.4f}")
+    return text
+
+
+def run(args: argparse.Namespace) -> int:
+    from flatlab.checkpoint import load_checkpoint
+    from flatlab.evaluate import evaluate_models
+    from flatlab.train import resolve_device
+
+    device = resolve_device(args.device)
+    ckpt = load_checkpoint(args.checkpoint)
+    model = ckpt.build_model(device)
+    metrics = evaluate_models(model, ckpt.splits(args.data_dir), args.batch_size, device)
+    payload = {"checkpoint": str(ckpt.path), "dataset": ckpt.meta["dataset"], "test_envs": ckpt.meta["test_envs"],
+               **metrics}
+    emit(args, payload, evaluation_table(ckpt.meta, metrics))
+    return 0

@@ -1,0 +1,24 @@
+"""``flatlab info``: what a checkpoint holds."""
+
+from __future__ import annotations
+
+import argparse
+
+from flatlab.commands.common import add_output_options, emit, table
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("info", help="data set, domains, model, algorithm, bits, size of a checkpoint",
+                       description="Describe a checkpoint without evaluating it.")
+    p.add_argument("checkpoint", help="model.pt (or a run folder)")
+    add_output_options(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from flatlab.inspect import checkpoint_info
+
+    info = checkpoint_info(args.checkpoint)
+    rows = [[k, v] for k, v in info.items() if not isinstance(v, (dict, list)) or k in ("test_envs", "domains", "test_env_names")]
+    emit(args, info, table(rows))
+    return 0

@@ -1,0 +1,84 @@
+"""``flatlab train``: train one model on multi-domain data, leave-one-domain-out."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from flatlab.commands.common import add_output_options, emit, parse_json_arg, table
+
+#: (flag, hparam key, type, help) for hyperparameters settable by a flag of their own.
+HPARAM_FLAGS: list[tuple[str, str, type, str]] = [
+    ("--lr", "lr", float, "learning rate (Adam)"),
+    ("--batch-size", "batch_size", int, "batch size per source domain"),
+    ("--weight-decay", "weight_decay", float, "weight decay"),
+]
+
+#: (flag, model option, type, help).
+MODEL_FLAGS: list[tuple[str, str, type, str]] = [
+    ("--width", "width", int, "model width (hidden units for mlp, first-block channels for cnn)"),
+    ("--depth", "depth", int, "hidden layers (mlp)"),
+]
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a model (ERM, QAT, ...) leave-one-domain-out",
+                       description="Train on the source domains; select by training-domain validation; "
+                                   "write OUT/model.pt, OUT/results.jsonl and OUT/done. Rerun the same "
+                                   "command after an interruption to resume.")
+    p.add_argument("--dataset", default="rotated-digits", help="data set name (default rotated-digits)")
+    p.add_argument("--data-dir", default=None, help="root folder of a DomainBed-layout data set")
+    p.add_argument("--test-env", nargs="+", default=["0"], metavar="DOMAIN",
+                   help="test domain(s), by index or name (default 0)")
+    p.add_argument("--algorithm", default="erm", help="training algorithm (default erm)")
+    p.add_argument("--model", default=None, help="model name (default: the data set's, cnn for rotated-digits)")
+    for flag, _key, typ, text in MODEL_FLAGS:
+        p.add_argument(flag, type=typ, default=None, help=text)
+    p.add_argument("--resolution", type=int, default=None, help="image side (rotated-digits: 16)")
+    p.add_argument("--pretrained", default=None, metavar="PATH", help="initial weights from a local file")
+    p.add_argument("--steps", type=int, default=None, help="training steps (rotated-digits: 1500)")
+    p.add_argument("--eval-every", type=int, default=None, help="evaluate and save state every N steps (default steps/10, at most 100)")
+    p.add_argument("--seed", type=int, default=0, help="seed for init, sampling and noise; also the default --trial-seed")
+    p.add_argument("--trial-seed", type=int, default=None, help="seed of the in/out split (DomainBed trial_seed)")
+    p.add_argument("--holdout-fraction", type=float, default=0.2, help="share of each domain held out (default 0.2)")
+    for flag, _key, typ, text in HPARAM_FLAGS:
+        p.add_argument(flag, type=typ, default=None, help=text)
+    p.add_argument("--hparams", default=None, metavar="JSON", help="hyperparameters as a JSON object (flags win)")
+    p.add_argument("--out", required=True, help="run folder")
+    p.add_argument("--fresh", action="store_true", help="discard what OUT holds and start over")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
+    add_output_options(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from flatlab.train import TrainConfig, train
+
+    hparam_flags: dict[str, Any] = {key: getattr(args, flag[2:].replace("-", "_")) for flag, key, _t, _h in HPARAM_FLAGS}
+    model_opts = {key: getattr(args, flag[2:].replace("-", "_")) for flag, key, _t, _h in MODEL_FLAGS}
+    dataset_opts = {"resolution": args.resolution} if args.resolution is not None else {}
+    config = TrainConfig(
+        dataset=args.dataset, test_envs=list(args.test_env), algorithm=args.algorithm, model=args.model,
+        model_options={k: v for k, v in model_opts.items() if v is not None}, dataset_options=dataset_opts,
+        data_dir=args.data_dir, steps=args.steps, eval_every=args.eval_every, seed=args.seed,
+        trial_seed=args.trial_seed, holdout_fraction=args.holdout_fraction,
+        hparams_json=parse_json_arg(args.hparams, "--hparams") if args.hparams else None,
+        hparam_flags=hparam_flags, out=args.out, device=args.device, fresh=args.fresh, quiet=args.quiet,
+        pretrained=args.pretrained,
+    )
+    result = train(config)
+    acc = result.selected
+    status = "already done" if result.already_done else (
+        f"resumed from step {result.resumed_from}" if result.resumed_from else "trained")
+    rows = [["run", str(result.out)], ["status", status], ["selected step", result.step],
+            ["id_acc (source-out)", acc.get("id_acc")], ["ood_acc (target)", acc.get("ood_acc")],
+            ["source_acc (train)", acc.get("source_acc")], ["checkpoint", str(result.checkpoint)]]
+    payload = {"out": str(result.out), "checkpoint": str(result.checkpoint), "step": result.step,
+               "status": status, **acc}
+    if not args.json and args.quiet:
+        return 0
+    emit(args, payload, table(rows))
+    if not args.json:
+        sys.stdout.flush()
+    return 0

@@ -1,0 +1,71 @@
+"""Domain data sets, looked up by name, and DomainBed's splits.
+
+``build_dataset(name, data_dir=None, **options)`` returns a :class:`MultiDomainDataset`;
+:class:`DomainSplits` adds the test domains and the in/out splits and serves the named splits
+``source``, ``source-out`` and ``target``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from flatlab.data.base import (
+    SPLIT_NAMES,
+    Batch,
+    DomainSplits,
+    MultiDomainDataset,
+    in_out_indices,
+    resolve_domains,
+    seed_hash,
+)
+from flatlab.data.rotated_digits import RotatedDigits
+from flatlab.errors import FlatlabError
+
+DatasetFactory = Callable[..., MultiDomainDataset]
+
+#: name -> (factory, needs --data-dir)
+DATASETS: dict[str, tuple[DatasetFactory, bool]] = {
+    "rotated-digits": (RotatedDigits, False),
+}
+
+
+def register_dataset(name: str, factory: DatasetFactory, needs_data_dir: bool) -> None:
+    """Add a data set to the registry (used by the folder data sets and by users)."""
+    DATASETS[name] = (factory, needs_data_dir)
+
+
+def dataset_names() -> list[str]:
+    return sorted(DATASETS)
+
+
+def build_dataset(name: str, data_dir: str | None = None, **options: Any) -> MultiDomainDataset:
+    """Build a data set by registry name.
+
+    Raises:
+        FlatlabError: unknown name, or a folder data set without ``data_dir``.
+    """
+    key = name if name in DATASETS else {k.lower(): k for k in DATASETS}.get(name.lower(), name)
+    if key not in DATASETS:
+        raise FlatlabError(f"unknown data set {name!r}: choose one of {', '.join(dataset_names())}")
+    factory, needs_dir = DATASETS[key]
+    if needs_dir:
+        if not data_dir:
+            raise FlatlabError(f"data set {key} is read from disk: pass --data-dir DIR")
+        return factory(data_dir=data_dir, **options)
+    return factory(**options)
+
+
+__all__ = [
+    "SPLIT_NAMES",
+    "Batch",
+    "DomainSplits",
+    "MultiDomainDataset",
+    "RotatedDigits",
+    "build_dataset",
+    "dataset_names",
+    "in_out_indices",
+    "register_dataset",
+    "resolve_domains",
+    "seed_hash",
+]

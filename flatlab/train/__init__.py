@@ -1,0 +1,7 @@
+"""Training: the DomainBed-style loop, the algorithm registry and hyperparameter defaults."""
+
+from flatlab.train.algorithms import ALGORITHMS, Algorithm, get_algorithm, register_algorithm
+from flatlab.train.trainer import TrainConfig, TrainResult, resolve_device, seed_everything, train
+
+__all__ = ["ALGORITHMS", "Algorithm", "TrainConfig", "TrainResult", "get_algorithm", "register_algorithm",
+           "resolve_device", "seed_everything", "train"]
