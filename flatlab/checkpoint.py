@@ -78,10 +78,21 @@ class Checkpoint:
     def is_quantized(self) -> bool:
         return bool(self.meta.get("quant"))
 
-    def build_model(self, device: torch.device | str = "cpu") -> nn.Module:
-        """Rebuild the model (quantized if the checkpoint is), load the weights, eval mode."""
+    def build_model(self, device: torch.device | str = "cpu", effective: bool = False) -> nn.Module:
+        """Rebuild the model (quantized if the checkpoint is), load the weights, eval mode.
+
+        Args:
+            device: where the model goes.
+            effective: for a quantized checkpoint, return instead the full-precision architecture
+                holding the de-quantized ("effective", deployed) weights, with the same parameter
+                names as the unquantized model. No effect on a full-precision checkpoint.
+        """
         model = build_model_from_meta(self.meta)
         load_weights(model, self.state_dict, self.meta, self.path)
+        if effective and self.is_quantized:
+            from flatlab.quant import effective_model
+
+            model = effective_model(model)
         return model.to(device).eval()
 
     def build_initial_model(self, device: torch.device | str = "cpu") -> nn.Module:

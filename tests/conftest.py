@@ -1,0 +1,48 @@
+"""Shared, session-scoped fixtures: trained runs that many test files reuse.
+
+Training happens once per test session; tests read the run folders and never modify them
+(copy a run into ``tmp_path`` first when a test needs to write).
+
+Areas add their fixtures at the end of this file (append; do not rewrite the others).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+# Two cores: keep every test process on a predictable, small thread count.
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def digits():
+    """The built-in RotatedDigits data set at the default 16x16 resolution."""
+    from flatlab.data import RotatedDigits
+
+    return RotatedDigits()
+
+
+def _train(out: Path, **kwargs) -> Path:
+    from flatlab.train import TrainConfig, train
+
+    train(TrainConfig(out=str(out), quiet=True, **kwargs))
+    return out
+
+
+@pytest.fixture(scope="session")
+def erm_run(tmp_path_factory) -> Path:
+    """A CNN (width 8, with BatchNorm) trained with ERM for 400 steps, test domain 0."""
+    out = tmp_path_factory.mktemp("runs") / "erm-cnn"
+    return _train(out, steps=400, eval_every=100, model="cnn", model_options={"width": 8}, seed=0)
+
+
+@pytest.fixture(scope="session")
+def mlp_run(tmp_path_factory) -> Path:
+    """A tiny MLP (8x8 inputs, width 8, depth 1: 602 parameters) for dense-Hessian checks."""
+    out = tmp_path_factory.mktemp("runs") / "erm-mlp"
+    return _train(out, steps=200, eval_every=100, model="mlp", model_options={"width": 8, "depth": 1},
+                  dataset_options={"resolution": 8}, seed=0)
