@@ -79,7 +79,7 @@ ModelFactory = Callable[..., nn.Module]
 #: name -> (factory, default options). Options are stored in checkpoints to rebuild the model.
 MODELS: dict[str, tuple[ModelFactory, dict[str, Any]]] = {
     "mlp": (MLP, {"width": 64, "depth": 2, "batchnorm": False, "bias": True}),
-    "cnn": (SmallCNN, {"width": 16, "batchnorm": True, "bias": True}),
+    "cnn": (SmallCNN, {"width": 32, "batchnorm": True, "bias": True}),
 }
 
 

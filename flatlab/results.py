@@ -1,0 +1,350 @@
+"""The results file: the one module that writes and reads flatlab's HDF5 result files.
+
+Schema (``schema_version`` 1)::
+
+    /                               attrs: schema_version, flatlab_version
+    /runs/<run_id>/                 attrs: provenance of the checkpoint (path, sha256, dataset,
+                                           domains, test_envs, model, algorithm, bits, act_bits,
+                                           seed, step, id_acc, ood_acc, per-domain accuracies,
+                                           members, command line, versions)
+    /runs/<run_id>/curvature/       top_eigenvalues, residuals, trace, ... (attrs: solver, wrt, hvps)
+    /runs/<run_id>/bounds/<name>/   a bound's value and every input as attrs
+    /runs/<run_id>/local_flatness/  gammas, source, source_stderr, target, target_stderr
+    /runs/<run_id>/surfaces/<name>/ xcoordinates, ycoordinates, train_loss, ...
+
+``run_id`` is the first 16 hex digits of the checkpoint file's SHA-256, so measuring a checkpoint
+again replaces its groups instead of adding a twin. Every change of a file is atomic: the file is
+copied to a temporary file next to it, modified there and moved into place with ``os.replace``;
+an advisory lock (``<file>.lock``) serialises writers in several processes.
+
+Attribute values: numbers, strings and booleans are stored as such; lists and dicts as JSON
+strings (read back as lists and dicts); ``None`` is not stored (a missing attribute reads as
+absent).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import shutil
+import sys
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from flatlab import __version__
+from flatlab.errors import FlatlabError
+from flatlab.io import atomic_path, sha256_file
+
+SCHEMA_VERSION = 1
+
+try:  # POSIX advisory locks; elsewhere writers are only atomic, not serialised.
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
+
+
+def run_id_for(checkpoint_path: str | os.PathLike[str]) -> str:
+    """Stable identifier of a checkpoint: the first 16 hex digits of its file's SHA-256.
+
+    A run folder is accepted and resolved to its ``model.pt``.
+    """
+    p = Path(checkpoint_path)
+    if p.is_dir() and (p / "model.pt").exists():
+        p = p / "model.pt"
+    if not p.is_file():
+        raise FlatlabError(f"no such checkpoint file: {p}")
+    return sha256_file(p)[:16]
+
+
+def _per_domain_accuracies(ckpt: Any) -> dict[str, float]:
+    """Per-domain accuracies of the selected step, read from the run's results.jsonl if present."""
+    path = getattr(ckpt, "path", None)
+    step = ckpt.meta.get("step")
+    if path is None or step is None:
+        return {}
+    log = Path(path).parent / "results.jsonl"
+    if not log.is_file():
+        return {}
+    found: dict[str, float] = {}
+    with open(log, encoding="utf-8") as fh:
+        for line in fh:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by a kill: the rest of the log is still good
+            if row.get("step") == step:
+                found = {k: float(v) for k, v in row.items()
+                         if k.startswith("env") and k.endswith("_acc") and isinstance(v, (int, float))}
+    return found
+
+
+def versions() -> dict[str, str]:
+    """Versions of the software that produced a result."""
+    import torch
+
+    return {"flatlab": __version__, "torch": str(torch.__version__), "numpy": np.__version__,
+            "h5py": h5py.__version__, "python": platform.python_version()}
+
+
+def run_attrs_from_checkpoint(ckpt: Any) -> dict[str, Any]:
+    """Provenance attributes of ``/runs/<run_id>`` for a loaded checkpoint.
+
+    Args:
+        ckpt: a :class:`flatlab.checkpoint.Checkpoint` (anything with ``meta`` and ``path``).
+
+    Returns:
+        checkpoint path and sha256, dataset, domains, test_envs, model, model options, algorithm,
+        bits, act_bits, seed, step, id_acc, ood_acc, per-domain accuracies, members (ensembles),
+        the command line and software versions.
+    """
+    meta = dict(ckpt.meta)
+    quant = meta.get("quant") or {}
+    accuracies = meta.get("accuracies") or {}
+    path = getattr(ckpt, "path", None)
+    attrs: dict[str, Any] = {
+        "checkpoint": str(Path(path).resolve()) if path is not None else None,
+        "checkpoint_sha256": sha256_file(path) if path is not None and Path(path).is_file() else None,
+        "dataset": meta.get("dataset"),
+        "domains": list(meta.get("domains", [])),
+        "test_envs": list(meta.get("test_envs", [])),
+        "model": meta.get("model"),
+        "model_options": meta.get("model_options"),
+        "algorithm": meta.get("algorithm"),
+        "bits": meta.get("bits", quant.get("bits") if isinstance(quant, dict) else None),
+        "act_bits": meta.get("act_bits", quant.get("act_bits") if isinstance(quant, dict) else None),
+        "seed": meta.get("seed"),
+        "trial_seed": meta.get("trial_seed"),
+        "step": meta.get("step"),
+        "id_acc": accuracies.get("id_acc", meta.get("id_acc")),
+        "ood_acc": accuracies.get("ood_acc", meta.get("ood_acc")),
+        "source_acc": accuracies.get("source_acc"),
+        "val_acc": accuracies.get("val_acc"),
+        "per_domain_accuracies": _per_domain_accuracies(ckpt),
+        "members": meta.get("members"),
+        "command_line": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv else "",
+        "versions": versions(),
+    }
+    return {k: v for k, v in attrs.items() if v is not None}
+
+
+# --- attribute encoding ------------------------------------------------------------------------
+
+def _encode_attr(value: Any) -> Any:
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, float, str, np.integer, np.floating)):
+        return value
+    if isinstance(value, np.ndarray):
+        return value
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, (list, tuple, dict)):
+        return json.dumps(value, sort_keys=True, default=_json_default)
+    raise TypeError(f"cannot store attribute of type {type(value).__name__}")
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def _decode_attr(value: Any) -> Any:
+    if isinstance(value, bytes):
+        value = value.decode("utf-8")
+    if isinstance(value, str):
+        if value[:1] in "[{":
+            try:
+                return json.loads(value)
+            except json.JSONDecodeError:
+                return value
+        return value
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _set_attrs(obj: h5py.HLObject, attrs: Mapping[str, Any]) -> None:
+    for key, value in attrs.items():
+        if value is None:
+            continue
+        obj.attrs[key] = _encode_attr(value)
+
+
+# --- writing -----------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _writer_lock(path: Path) -> Iterator[None]:
+    if fcntl is None:
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "a") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+def _check_name(name: str, what: str) -> str:
+    parts = [p for p in str(name).split("/") if p]
+    if not parts or any(p in (".", "..") for p in parts):
+        raise FlatlabError(f"invalid {what} {name!r} for a results file (use names like 'curvature' or 'bounds/pacbayes')")
+    return "/".join(parts)
+
+
+def _write_arrays(group: h5py.Group, arrays: Mapping[str, Any]) -> None:
+    for key, value in arrays.items():
+        if isinstance(value, Mapping):  # nested sub-group, e.g. per_layer/<layer>/...
+            _write_arrays(group.require_group(_check_name(key, "array name")), value)
+            continue
+        data = np.asarray(value)
+        if data.dtype.kind in "US":
+            data = data.astype(h5py.string_dtype())
+        elif data.dtype == object:
+            data = np.asarray([str(v) for v in data.ravel()], dtype=h5py.string_dtype()).reshape(data.shape)
+        group.create_dataset(_check_name(key, "array name"), data=data)
+
+
+def _open_copy(path: Path, tmp: Path) -> h5py.File:
+    if path.exists():
+        if not is_results_file(path):
+            raise FlatlabError(f"{path} exists but is not a flatlab results file (HDF5 with schema_version): "
+                               "choose another --out path")
+        shutil.copyfile(path, tmp)
+        handle = h5py.File(tmp, "r+")
+        found = int(handle.attrs.get("schema_version", 0))
+        if found > SCHEMA_VERSION:
+            handle.close()
+            raise FlatlabError(f"{path} has results schema {found}; this flatlab writes schema {SCHEMA_VERSION}: upgrade flatlab")
+    else:
+        handle = h5py.File(tmp, "w")
+    handle.attrs["schema_version"] = SCHEMA_VERSION
+    handle.attrs["flatlab_version"] = __version__
+    return handle
+
+
+def write_group(path: str | os.PathLike[str], run_id: str, run_attrs: Mapping[str, Any], group: str,
+                arrays: Mapping[str, Any], attrs: Mapping[str, Any] | None = None,
+                replace: bool = True) -> None:
+    """Write ``/runs/<run_id>/<group>`` of the results file at ``path``, atomically.
+
+    Args:
+        path: the HDF5 file (created if absent).
+        run_id: the run's identifier (:func:`run_id_for`).
+        run_attrs: provenance attributes of ``/runs/<run_id>`` (:func:`run_attrs_from_checkpoint`);
+            they replace the run's previous attributes.
+        group: group path below the run, possibly nested (``curvature``, ``bounds/pacbayes``).
+        arrays: datasets of the group; a nested mapping becomes a sub-group.
+        attrs: attributes of the group (settings, scalars).
+        replace: replace the group if present; if False an existing group is an error.
+
+    Raises:
+        FlatlabError: ``path`` is not a results file, or the group exists and ``replace`` is False.
+    """
+    target = Path(path)
+    run_id = _check_name(run_id, "run id")
+    group = _check_name(group, "group")
+    with _writer_lock(target), atomic_path(target, suffix=".h5") as tmp:
+        with _open_copy(target, tmp) as handle:
+            run = handle.require_group("runs").require_group(run_id)
+            for key in list(run.attrs):
+                del run.attrs[key]
+            _set_attrs(run, run_attrs)
+            if group in run:
+                if not replace:
+                    raise FlatlabError(f"{target} already holds /runs/{run_id}/{group}: pass replace=True to overwrite it")
+                del run[group]
+            node = run.require_group(group)
+            _write_arrays(node, arrays)
+            _set_attrs(node, attrs or {})
+
+
+def write_root_file(path: str | os.PathLike[str], arrays: Mapping[str, Any],
+                    attrs: Mapping[str, Any] | None = None) -> None:
+    """Write a stand-alone results file whose arrays live at the root (e.g. a loss surface in the
+    names Li et al.'s scripts read), replacing any file at ``path`` atomically."""
+    target = Path(path)
+    with _writer_lock(target), atomic_path(target, suffix=".h5") as tmp:
+        with h5py.File(tmp, "w") as handle:
+            handle.attrs["schema_version"] = SCHEMA_VERSION
+            handle.attrs["flatlab_version"] = __version__
+            _write_arrays(handle, arrays)
+            _set_attrs(handle, attrs or {})
+
+
+# --- reading -----------------------------------------------------------------------------------
+
+def is_results_file(path: str | os.PathLike[str]) -> bool:
+    """True if ``path`` is an HDF5 file with a ``schema_version`` attribute on ``/``."""
+    p = Path(path)
+    if not p.is_file():
+        return False
+    try:
+        if not h5py.is_hdf5(p):
+            return False
+        with h5py.File(p, "r") as handle:
+            return "schema_version" in handle.attrs
+    except OSError:
+        return False
+
+
+def _read_node(node: h5py.Group) -> dict[str, Any]:
+    out: dict[str, Any] = {"attrs": {k: _decode_attr(v) for k, v in node.attrs.items()}}
+    for key, child in node.items():
+        if isinstance(child, h5py.Group):
+            out[key] = _read_node(child)
+        else:
+            data = child[()]
+            if isinstance(data, bytes):
+                data = data.decode("utf-8")
+            elif isinstance(data, np.ndarray) and data.dtype.kind == "O":
+                data = np.asarray([v.decode("utf-8") if isinstance(v, bytes) else v for v in data.ravel()],
+                                  dtype=object).reshape(data.shape)
+            out[key] = data
+    return out
+
+
+def read_results(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A nested plain-dict view of a results file.
+
+    Returns:
+        ``{"attrs": {...}, "runs": {run_id: {"attrs": {...}, <group>: {"attrs": {...}, <array>: np.ndarray, ...}}}}``
+        plus any arrays stored at the root (a stand-alone surface file). ``runs`` is always present.
+
+    Raises:
+        FlatlabError: missing file or not a flatlab results file.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise FlatlabError(f"no such results file: {p}")
+    if not is_results_file(p):
+        raise FlatlabError(f"{p} is not a flatlab results file (HDF5 written by flatlab --out)")
+    with h5py.File(p, "r") as handle:
+        view = _read_node(handle)
+    view.setdefault("runs", {})
+    view["runs"].pop("attrs", None)
+    return view
+
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "is_results_file",
+    "read_results",
+    "run_attrs_from_checkpoint",
+    "run_id_for",
+    "versions",
+    "write_group",
+    "write_root_file",
+]
