@@ -74,12 +74,111 @@ class SmallCNN(nn.Module):
         return self.classifier(self.features(x))
 
 
+class ResNet(nn.Module):
+    """torchvision ResNet-18/50 as ``features`` (everything up to the pooled features) plus a
+    ``classifier``; never downloads weights (use ``--pretrained PATH``).
+
+    Args:
+        input_shape: (C, H, W); a channel count other than 3 replaces the first convolution.
+        num_classes: outputs of the classifier.
+        depth: 18 or 50.
+        freeze_bn: keep BatchNorm in eval mode (running statistics fixed, affine trainable) even
+            while training, as DomainBed and SWAD do for pretrained ResNets.
+    """
+
+    def __init__(self, input_shape: tuple[int, ...], num_classes: int, depth: int = 50,
+                 freeze_bn: bool = True) -> None:
+        super().__init__()
+        import torchvision
+
+        builders = {18: torchvision.models.resnet18, 50: torchvision.models.resnet50}
+        if depth not in builders:
+            raise FlatlabError(f"ResNet depth must be 18 or 50, got {depth}")
+        net = builders[depth](weights=None)
+        if input_shape[0] != 3:
+            net.conv1 = nn.Conv2d(input_shape[0], 64, kernel_size=7, stride=2, padding=3, bias=False)
+        n_features = net.fc.in_features
+        net.fc = nn.Identity()
+        self.features = net
+        self.classifier = nn.Linear(n_features, num_classes)
+        self.freeze_bn = freeze_bn
+
+    def train(self, mode: bool = True) -> ResNet:
+        super().train(mode)
+        if mode and self.freeze_bn:
+            for m in self.modules():
+                if isinstance(m, nn.BatchNorm2d):
+                    m.eval()
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+def _resnet18(input_shape: tuple[int, ...], num_classes: int, freeze_bn: bool = True) -> ResNet:
+    return ResNet(input_shape, num_classes, depth=18, freeze_bn=freeze_bn)
+
+
+def _resnet50(input_shape: tuple[int, ...], num_classes: int, freeze_bn: bool = True) -> ResNet:
+    return ResNet(input_shape, num_classes, depth=50, freeze_bn=freeze_bn)
+
+
+def load_pretrained(model: nn.Module, path: str) -> dict[str, list[str]]:
+    """Load backbone weights from a local file into a model (never a download).
+
+    Accepts a torchvision-style state dict (``conv1.weight``, ..., ``fc.*``), a dict holding one
+    under ``state_dict`` or ``model``, or a flatlab checkpoint. Keys are matched with or without
+    the ``features.`` prefix; the source classifier (``fc``/``classifier``) is dropped because
+    the class count differs. Loaded with ``torch.load(weights_only=True)``.
+
+    Returns:
+        ``{"loaded": [...], "missing": [...]}`` parameter names.
+
+    Raises:
+        FlatlabError: unreadable file, or no tensor matched the model.
+    """
+    from flatlab.checkpoint import FORMAT, safe_torch_load
+
+    payload = safe_torch_load(path, what="pretrained weights file")
+    if isinstance(payload, dict) and payload.get("format") == FORMAT:
+        payload = payload["state_dict"]
+    for key in ("state_dict", "model"):
+        if isinstance(payload, dict) and isinstance(payload.get(key), dict):
+            payload = payload[key]
+    if not isinstance(payload, dict):
+        raise FlatlabError(f"{path} holds no state dict of tensors")
+    own = model.state_dict()
+    loaded: dict[str, torch.Tensor] = {}
+    for key, tensor in payload.items():
+        if not isinstance(tensor, torch.Tensor):
+            continue
+        name = key[len("module."):] if key.startswith("module.") else key
+        if name.startswith(("fc.", "classifier.")):
+            continue
+        for candidate in (name, f"features.{name}"):
+            if candidate in own and own[candidate].shape == tensor.shape:
+                loaded[candidate] = tensor
+                break
+    if not loaded:
+        raise FlatlabError(f"no tensor in {path} fits model {type(model).__name__}: is it the right architecture?")
+    model.load_state_dict(loaded, strict=False)
+    missing = [k for k in own if k not in loaded and not k.startswith("classifier.")]
+    if missing:
+        import sys
+
+        sys.stderr.write(f"flatlab: warning: {len(missing)} tensors of the model were not in {path} "
+                         f"(first: {missing[0]}); they keep their random initialisation\n")
+    return {"loaded": sorted(loaded), "missing": missing}
+
+
 ModelFactory = Callable[..., nn.Module]
 
 #: name -> (factory, default options). Options are stored in checkpoints to rebuild the model.
 MODELS: dict[str, tuple[ModelFactory, dict[str, Any]]] = {
     "mlp": (MLP, {"width": 64, "depth": 2, "batchnorm": False, "bias": True}),
     "cnn": (SmallCNN, {"width": 32, "batchnorm": True, "bias": True}),
+    "resnet18": (_resnet18, {"freeze_bn": True}),
+    "resnet50": (_resnet50, {"freeze_bn": True}),
 }
 
 

@@ -59,3 +59,11 @@ def pytest_runtest_makereport(item, call):
         if "needs CUDA" not in reason:
             report.outcome = "failed"
             report.longrepr = f"skipped for a reason other than 'needs CUDA': {reason}"
+
+
+@pytest.fixture(scope="session")
+def qat_run(tmp_path_factory) -> Path:
+    """A CNN (width 8) trained with QAT at 4 bits: 400 steps, FP warm-up until step 200."""
+    out = tmp_path_factory.mktemp("runs") / "qat-cnn"
+    return _train(out, steps=400, eval_every=100, model="cnn", model_options={"width": 8}, seed=0,
+                  algorithm="qat", hparam_flags={"bits": 4, "quant_start": 200})

@@ -13,6 +13,13 @@ HPARAM_FLAGS: list[tuple[str, str, type, str]] = [
     ("--lr", "lr", float, "learning rate (Adam)"),
     ("--batch-size", "batch_size", int, "batch size per source domain"),
     ("--weight-decay", "weight_decay", float, "weight decay"),
+    ("--bits", "bits", int, "qat: weight bit-width, 2..8 (default 8)"),
+    ("--quant-start", "quant_start", int, "qat: step at which quantization starts (default 40%% of --steps)"),
+    ("--act-bits", "act_bits", int, "qat: also quantize layer inputs at this bit-width (default: weights only)"),
+    ("--grad-scale-n", "grad_scale_n", str, "qat: N of the LSQ scale-gradient factor, channel (default) or tensor"),
+    ("--per-channel", "per_channel", str, "qat: true (default) for one scale per output channel, false for one per tensor"),
+    ("--keep-first-fp", "keep_first_fp", str, "qat: true to keep the first conv/linear layer in full precision"),
+    ("--quantize-classifier", "quantize_classifier", str, "qat: true to quantize the final classifier too"),
 ]
 
 #: (flag, model option, type, help).
@@ -35,7 +42,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default=None, help="model name (default: the data set's, cnn for rotated-digits)")
     for flag, _key, typ, text in MODEL_FLAGS:
         p.add_argument(flag, type=typ, default=None, help=text)
-    p.add_argument("--resolution", type=int, default=None, help="image side (rotated-digits: 16)")
+    p.add_argument("--resolution", type=int, default=None, help="image side (rotated-digits: 16; image folders: 224)")
+    p.add_argument("--train-bn", action="store_true",
+                   help="ResNets: train BatchNorm statistics (default: frozen, as DomainBed/SWAD)")
+    p.add_argument("--cache-mb", type=int, default=None, help="image folders: memory budget for decoded images (MB)")
+    p.add_argument("--workers", type=int, default=None, help="image folders: decoding threads")
     p.add_argument("--pretrained", default=None, metavar="PATH", help="initial weights from a local file")
     p.add_argument("--steps", type=int, default=None, help="training steps (rotated-digits: 1500)")
     p.add_argument("--eval-every", type=int, default=None, help="evaluate and save state every N steps (default steps/10, at most 100)")
@@ -57,7 +68,10 @@ def run(args: argparse.Namespace) -> int:
 
     hparam_flags: dict[str, Any] = {key: getattr(args, flag[2:].replace("-", "_")) for flag, key, _t, _h in HPARAM_FLAGS}
     model_opts = {key: getattr(args, flag[2:].replace("-", "_")) for flag, key, _t, _h in MODEL_FLAGS}
-    dataset_opts = {"resolution": args.resolution} if args.resolution is not None else {}
+    if args.train_bn:
+        model_opts["freeze_bn"] = False
+    dataset_opts = {k: v for k, v in (("resolution", args.resolution), ("cache_mb", args.cache_mb),
+                                      ("workers", args.workers)) if v is not None}
     config = TrainConfig(
         dataset=args.dataset, test_envs=list(args.test_env), algorithm=args.algorithm, model=args.model,
         model_options={k: v for k, v in model_opts.items() if v is not None}, dataset_options=dataset_opts,

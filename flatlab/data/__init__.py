@@ -19,6 +19,7 @@ from flatlab.data.base import (
     resolve_domains,
     seed_hash,
 )
+from flatlab.data.folder import KNOWN_LAYOUTS, ImageFolderDomains, make_folder_dataset, make_named_dataset
 from flatlab.data.rotated_digits import RotatedDigits
 from flatlab.errors import FlatlabError
 
@@ -27,6 +28,8 @@ DatasetFactory = Callable[..., MultiDomainDataset]
 #: name -> (factory, needs --data-dir)
 DATASETS: dict[str, tuple[DatasetFactory, bool]] = {
     "rotated-digits": (RotatedDigits, False),
+    "folder": (make_folder_dataset, True),
+    **{name: (make_named_dataset(name), True) for name in KNOWN_LAYOUTS},
 }
 
 
@@ -60,6 +63,7 @@ __all__ = [
     "SPLIT_NAMES",
     "Batch",
     "DomainSplits",
+    "ImageFolderDomains",
     "MultiDomainDataset",
     "RotatedDigits",
     "build_dataset",

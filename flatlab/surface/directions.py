@@ -144,57 +144,33 @@ def unflatten_direction(vector: np.ndarray, weights: dict[str, Tensor]) -> Direc
 
 def hessian_directions(model: nn.Module, batches: Sequence[tuple[Tensor, Tensor]],
                        loss_fn: Callable[[Tensor, Tensor], Tensor], names: Sequence[str], k: int = 2,
-                       seed: int = 0, tol: float = 1e-6) -> tuple[list[Direction], np.ndarray]:
+                       seed: int = 0) -> tuple[list[Direction], np.ndarray, np.ndarray]:
     """The top-``k`` Hessian eigenvectors (largest algebraic eigenvalues) as unit directions.
 
-    The Hessian is taken with respect to the named parameters of the model in eval mode over all
-    batches, each weighted ``|B| / N``. Uses ``flatlab.curvature`` when it provides a Lanczos
-    solver; otherwise Lanczos (``scipy.sparse.linalg.eigsh``, ``which="LA"``) on Hessian-vector
-    products by double backward. Each eigenvector has unit Euclidean norm over all named
-    parameters; its sign is fixed so that its largest-magnitude entry is positive (eigenvectors
-    are defined up to sign; this makes runs repeatable).
+    The Hessian ``H = sum_B |B|/N grad^2 L_B(w)`` is taken with respect to the named parameters
+    of the model in eval mode (:class:`flatlab.curvature.hvp.HessianOperator`), its top
+    eigenpairs found by Lanczos (:func:`flatlab.curvature.lanczos.lanczos_top_eigenvalues`).
+    Each eigenvector has unit Euclidean norm over the named parameters; its sign is fixed so that
+    its largest-magnitude entry is positive (eigenvectors are defined up to sign; this makes runs
+    repeatable).
 
     Returns:
-        (directions, eigenvalues), largest eigenvalue first.
+        (directions, eigenvalues, residuals), largest eigenvalue first.
     """
-    from scipy.sparse.linalg import LinearOperator, eigsh
+    from flatlab.curvature.hvp import HessianOperator
+    from flatlab.curvature.lanczos import lanczos_top_eigenvalues
 
     params = parameter_tensors(model, names)
-    plist = list(params.values())
-    n_total = sum(int(len(y)) for _, y in batches)
-    sizes = [p.numel() for p in plist]
-    dim = sum(sizes)
-    if k >= dim:
-        raise FlatlabError(f"{k} Hessian directions need more than {dim} parameters")
-    dtype = plist[0].dtype
-
-    def hvp(v_np: np.ndarray) -> np.ndarray:
-        v = torch.from_numpy(np.asarray(v_np, dtype=np.float64).ravel()).to(plist[0].device)
-        vs = [t.reshape(p.shape).to(p.dtype) for t, p in zip(torch.split(v, sizes), plist)]
-        acc = torch.zeros(dim, dtype=torch.float64, device=plist[0].device)
-        for x, y in batches:
-            loss = loss_fn(model(x), y) * (len(y) / n_total)
-            grads = torch.autograd.grad(loss, plist, create_graph=True)
-            dot = sum((g * u).sum() for g, u in zip(grads, vs))
-            hv = torch.autograd.grad(dot, plist)
-            acc += torch.cat([h.reshape(-1).double() for h in hv])
-        return acc.cpu().numpy()
-
-    was_training = model.training
-    model.eval()
-    try:
-        op = LinearOperator((dim, dim), matvec=hvp, dtype=np.float64)
-        v0 = np.random.RandomState(seed_hash("hessian-directions", seed)).standard_normal(dim)
-        values, vectors = eigsh(op, k=k, which="LA", v0=v0, tol=tol)
-    finally:
-        model.train(was_training)
-    order = np.argsort(values)[::-1]
+    operator = HessianOperator(model, list(batches), loss_fn=loss_fn, params=list(names))
+    if operator.dim <= k:
+        raise FlatlabError(f"{k} Hessian directions need more than {operator.dim} perturbed parameters")
+    result = lanczos_top_eigenvalues(operator, k=k, seed=seed)
+    template = {n: p.detach().cpu() for n, p in params.items()}
     directions = []
-    for idx in order:
-        vec = vectors[:, idx]
+    for i in range(len(result.eigenvalues)):
+        vec = np.asarray(result.eigenvectors[:, i], dtype=np.float64)
         vec = vec / np.linalg.norm(vec)
         if vec[np.argmax(np.abs(vec))] < 0:
             vec = -vec
-        directions.append(unflatten_direction(vec.astype(np.float64), {n: p.detach().cpu().to(dtype)
-                                                                          for n, p in params.items()}))
-    return directions, values[order]
+        directions.append(unflatten_direction(vec, template))
+    return directions, np.asarray(result.eigenvalues), np.asarray(result.residuals)

@@ -201,8 +201,11 @@ def train(config: TrainConfig) -> TrainResult:
 
     splits = DomainSplits(dataset, test_envs, trial_seed, config.holdout_fraction)
     source_envs = splits.source_envs
-    if any(len(splits.in_idx[e]) == 0 for e in source_envs):
-        raise FlatlabError("a source domain has an empty training split: use more data or a smaller --holdout-fraction")
+    for e in source_envs:
+        if len(splits.in_idx[e]) == 0 or len(splits.out_idx[e]) == 0:
+            raise FlatlabError(f"source domain {dataset.domains[e]} ({dataset.domain_size(e)} samples) leaves an empty "
+                               f"{'training' if len(splits.in_idx[e]) == 0 else 'held-out'} split at holdout fraction "
+                               f"{config.holdout_fraction}: add data or change --holdout-fraction")
 
     seed_everything(config.seed)
     model = build_model(model_name, dataset.input_shape, dataset.num_classes, **opts)
@@ -260,6 +263,8 @@ def train(config: TrainConfig) -> TrainResult:
 
     bar = tqdm(total=steps, initial=start_step, disable=config.quiet, file=sys.stderr,
                desc=f"train {algo_cls.name}", unit="step", dynamic_ncols=True)
+    # train() once up front: models with frozen BatchNorm (ResNets) apply it in their train().
+    algorithm.model.train()
     last_loss = float("nan")
     t_last = time.perf_counter()
     losses: list[float] = []

@@ -1,0 +1,259 @@
+r"""Hessian-vector products of a model's loss over a whole data set, as a linear operator.
+
+For parameters :math:`w`, batches :math:`B_1, \dots, B_J` of a data set of :math:`N` samples and
+a loss with mean reduction :math:`L_B(w)`, the loss over the whole set is
+
+.. math::
+
+    L(w) = \sum_j \frac{|B_j|}{N} L_{B_j}(w), \qquad
+    H v = \sum_j \frac{|B_j|}{N} \nabla^2 L_{B_j}(w)\, v,
+
+so each product is one pass over the data (one "HVP" in the counts flatlab reports). The model is
+evaluated in eval mode, so BatchNorm uses its running statistics and the loss is a deterministic
+function of the weights.
+
+Two ways to compute :math:`H v` are implemented and tested against the dense Hessian:
+
+* ``double-backward``: :math:`g = \nabla L` with ``create_graph=True``, then
+  :math:`\nabla (g^\top v)` (reverse-over-reverse);
+* ``forward-over-reverse``: ``torch.func.jvp(torch.func.grad(L), (w,), (v,))``.
+
+``auto`` uses :data:`DEFAULT_METHOD` (the faster one in ``benchmarks/bench_curvature.py``) and
+falls back to ``double-backward`` for models that torch.func cannot transform (custom
+``autograd.Function`` without ``setup_context``, e.g. a straight-through quantizer).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from scipy.sparse.linalg import LinearOperator
+from torch import nn
+
+from flatlab.curvature.params import select_parameters
+from flatlab.errors import FlatlabError
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+HVP_METHODS = ("auto", "double-backward", "forward-over-reverse")
+#: The method ``auto`` picks: double backward measured faster on CPU for the digits CNN and
+#: ResNet-18 (see benchmarks/README.md, "Curvature").
+DEFAULT_METHOD = "double-backward"
+
+
+def _batch_size(y: Any) -> int:
+    if isinstance(y, torch.Tensor):
+        return int(y.shape[0]) if y.dim() > 0 else 1
+    return len(y)
+
+
+class HessianOperator(LinearOperator):
+    r"""The Hessian of a model's data-set loss w.r.t. chosen parameters, as a scipy ``LinearOperator``.
+
+    ``op @ v`` (numpy, float64) or :meth:`hvp` (torch) computes :math:`H v` over the whole data
+    with batches weighted :math:`|B|/N`. Vectors are the selected parameters flattened and
+    concatenated in :attr:`param_names` order. :attr:`num_products` counts the products computed.
+
+    Args:
+        model: any ``nn.Module``; it is evaluated in eval mode (its mode is restored after each
+            product).
+        data: a list of ``(x, y)`` batches or any re-iterable loader of them (e.g. a DataLoader).
+        loss_fn: ``loss_fn(outputs, y)`` with mean reduction (default cross-entropy).
+        params: ``all``, ``weights``, ``no-bn`` or a list of parameter names
+            (see :func:`flatlab.curvature.params.select_parameters`).
+        method: ``auto``, ``double-backward`` or ``forward-over-reverse``.
+        progress: optional callable invoked once per product (e.g. a tqdm bar's ``update``).
+    """
+
+    def __init__(self, model: nn.Module, data: Iterable[Batch], loss_fn: LossFn | None = None,
+                 params: str | Sequence[str] = "all", method: str = "auto",
+                 progress: Callable[[], Any] | None = None) -> None:
+        if method not in HVP_METHODS:
+            raise FlatlabError(f"unknown HVP method {method!r}: choose one of {', '.join(HVP_METHODS)}")
+        self.model = model
+        self.data = data
+        self.loss_fn: LossFn = loss_fn or nn.functional.cross_entropy
+        selected = select_parameters(model, params)
+        self.param_names = [n for n, _ in selected]
+        self.params = [p for _, p in selected]
+        self.shapes = [p.shape for p in self.params]
+        self.sizes = [p.numel() for p in self.params]
+        self.method = DEFAULT_METHOD if method == "auto" else method
+        self._fallback_allowed = method == "auto"
+        self.progress = progress
+        self.num_products = 0
+        first = self.params[0]
+        self.torch_dtype = first.dtype
+        self.device = first.device
+        self.num_samples = self._count_samples()
+        super().__init__(dtype=np.dtype(np.float64), shape=(sum(self.sizes), sum(self.sizes)))
+
+    # -- data ------------------------------------------------------------------------------------
+    def _count_samples(self) -> int:
+        total = sum(_batch_size(y) for _, y in self.data)
+        if total == 0:
+            raise FlatlabError("the data for the Hessian are empty: pass at least one sample")
+        return total
+
+    @property
+    def dim(self) -> int:
+        """Number of scalar parameters (the Hessian is dim x dim)."""
+        return self.shape[0]
+
+    # -- vector helpers --------------------------------------------------------------------------
+    def split(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """Cut a flat vector into tensors shaped like the selected parameters."""
+        return [c.view(s) for c, s in zip(torch.split(flat, self.sizes), self.shapes)]
+
+    @staticmethod
+    def flatten(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+        return torch.cat([t.reshape(-1) for t in tensors])
+
+    def parameter_vector(self) -> torch.Tensor:
+        """The selected parameters' current values, flattened."""
+        return self.flatten([p.detach() for p in self.params])
+
+    # -- products --------------------------------------------------------------------------------
+    def hvp(self, v: torch.Tensor) -> torch.Tensor:
+        """:math:`H v` for a flat torch vector ``v`` (converted to the model's dtype and device)."""
+        if v.shape != (self.dim,):
+            raise ValueError(f"vector of shape {tuple(v.shape)} for a Hessian of size {self.dim}")
+        v = v.to(device=self.device, dtype=self.torch_dtype)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            try:
+                out = self._product(v)
+            except (RuntimeError, NotImplementedError) as exc:
+                if not (self._fallback_allowed and self.method == "forward-over-reverse"
+                        and _torch_func_unsupported(exc)):
+                    raise
+                self.method = "double-backward"
+                out = self._product(v)
+        finally:
+            self.model.train(was_training)
+        self.num_products += 1
+        if self.progress is not None:
+            self.progress()
+        return out
+
+    def _product(self, v: torch.Tensor) -> torch.Tensor:
+        pieces = self.split(v)
+        acc = [torch.zeros_like(p) for p in self.params]
+        for x, y in self.data:
+            weight = _batch_size(y) / self.num_samples
+            if self.method == "double-backward":
+                hv = self._hvp_double_backward(x, y, pieces)
+            else:
+                hv = self._hvp_forward_over_reverse(x, y, pieces)
+            for a, h in zip(acc, hv):
+                a.add_(h, alpha=weight)
+        return self.flatten(acc)
+
+    def _hvp_double_backward(self, x: torch.Tensor, y: torch.Tensor, v: list[torch.Tensor]) -> list[torch.Tensor]:
+        with torch.enable_grad():
+            loss = self.loss_fn(self.model(x), y)
+            grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
+            pairs = [(g, vi) for g, vi in zip(grads, v) if g is not None and g.requires_grad]
+            if not pairs:
+                return [torch.zeros_like(p) for p in self.params]
+            dot = sum((g * vi).sum() for g, vi in pairs)
+            hv = torch.autograd.grad(dot, self.params, allow_unused=True)
+        return [torch.zeros_like(p) if h is None else h.detach() for p, h in zip(self.params, hv)]
+
+    def _hvp_forward_over_reverse(self, x: torch.Tensor, y: torch.Tensor, v: list[torch.Tensor]) -> list[torch.Tensor]:
+        from torch.func import functional_call, grad, jvp
+
+        names = self.param_names
+        model, loss_fn = self.model, self.loss_fn
+
+        def loss_of(weights: dict[str, torch.Tensor]) -> torch.Tensor:
+            return loss_fn(functional_call(model, weights, (x,)), y)
+
+        primals = {n: p.detach() for n, p in zip(names, self.params)}
+        tangents = dict(zip(names, v))
+        _, hv = jvp(grad(loss_of), (primals,), (tangents,))
+        return [hv[n] for n in names]
+
+    def _matvec(self, x: np.ndarray) -> np.ndarray:
+        v = torch.from_numpy(np.ascontiguousarray(np.asarray(x, dtype=np.float64).reshape(-1)))
+        return self.hvp(v).detach().to(device="cpu", dtype=torch.float64).numpy()
+
+    def _rmatvec(self, x: np.ndarray) -> np.ndarray:
+        return self._matvec(x)  # the Hessian is symmetric
+
+    def _adjoint(self) -> HessianOperator:
+        return self
+
+    # -- gradient (for the cost ratio HVP / gradient) ---------------------------------------------
+    def gradient(self) -> torch.Tensor:
+        """The full-data gradient :math:`\\nabla L(w)` (flat), with the same batch weighting."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            acc = [torch.zeros_like(p) for p in self.params]
+            for x, y in self.data:
+                with torch.enable_grad():
+                    loss = self.loss_fn(self.model(x), y)
+                    grads = torch.autograd.grad(loss, self.params, allow_unused=True)
+                for a, g in zip(acc, grads):
+                    if g is not None:
+                        a.add_(g, alpha=_batch_size(y) / self.num_samples)
+        finally:
+            self.model.train(was_training)
+        return self.flatten(acc)
+
+    def loss(self) -> float:
+        """The full-data loss :math:`L(w)` (weights |B|/N)."""
+        was_training = self.model.training
+        self.model.eval()
+        total = 0.0
+        try:
+            with torch.no_grad():
+                for x, y in self.data:
+                    total += float(self.loss_fn(self.model(x), y)) * _batch_size(y) / self.num_samples
+        finally:
+            self.model.train(was_training)
+        return total
+
+    def restricted(self, names: Sequence[str]) -> HessianOperator:
+        """The diagonal block of this Hessian for a subset of its parameters (same data, loss,
+        method), e.g. one layer."""
+        return HessianOperator(self.model, self.data, self.loss_fn, list(names), self.method, self.progress)
+
+
+def _torch_func_unsupported(exc: BaseException) -> bool:
+    text = str(exc)
+    return any(s in text for s in ("setup_context", "functorch", "torch.func", "vmap", "autograd.Function"))
+
+
+def hessian_vector_product(model: nn.Module, data: Iterable[Batch], v: torch.Tensor,
+                           loss_fn: LossFn | None = None, params: str | Sequence[str] = "all",
+                           method: str = "auto") -> torch.Tensor:
+    """:math:`H v` over the whole data for a flat vector ``v`` (see :class:`HessianOperator`)."""
+    return HessianOperator(model, data, loss_fn, params, method).hvp(v)
+
+
+class CountingOperator(LinearOperator):
+    """Wrap any linear operator (or matrix) and count its matrix-vector products."""
+
+    def __init__(self, operator: Any) -> None:
+        from scipy.sparse.linalg import aslinearoperator
+
+        self.inner = operator if isinstance(operator, LinearOperator) else aslinearoperator(operator)
+        self.count = 0
+        super().__init__(dtype=np.dtype(np.float64), shape=self.inner.shape)
+
+    def _matvec(self, x: np.ndarray) -> np.ndarray:
+        self.count += 1
+        return np.asarray(self.inner.matvec(np.asarray(x, dtype=np.float64)), dtype=np.float64).reshape(-1)
+
+    def _rmatvec(self, x: np.ndarray) -> np.ndarray:
+        return self._matvec(x)
+
+
+__all__ = ["DEFAULT_METHOD", "HVP_METHODS", "CountingOperator", "HessianOperator", "hessian_vector_product"]

@@ -1,0 +1,29 @@
+"""Quantization: LSQ fake quantization, quantized layers, model preparation and integer export."""
+
+from flatlab.quant.config import QuantConfig
+from flatlab.quant.layers import QuantConv2d, QuantLayerMixin, QuantLinear
+from flatlab.quant.lsq import LSQFunction, grad_scale_factor, init_scale, lsq_codes, lsq_quantize
+from flatlab.quant.prepare import (
+    effective_model,
+    eligible_layers,
+    is_quantized,
+    quantize_model,
+    quantized_layers,
+)
+
+__all__ = [
+    "LSQFunction",
+    "QuantConfig",
+    "QuantConv2d",
+    "QuantLayerMixin",
+    "QuantLinear",
+    "effective_model",
+    "eligible_layers",
+    "grad_scale_factor",
+    "init_scale",
+    "is_quantized",
+    "lsq_codes",
+    "lsq_quantize",
+    "quantize_model",
+    "quantized_layers",
+]

@@ -1,0 +1,128 @@
+"""Hessian-vector products against the dense Hessian (float64, tiny models from tests/cases.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from cases import quadratic_case, tiny_cnn_bn_case, tiny_mlp_case
+from torch import nn
+
+from flatlab.curvature import HessianOperator, dense_hessian, hessian_vector_product, select_parameters
+from flatlab.errors import FlatlabError
+
+CASES = [tiny_mlp_case, tiny_cnn_bn_case]
+
+
+def brute_force_hessian(case) -> np.ndarray:
+    """torch.autograd.functional.hessian of the |B|/N-weighted loss of a flat parameter vector."""
+    model = case.model
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for _, p in model.named_parameters()]
+    sizes = [p.numel() for _, p in model.named_parameters()]
+    flat0 = torch.cat([p.detach().reshape(-1) for _, p in model.named_parameters()])
+    n_total = sum(len(y) for _, y in case.batches)
+
+    def full_loss(flat: torch.Tensor) -> torch.Tensor:
+        weights = {n: c.view(s) for n, c, s in zip(names, torch.split(flat, sizes), shapes)}
+        return sum(case.loss_fn(torch.func.functional_call(model, weights, (x,)), y) * len(y) / n_total
+                   for x, y in case.batches)
+
+    return torch.autograd.functional.hessian(full_loss, flat0).numpy()
+
+
+@pytest.mark.parametrize("make_case", CASES)
+def test_dense_hessian_matches_brute_force(make_case):
+    case = make_case()
+    np.testing.assert_allclose(dense_hessian(case.model, case.batches, case.loss_fn).numpy(),
+                               brute_force_hessian(case), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("make_case", CASES)
+@pytest.mark.parametrize("method", ["double-backward", "forward-over-reverse"])
+def test_hvp_equals_dense_hessian_times_v(make_case, method):
+    case = make_case()
+    dense = brute_force_hessian(case)
+    op = HessianOperator(case.model, case.batches, case.loss_fn, method=method)
+    rng = np.random.default_rng(0)
+    block = rng.standard_normal((op.dim, 3))
+    np.testing.assert_allclose(op @ block, dense @ block, rtol=1e-10, atol=1e-12)
+    assert op.num_products == 3
+    v = torch.from_numpy(block[:, 0])
+    torch.testing.assert_close(hessian_vector_product(case.model, case.batches, v, case.loss_fn, method=method),
+                               torch.from_numpy(dense @ block[:, 0]), rtol=1e-10, atol=1e-12)
+
+
+def test_batches_weighted_by_size_not_count():
+    case = tiny_mlp_case(n=40, batch=16)  # batches of 16, 16, 8
+    x = torch.cat([b[0] for b in case.batches])
+    y = torch.cat([b[1] for b in case.batches])
+    one_batch = HessianOperator(case.model, [(x, y)], case.loss_fn)
+    uneven = HessianOperator(case.model, [(x[:3], y[:3]), (x[3:], y[3:])], case.loss_fn)
+    v = np.random.default_rng(1).standard_normal(one_batch.dim)
+    np.testing.assert_allclose(uneven @ v, one_batch @ v, rtol=1e-10, atol=1e-13)
+
+
+def test_dataloader_input_and_eval_mode_restored():
+    case = tiny_cnn_bn_case()
+    x = torch.cat([b[0] for b in case.batches])
+    y = torch.cat([b[1] for b in case.batches])
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=7)
+    case.model.train()
+    op = HessianOperator(case.model, loader, case.loss_fn)
+    ref = HessianOperator(case.model, case.batches, case.loss_fn)
+    v = np.random.default_rng(2).standard_normal(op.dim)
+    np.testing.assert_allclose(op @ v, ref @ v, rtol=1e-10, atol=1e-13)
+    assert case.model.training  # the caller's mode is restored
+    bn = case.model[1]
+    assert bn.num_batches_tracked.item() == 0  # eval mode: running statistics untouched
+
+
+@pytest.mark.parametrize("which,expected", [("all", None), ("weights", ["0.weight", "5.weight"]),
+                                            ("no-bn", ["0.weight", "0.bias", "5.weight", "5.bias"])])
+def test_parameter_choice_gives_the_dense_sub_block(which, expected):
+    case = tiny_cnn_bn_case()
+    names = [n for n, _ in select_parameters(case.model, which)]
+    all_names = [n for n, _ in case.model.named_parameters()]
+    assert names == (expected or all_names)
+    full = dense_hessian(case.model, case.batches, case.loss_fn).numpy()
+    offsets = np.cumsum([0] + [p.numel() for p in case.model.parameters()])
+    index = np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i, n in enumerate(all_names) if n in names])
+    op = HessianOperator(case.model, case.batches, case.loss_fn, params=which)
+    v = np.random.default_rng(3).standard_normal(op.dim)
+    np.testing.assert_allclose(op @ v, full[np.ix_(index, index)] @ v, rtol=1e-10, atol=1e-13)
+
+
+def test_quadratic_hessian_is_its_matrix():
+    case = quadratic_case(8)
+    op = HessianOperator(case.model, case.batches, case.loss_fn)
+    np.testing.assert_allclose(op @ np.eye(8), case.model.a.numpy(), rtol=1e-12, atol=1e-12)
+    assert op.loss() == pytest.approx(0.0, abs=1e-12)
+
+
+def test_gradient_matches_autograd():
+    case = tiny_mlp_case()
+    op = HessianOperator(case.model, case.batches, case.loss_fn)
+    x = torch.cat([b[0] for b in case.batches])
+    y = torch.cat([b[1] for b in case.batches])
+    grads = torch.autograd.grad(case.loss_fn(case.model(x), y), list(case.model.parameters()))
+    torch.testing.assert_close(op.gradient(), torch.cat([g.reshape(-1) for g in grads]))
+    assert op.loss() == pytest.approx(float(case.loss_fn(case.model(x), y)), rel=1e-12)
+
+
+def test_bad_input():
+    case = tiny_mlp_case()
+    with pytest.raises(FlatlabError, match="empty"):
+        HessianOperator(case.model, [], case.loss_fn)
+    with pytest.raises(FlatlabError, match="unknown parameter choice"):
+        HessianOperator(case.model, case.batches, case.loss_fn, params="biases")
+    with pytest.raises(FlatlabError, match="unknown HVP method"):
+        HessianOperator(case.model, case.batches, case.loss_fn, method="magic")
+    with pytest.raises(FlatlabError, match="limited to 50"):
+        dense_hessian(case.model, case.batches, case.loss_fn, max_params=50)
+    with pytest.raises(FlatlabError, match="no trainable parameter named"):
+        select_parameters(case.model, ["nope.weight"])
+    frozen = nn.Linear(2, 2)
+    frozen.requires_grad_(False)
+    with pytest.raises(FlatlabError, match="selects no trainable"):
+        select_parameters(frozen, "all")

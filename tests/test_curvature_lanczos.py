@@ -1,0 +1,51 @@
+"""Lanczos top-k eigenvalues against the dense spectrum (float64)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from cases import tiny_cnn_bn_case, tiny_mlp_case
+
+from flatlab.curvature import HessianOperator, dense_hessian, dense_spectrum, lanczos_top_eigenvalues
+from flatlab.errors import FlatlabError
+
+
+@pytest.mark.parametrize("make_case", [tiny_mlp_case, tiny_cnn_bn_case])
+def test_top5_equals_dense_eigenvalues(make_case):
+    case = make_case()
+    exact = dense_spectrum(dense_hessian(case.model, case.batches, case.loss_fn)).eigenvalues[:5]
+    op = HessianOperator(case.model, case.batches, case.loss_fn)
+    result = lanczos_top_eigenvalues(op, k=5)
+    np.testing.assert_allclose(result.eigenvalues, exact, rtol=1e-6)
+    assert np.all(np.diff(result.eigenvalues) <= 0)  # largest first
+    assert np.all(result.residuals < 1e-6 * abs(exact[0]))
+    # the residual is a certificate: each Ritz value lies within it of the spectrum
+    for value, residual in zip(result.eigenvalues, result.residuals):
+        assert np.min(np.abs(exact - value)) <= residual + 1e-12
+    assert result.products == op.num_products > 5
+
+
+def test_largest_algebraic_not_magnitude():
+    # A spectrum with a large negative eigenvalue: "LA" must return the positive ones.
+    rng = np.random.default_rng(0)
+    q, _ = np.linalg.qr(rng.standard_normal((60, 60)))
+    values = np.concatenate([[-50.0], np.linspace(10, 0.1, 59)])
+    result = lanczos_top_eigenvalues(q @ np.diag(values) @ q.T, k=3)
+    np.testing.assert_allclose(result.eigenvalues, [10, values[2], values[3]], rtol=1e-8)
+
+
+def test_same_seed_same_numbers_and_k_limits():
+    case = tiny_mlp_case()
+    op = HessianOperator(case.model, case.batches, case.loss_fn)
+    a = lanczos_top_eigenvalues(op, k=3, seed=4)
+    b = lanczos_top_eigenvalues(op, k=3, seed=4)
+    np.testing.assert_array_equal(a.eigenvalues, b.eigenvalues)
+    np.testing.assert_array_equal(a.residuals, b.residuals)
+    assert a.products == b.products
+    full = lanczos_top_eigenvalues(op, k=op.dim)  # k = n: every eigenvalue
+    exact = dense_spectrum(dense_hessian(case.model, case.batches, case.loss_fn)).eigenvalues
+    np.testing.assert_allclose(full.eigenvalues, exact, rtol=1e-8, atol=1e-12)
+    with pytest.raises(FlatlabError, match="outside"):
+        lanczos_top_eigenvalues(op, k=op.dim + 1)
+    with pytest.raises(FlatlabError, match="outside"):
+        lanczos_top_eigenvalues(op, k=0)
