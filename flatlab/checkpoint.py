@@ -176,6 +176,11 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     if p.is_dir() and (p / "model.pt").exists():
         p = p / "model.pt"
     payload = safe_torch_load(p)
+    if isinstance(payload, dict) and payload.get("format") == "flatlab-packed":
+        # `flatlab export` output: integer codes + scales, unpacked to an ordinary checkpoint.
+        from flatlab.quant.packing import unpack_payload
+
+        payload = unpack_payload(payload, p)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise FlatlabError(f"{p} is not a flatlab checkpoint (made by `flatlab train`; "
                            "a plain state_dict cannot say which data and model it belongs to)")

@@ -8,7 +8,12 @@ import torch
 from cases import quadratic_case, tiny_cnn_bn_case, tiny_mlp_case
 from torch import nn
 
-from flatlab.curvature import HessianOperator, dense_hessian, hessian_vector_product, select_parameters
+from flatlab.curvature import (
+    HessianOperator,
+    dense_hessian,
+    hessian_vector_product,
+    select_parameters,
+)
 from flatlab.errors import FlatlabError
 
 CASES = [tiny_mlp_case, tiny_cnn_bn_case]

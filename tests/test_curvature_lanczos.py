@@ -6,7 +6,12 @@ import numpy as np
 import pytest
 from cases import tiny_cnn_bn_case, tiny_mlp_case
 
-from flatlab.curvature import HessianOperator, dense_hessian, dense_spectrum, lanczos_top_eigenvalues
+from flatlab.curvature import (
+    HessianOperator,
+    dense_hessian,
+    dense_spectrum,
+    lanczos_top_eigenvalues,
+)
 from flatlab.errors import FlatlabError
 
 

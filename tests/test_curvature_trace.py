@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 from cases import tiny_cnn_bn_case, tiny_mlp_case
 
-from flatlab.curvature import HessianOperator, dense_hessian, estimate_trace, hutchinson_trace, hutchpp_trace
+from flatlab.curvature import (
+    HessianOperator,
+    dense_hessian,
+    estimate_trace,
+    hutchinson_trace,
+    hutchpp_trace,
+)
 from flatlab.errors import FlatlabError
 
 

@@ -246,3 +246,26 @@ def test_reused_directions_renormalized(erm_run, tmp_path):
     assert not np.allclose(da, db)  # ... scaled to each checkpoint's filters
     assert first.settings["kind"] == "random1d-filter" and second.settings["kind"] == "reused1d-filter"
     assert names
+
+
+def test_quantized_checkpoint_effective_and_requantized(erm_run, tmp_path):
+    """At the origin both modes are the quantized model; away from it, requantization snaps the
+    perturbed latent weights back to the b-bit grid, so the two surfaces differ."""
+    from flatlab.checkpoint import load_checkpoint, save_checkpoint
+    from flatlab.quant import QuantConfig, quantize_model
+    from flatlab.surface.runner import SurfaceRequest, run_surface
+
+    ckpt = load_checkpoint(erm_run)
+    config = QuantConfig(bits=3)
+    model = quantize_model(ckpt.build_model("cpu"), config)
+    meta = {**ckpt.meta, "quant": config.to_dict(), "algorithm": "qat", "bits": 3}
+    path = tmp_path / "q.pt"
+    save_checkpoint(path, model, ckpt.w0, meta)
+    common = {"checkpoint": str(path), "dims": 1, "x": "-0.5:0.5:3", "max_samples": 200}
+    effective = run_surface(SurfaceRequest(**common, out=str(tmp_path / "e.h5")))
+    requant = run_surface(SurfaceRequest(**common, requantize=True, out=str(tmp_path / "r.h5")))
+    assert effective.settings["weights"] == "effective (de-quantized)"
+    assert requant.settings["weights"] == "requantized latent weights"
+    e, r = effective.surface.values["train_loss"], requant.surface.values["train_loss"]
+    assert r[1] == pytest.approx(e[1], rel=1e-5)
+    assert not np.allclose(r[[0, 2]], e[[0, 2]])

@@ -20,5 +20,10 @@ def run(args: argparse.Namespace) -> int:
 
     info = checkpoint_info(args.checkpoint)
     rows = [[k, v] for k, v in info.items() if not isinstance(v, (dict, list)) or k in ("test_envs", "domains", "test_env_names")]
-    emit(args, info, table(rows))
+    text = table(rows)
+    if info.get("layers"):  # quantized: distinct weight values per channel, per layer
+        text += "\n\n" + table([[r["layer"], r["bits"], r["shape"], r["max_distinct_per_channel"], r["limit"]]
+                               for r in info["layers"]],
+                              ["quantized layer", "bits", "shape", "max distinct/channel", "limit 2^b"])
+    emit(args, info, text)
     return 0

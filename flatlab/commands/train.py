@@ -20,6 +20,16 @@ HPARAM_FLAGS: list[tuple[str, str, type, str]] = [
     ("--per-channel", "per_channel", str, "qat: true (default) for one scale per output channel, false for one per tensor"),
     ("--keep-first-fp", "keep_first_fp", str, "qat: true to keep the first conv/linear layer in full precision"),
     ("--quantize-classifier", "quantize_classifier", str, "qat: true to quantize the final classifier too"),
+    ("--rho", "rho", float, "sam/sagm/gaqat: perturbation radius (default 0.05)"),
+    ("--alpha", "alpha", float, "sagm/gaqat: SAGM's alpha (default 0.001)"),
+    ("--freeze-interval", "freeze_interval", int, "gaqat: K, steps between freeze decisions and freeze length (default 50)"),
+    ("--disorder-window", "disorder_window", int, "gaqat: n, steps over which disorder is measured (default 10, <= K)"),
+    ("--tau", "tau", float, "gaqat: freeze a layer whose disorder is below tau, in [0, 1] (default 0.3)"),
+    ("--freeze-part", "freeze_part", str, "gaqat: scale-gradient part frozen, task (default) or smooth"),
+    ("--disorder-watch", "disorder_watch", str, "gaqat: gradient whose sign flips define disorder: applied (default), task, smooth"),
+    ("--noise-amplitude", "noise_amplitude", float, "noise: U(-a, a) instead of the LSQ step of --bits"),
+    ("--swa-start", "swa_start", int, "swa: first averaged step (default: half the steps, or the QAT switch)"),
+    ("--bn-update-steps", "bn_update_steps", int, "swa/swad: minibatches to re-estimate BatchNorm statistics (default 50)"),
 ]
 
 #: (flag, model option, type, help).

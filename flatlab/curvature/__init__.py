@@ -9,7 +9,12 @@ Works on any ``nn.Module``, a list (or loader) of ``(x, y)`` batches and a mean-
 """
 
 from flatlab.curvature.dense import MAX_DENSE_PARAMS, DenseSpectrum, dense_hessian, dense_spectrum
-from flatlab.curvature.density import SpectralDensity, lanczos_tridiagonal, quadrature_rule, slq_density
+from flatlab.curvature.density import (
+    SpectralDensity,
+    lanczos_tridiagonal,
+    quadrature_rule,
+    slq_density,
+)
 from flatlab.curvature.hvp import (
     DEFAULT_METHOD,
     HVP_METHODS,

@@ -33,7 +33,6 @@ from scipy.linalg import eigh_tridiagonal
 from flatlab.curvature.hvp import CountingOperator
 from flatlab.errors import FlatlabError
 
-
 _trapezoid = getattr(np, "trapezoid", None) or np.trapz  # numpy < 2 names it trapz
 
 

@@ -129,9 +129,13 @@ class HessianOperator(LinearOperator):
             try:
                 out = self._product(v)
             except (RuntimeError, NotImplementedError) as exc:
-                if not (self._fallback_allowed and self.method == "forward-over-reverse"
-                        and _torch_func_unsupported(exc)):
+                if not (self.method == "forward-over-reverse" and _torch_func_unsupported(exc)):
                     raise
+                if not self._fallback_allowed:
+                    raise FlatlabError(
+                        "forward-over-reverse (torch.func) cannot differentiate this model: it uses a custom "
+                        "autograd.Function without setup_context (e.g. a straight-through quantizer); "
+                        "use method 'double-backward' or 'auto'") from None
                 self.method = "double-backward"
                 out = self._product(v)
         finally:

@@ -16,6 +16,7 @@ PyHessian's ``density()`` calls ``torch.eig``, which current PyTorch removed, so
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -61,7 +62,9 @@ class _PyHessianRun:
     """A pyhessian ``hessian`` object on flatlab's data, with a product counter."""
 
     def __init__(self, model: nn.Module, data: Sequence[Batch], loss_fn: LossFn) -> None:
-        self.module = import_pyhessian().hessian
+        import_pyhessian()
+        # ``pyhessian.hessian`` is shadowed by the class of that name: take the submodule itself.
+        self.module = sys.modules["pyhessian.hessian"]
         self.count = 0
         device = next(model.parameters()).device
         cuda = device.type == "cuda"

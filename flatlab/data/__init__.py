@@ -19,7 +19,12 @@ from flatlab.data.base import (
     resolve_domains,
     seed_hash,
 )
-from flatlab.data.folder import KNOWN_LAYOUTS, ImageFolderDomains, make_folder_dataset, make_named_dataset
+from flatlab.data.folder import (
+    KNOWN_LAYOUTS,
+    ImageFolderDomains,
+    make_folder_dataset,
+    make_named_dataset,
+)
 from flatlab.data.rotated_digits import RotatedDigits
 from flatlab.errors import FlatlabError
 

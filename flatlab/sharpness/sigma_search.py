@@ -83,6 +83,7 @@ class Probe:
     remaining: list[int] = field(default_factory=list)
     next_sample: int = 0
     next_batch: int = 0
+    extra: Any = None
 
     @property
     def drop(self) -> float:

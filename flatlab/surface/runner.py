@@ -45,7 +45,6 @@ from flatlab.surface.io import (
 )
 from flatlab.surface.journal import PointJournal
 
-
 PATH_KEYS = ("checkpoint", "checkpoint2", "checkpoint3")
 
 

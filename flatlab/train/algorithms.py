@@ -6,6 +6,7 @@ source domain per step. Subclasses add their own hyperparameters in ``hparam_def
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -66,9 +67,23 @@ class Algorithm:
         """Whether an evaluation at ``step`` may be chosen as the final model."""
         return True
 
+    def after_evaluation(self, step: int, metrics: dict[str, Any]) -> dict[str, Any]:
+        """Hook called after each evaluation with its metrics (``val_loss`` = mean source
+        out-loss among them); returns extra JSON-ready keys for that results.jsonl line."""
+        return {}
+
+    def final_model(self, train_batches: Callable[[int], Minibatches]) -> nn.Module | None:
+        """The model to save at the end instead of the validation-selected one (weight
+        averaging), or None. ``train_batches(n)`` draws n training minibatch lists."""
+        return None
+
     def checkpoint_meta(self) -> dict[str, Any]:
         """Metadata describing the deployed model (bits, quantization config)."""
         return {"bits": None, "quant": None}
+
+    def after_training_meta(self) -> dict[str, Any]:
+        """Extra checkpoint metadata for a :meth:`final_model` (e.g. the averaged steps)."""
+        return {}
 
     def state_dict(self) -> dict[str, Any]:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}

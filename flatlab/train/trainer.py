@@ -231,7 +231,7 @@ def train(config: TrainConfig) -> TrainResult:
         _set_rng_state(state["rng"], generators, device)
         best = {"val_acc": float(state["best_val_acc"]), "step": state["best_step"]}
         w0 = state["w0"]
-        rows = [r for r in _read_results(results_path) if r["step"] <= start_step]
+        rows = [r for r in _read_results(results_path) if r["step"] <= start_step and not r.get("final_average")]
         atomic_write_text(results_path, "".join(dumps_json(r) + "\n" for r in rows))
     else:
         results_path.unlink(missing_ok=True)
@@ -268,13 +268,18 @@ def train(config: TrainConfig) -> TrainResult:
     last_loss = float("nan")
     t_last = time.perf_counter()
     losses: list[float] = []
-    for step in range(start_step + 1, steps + 1):
-        algorithm.before_step(step)
+    def draw_minibatches() -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """One minibatch per source domain from its in-split (augmented where the data set does)."""
         minibatches = []
         for e in source_envs:
             pick = torch.randint(len(splits.in_idx[e]), (batch_size,), generator=generators[f"env{e}"])
             x, y = dataset.load(e, splits.in_idx[e][pick.numpy()], augment=True, generator=generators["augment"])
             minibatches.append((x.to(device, non_blocking=True), y.to(device, non_blocking=True)))
+        return minibatches
+
+    for step in range(start_step + 1, steps + 1):
+        algorithm.before_step(step)
+        minibatches = draw_minibatches()
         stats = algorithm.update(minibatches, step)
         last_loss = stats["loss"]
         if not math.isfinite(last_loss):
@@ -292,6 +297,9 @@ def train(config: TrainConfig) -> TrainResult:
             row.update({k: v for k, v in metrics.items() if k.startswith("env")})
             row.update({k: metrics[k] for k in ("id_acc", "ood_acc", "source_acc", "val_acc")})
             row.update(stats.get("log", {}) if isinstance(stats.get("log"), dict) else {})
+            metrics["val_loss"] = float(np.mean([metrics[f"env{e}_out_loss"] for e in source_envs]))
+            row["val_loss"] = metrics["val_loss"]
+            row.update(algorithm.after_evaluation(step, metrics))
             row["selectable"] = algorithm.selectable(step)
             row["hparams"] = hparams
             row["args"] = {**args, "output_dir": str(out), "test_envs": test_envs, "flatlab_version": __version__}
@@ -314,6 +322,20 @@ def train(config: TrainConfig) -> TrainResult:
     bar.close()
     if best["step"] is None:
         raise FlatlabError("no evaluation was eligible for model selection: check --eval-every and the schedule")
+    averaged = algorithm.final_model(lambda n: [b for _ in range(n) for b in draw_minibatches()])
+    if averaged is not None:
+        # Weight averaging (SWA/SWAD): the averaged model replaces the selected one.
+        metrics = evaluate_models(averaged, splits, config.eval_batch_size, device)
+        meta = {**base_meta, **algorithm.checkpoint_meta(), "step": steps,
+                "selection": {"method": f"{algo_cls.name} weight average", "val_acc": metrics["val_acc"]},
+                "accuracies": {k: metrics[k] for k in ("id_acc", "ood_acc", "source_acc", "val_acc")},
+                "num_params": num_parameters(averaged), **algorithm.after_training_meta()}
+        save_checkpoint(out / "model.pt", averaged, w0, meta)
+        row = {"step": steps, "epoch": steps / steps_per_epoch, "final_average": True,
+               **{k: v for k, v in metrics.items() if k.startswith("env")},
+               **{k: metrics[k] for k in ("id_acc", "ood_acc", "source_acc", "val_acc")},
+               "hparams": hparams, "args": {**args, "output_dir": str(out), "flatlab_version": __version__}}
+        _append_line(results_path, dumps_json(row))
     atomic_write_text(out / "done", "")
     state_path.unlink(missing_ok=True)
     return _finished_result(out, already_done=False, resumed_from=start_step)

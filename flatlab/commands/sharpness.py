@@ -1,0 +1,317 @@
+"""``flatlab sharpness``: Hessian spectrum, trace and spectral density of a checkpoint.
+
+Measures on exactly the split recorded in the checkpoint (default ``source``, the training set),
+in eval mode, over the whole split or a seeded subset (``--max-samples``). Curvature measures
+(``--top-k``, ``--trace``, ``--density``, ``--per-layer``) come from :mod:`flatlab.curvature`;
+sharpness bounds (PAC-Bayes, magnitude-aware, worst case, local flatness) are added by the
+optional module :mod:`flatlab.commands.sharpness_bounds`, whose contract is:
+
+* ``add_arguments(parser)``: adds its flags;
+* ``requested(args) -> bool``: whether any of its measures was asked for;
+* ``run_bounds(args, ckpt, device, splits) -> dict``: computes them (and writes its own groups to
+  ``args.out`` if given), returning ``{measure: value or dict of values}`` that is merged into the
+  JSON payload and printed as a table.
+
+With no measure flag at all, the top-5 eigenvalues and the trace are computed. With only bound
+flags, no curvature is computed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Any
+
+import numpy as np
+
+from flatlab.commands.common import (
+    add_data_dir_option,
+    add_device_option,
+    add_output_options,
+    emit,
+    fmt,
+    table,
+)
+
+try:
+    sharpness_bounds: Any = importlib.import_module("flatlab.commands.sharpness_bounds")
+except ModuleNotFoundError as _exc:  # the bounds part is optional (built separately)
+    if _exc.name != "flatlab.commands.sharpness_bounds":
+        raise
+    sharpness_bounds = None
+
+SPLITS = ("source", "source-out", "target")
+SOLVERS = ("lanczos", "pyhessian", "dense")
+DEFAULT_TOP_K = 5
+PYHESSIAN_NOTE = ("pyhessian runs power iteration with deflation: its eigenvalues are the largest in "
+                  "magnitude (a large negative one can appear), in the order found, not sorted")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "sharpness", help="Hessian eigenvalues, trace, spectral density (and sharpness bounds) of a checkpoint",
+        description="Curvature of a checkpoint's loss on one data split, in eval mode: top Hessian "
+                    "eigenvalues by Lanczos with residuals, trace (Hutch++) with standard error, "
+                    "spectral density (stochastic Lanczos quadrature), per-layer curvature. "
+                    "Without measure flags: --top-k 5 --trace.")
+    p.add_argument("checkpoint", help="model.pt (or a run folder)")
+    p.add_argument("--split", choices=SPLITS, default="source",
+                   help="data to measure on: source (training set, default), source-out, target")
+    p.add_argument("--top-k", type=int, default=None, metavar="K", help="number of largest Hessian eigenvalues")
+    p.add_argument("--trace", action="store_true", help="Hessian trace with standard error")
+    p.add_argument("--density", action="store_true", help="spectral density by stochastic Lanczos quadrature")
+    p.add_argument("--per-layer", action="store_true", help="top eigenvalue and trace of every layer's Hessian block")
+    p.add_argument("--solver", choices=SOLVERS, default="lanczos",
+                   help="lanczos (default; scipy eigsh), pyhessian (its power iteration, for comparison), "
+                        "dense (float64 validation, small models only)")
+    p.add_argument("--wrt", choices=("effective", "latent"), default="effective",
+                   help="quantized checkpoints: Hessian w.r.t. the de-quantized (deployed) weights (default) "
+                        "or the latent weights through the straight-through estimator")
+    p.add_argument("--params", choices=("all", "weights", "no-bn"), default="all",
+                   help="parameters: all (default), weights (conv/linear kernels only), no-bn (all but normalization)")
+    p.add_argument("--max-samples", type=int, default=None, metavar="N",
+                   help="measure on a seeded random subset of N samples (default: the whole split)")
+    p.add_argument("--batch-size", type=int, default=256, help="samples per forward pass (no effect on the result)")
+    p.add_argument("--tol", type=float, default=None,
+                   help="Lanczos relative accuracy (default 1e-5 for float32 models)")
+    p.add_argument("--trace-products", type=int, default=99, metavar="M",
+                   help="Hessian-vector products for the trace (default 99)")
+    p.add_argument("--trace-method", choices=("hutch++", "hutchinson"), default="hutch++")
+    p.add_argument("--density-steps", type=int, default=80, metavar="M", help="Lanczos steps per SLQ run")
+    p.add_argument("--density-runs", type=int, default=1, metavar="R", help="SLQ runs (random start vectors)")
+    p.add_argument("--hvp", choices=("auto", "double-backward", "forward-over-reverse"), default="auto",
+                   help="how Hessian-vector products are computed (auto: the faster one, see benchmarks)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the subset, start vectors and probes")
+    p.add_argument("--out", default=None, metavar="RESULTS.h5",
+                   help="write /runs/<run_id>/curvature to this HDF5 results file (with provenance)")
+    add_data_dir_option(p)
+    add_device_option(p)
+    add_output_options(p)
+    if sharpness_bounds is not None:
+        sharpness_bounds.add_arguments(p)
+    p.set_defaults(func=run)
+
+
+def _curvature_requested(args: argparse.Namespace) -> bool:
+    return args.top_k is not None or args.trace or args.density or args.per_layer
+
+
+def _validate(args: argparse.Namespace) -> None:
+    from flatlab.errors import FlatlabError
+
+    if args.top_k is not None and args.top_k < 1:
+        raise FlatlabError(f"--top-k must be at least 1, got {args.top_k}")
+    if args.max_samples is not None and args.max_samples < 1:
+        raise FlatlabError(f"--max-samples must be positive, got {args.max_samples}: the split would be empty")
+    if args.batch_size < 1:
+        raise FlatlabError(f"--batch-size must be positive, got {args.batch_size}")
+    if args.trace_products < (3 if args.trace_method == "hutch++" else 1):
+        raise FlatlabError(f"--trace-products {args.trace_products} is too few for {args.trace_method} "
+                           "(hutch++ needs at least 3)")
+    if args.density_steps < 1 or args.density_runs < 1:
+        raise FlatlabError("--density-steps and --density-runs must be positive")
+    if args.tol is not None and not args.tol >= 0:
+        raise FlatlabError(f"--tol must be non-negative, got {args.tol}")
+    if args.solver == "pyhessian":
+        from flatlab.curvature.power_iteration import PYHESSIAN_DENSITY_REFUSAL, import_pyhessian
+
+        if args.density:
+            raise FlatlabError(PYHESSIAN_DENSITY_REFUSAL)
+        if args.per_layer:
+            raise FlatlabError("--per-layer uses flatlab's Lanczos solver: drop --solver pyhessian")
+        import_pyhessian()
+
+
+class _Progress:
+    """A tqdm bar on stderr counting Hessian-vector products (silent with --quiet)."""
+
+    def __init__(self, quiet: bool) -> None:
+        from tqdm import tqdm
+
+        self.bar = tqdm(desc="Hessian-vector products", unit="hvp", disable=quiet, file=sys.stderr,
+                        dynamic_ncols=True, leave=False)
+
+    def __call__(self) -> None:
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def measure_curvature(args: argparse.Namespace, model: Any, batches: list, progress: Any) -> tuple[dict, dict, dict]:
+    """Run the requested curvature measures; return (JSON payload part, HDF5 arrays, HDF5 attrs)."""
+    from flatlab.curvature import MAX_DENSE_PARAMS, HessianOperator
+    from flatlab.curvature.density import gaussian_broadening, slq_density
+    from flatlab.curvature.lanczos import default_tolerance, lanczos_top_eigenvalues
+    from flatlab.curvature.per_layer import per_layer_curvature
+    from flatlab.curvature.trace import estimate_trace
+    from flatlab.errors import FlatlabError
+
+    op = HessianOperator(model, batches, params=args.params, method=args.hvp, progress=progress)
+    k = args.top_k
+    if k is not None and k > op.dim:
+        raise FlatlabError(f"--top-k {k} exceeds the number of selected parameters ({op.dim}): use at most {op.dim}")
+    if args.solver == "dense" and op.dim > MAX_DENSE_PARAMS:
+        raise FlatlabError(f"--solver dense is limited to {MAX_DENSE_PARAMS} parameters and this model has {op.dim} "
+                           "selected: use --solver lanczos (dense is the float64 validation mode for small models)")
+    payload: dict[str, Any] = {"num_params": op.dim, "hvp_method": op.method}
+    arrays: dict[str, Any] = {}
+    attrs: dict[str, Any] = {"solver": args.solver, "wrt": args.wrt, "params": args.params, "split": args.split,
+                             "n_samples": op.num_samples, "seed": args.seed, "num_params": op.dim}
+    hvps = 0
+    dense = None
+    if args.solver == "dense":
+        from flatlab.curvature.dense import dense_hessian, dense_spectrum
+
+        dense = dense_spectrum(dense_hessian(model, batches, params=args.params))
+        hvps += op.dim  # one column per parameter
+    if k is not None:
+        if dense is not None:
+            values = dense.eigenvalues[:k]
+            vectors = dense.eigenvectors[:, :k]
+            residuals = np.linalg.norm(dense.hessian @ vectors - vectors * values, axis=0)
+            eig_products = 0
+        elif args.solver == "pyhessian":
+            from flatlab.curvature.power_iteration import pyhessian_top_eigenvalues
+
+            result = pyhessian_top_eigenvalues(op, k, seed=args.seed)
+            values, residuals, eig_products = result.eigenvalues, result.residuals, result.products
+            payload["note"] = PYHESSIAN_NOTE
+            attrs["note"] = PYHESSIAN_NOTE
+        else:
+            tol = default_tolerance(op) if args.tol is None else args.tol
+            result = lanczos_top_eigenvalues(op, k, tol=tol, seed=args.seed)
+            values, residuals, eig_products = result.eigenvalues, result.residuals, result.products
+            payload["converged"] = result.converged
+            attrs["tol"] = tol
+        hvps += eig_products
+        payload.update(top_eigenvalues=[float(v) for v in values], residuals=[float(r) for r in residuals],
+                       eigen_hvps=int(eig_products))
+        arrays.update(top_eigenvalues=np.asarray(values, dtype=np.float64),
+                      residuals=np.asarray(residuals, dtype=np.float64))
+        attrs["eigen_hvps"] = int(eig_products)
+    if args.trace:
+        if dense is not None:
+            trace, stderr, products, method = float(np.trace(dense.hessian)), 0.0, 0, "exact"
+        elif args.solver == "pyhessian":
+            from flatlab.curvature.power_iteration import pyhessian_trace
+
+            est = pyhessian_trace(op, seed=args.seed)
+            trace, stderr, products, method = est.trace, est.stderr, est.products, est.method
+        else:
+            est = estimate_trace(op, args.trace_products, args.trace_method, args.seed)
+            trace, stderr, products, method = est.trace, est.stderr, est.products, est.method
+        hvps += products
+        payload.update(trace=trace, trace_stderr=stderr, trace_method=method, trace_hvps=int(products))
+        arrays.update(trace=np.float64(trace), trace_stderr=np.float64(stderr))
+        attrs.update(trace_method=method, trace_hvps=int(products))
+    if args.density:
+        if dense is not None:
+            n = len(dense.eigenvalues)
+            nodes, weights = [dense.eigenvalues[::-1].copy()], [np.full(n, 1.0 / n)]
+            grid, density, sigma = gaussian_broadening(nodes, weights)
+            products = 0
+        else:
+            slq = slq_density(op, args.density_steps, args.density_runs, args.seed)
+            nodes, weights, grid, density, sigma, products = slq.nodes, slq.weights, slq.grid, slq.density, slq.sigma, slq.products
+        hvps += products
+        payload.update(density_grid=grid.tolist(), density=density.tolist(), density_sigma=sigma,
+                       density_hvps=int(products), density_stored=bool(args.out))
+        arrays.update(density_grid=grid, density=density, density_nodes=np.stack(nodes),
+                      density_weights=np.stack(weights))
+        attrs.update(density_sigma=sigma, density_steps=int(len(nodes[0])), density_runs=len(nodes),
+                     density_hvps=int(products))
+    if args.per_layer:
+        layers = per_layer_curvature(op, trace_products=min(args.trace_products, 30), seed=args.seed)
+        hvps += sum(layer.products for layer in layers)
+        payload["per_layer"] = [{"layer": L.layer, "num_params": L.num_params, "top_eigenvalue": L.top_eigenvalue,
+                                 "residual": L.residual, "trace": L.trace, "trace_stderr": L.trace_stderr,
+                                 "hvps": L.products} for L in layers]
+        arrays["per_layer"] = {L.layer: {"num_params": np.int64(L.num_params), "top_eigenvalue": np.float64(L.top_eigenvalue),
+                                         "residual": np.float64(L.residual), "trace": np.float64(L.trace),
+                                         "trace_stderr": np.float64(L.trace_stderr)} for L in layers}
+    payload["hvps"] = int(hvps)
+    attrs["hvps"] = int(hvps)
+    attrs["hvp_method"] = op.method
+    return payload, arrays, attrs
+
+
+def curvature_table(payload: dict[str, Any]) -> str:
+    lines = [f"checkpoint {payload['checkpoint']}",
+             f"split {payload['split']} ({payload['n_samples']} samples), wrt {payload['wrt']}, "
+             f"params {payload['params']} ({payload.get('num_params', '-')}), solver {payload['solver']}, "
+             f"{payload.get('hvps', 0)} Hessian-vector products"]
+    if "top_eigenvalues" in payload:
+        rows = [[i + 1, v, r] for i, (v, r) in enumerate(zip(payload["top_eigenvalues"], payload["residuals"]))]
+        lines += ["", table(rows, ["k", "eigenvalue", "residual ||Hv - lv||"])]
+    if "note" in payload:
+        lines.append(f"note: {payload['note']}")
+    if "trace" in payload:
+        lines += ["", f"trace {fmt(payload['trace'])} +- {fmt(payload['trace_stderr'])} (standard error; "
+                      f"{payload['trace_method']}, {payload['trace_hvps']} products)"]
+    if "density" in payload:
+        grid = payload["density_grid"]
+        where = "stored in --out" if payload.get("density_stored") else "in the JSON output (--json) or --out"
+        lines += ["", f"spectral density on [{fmt(grid[0])}, {fmt(grid[-1])}], sigma {fmt(payload['density_sigma'])}, "
+                      f"{payload['density_hvps']} products: {where}"]
+    if "per_layer" in payload:
+        rows = [[L["layer"], L["num_params"], L["top_eigenvalue"], L["trace"], L["trace_stderr"]] for L in payload["per_layer"]]
+        lines += ["", table(rows, ["layer", "params", "top eigenvalue", "trace", "trace stderr"])]
+    return "\n".join(lines)
+
+
+def bounds_table(results: dict[str, Any]) -> str:
+    rows: list[list[Any]] = []
+    for name, value in results.items():
+        if isinstance(value, dict):
+            for key, inner in value.items():
+                if isinstance(inner, (int, float, str, bool)) or inner is None:
+                    rows.append([name, key, inner])
+        elif isinstance(value, (int, float, str, bool)) or value is None:
+            rows.append([name, "value", value])
+    return table(rows, ["measure", "quantity", "value"]) if rows else ""
+
+
+def run(args: argparse.Namespace) -> int:
+    from flatlab.checkpoint import load_checkpoint
+    from flatlab.results import run_attrs_from_checkpoint, run_id_for, write_group
+    from flatlab.train import resolve_device
+
+    bounds_wanted = sharpness_bounds is not None and bool(sharpness_bounds.requested(args))
+    if not _curvature_requested(args) and not bounds_wanted:
+        args.top_k, args.trace = DEFAULT_TOP_K, True
+    _validate(args)
+    device = resolve_device(args.device)
+    ckpt = load_checkpoint(args.checkpoint)
+    splits = ckpt.splits(args.data_dir)
+    payload: dict[str, Any] = {"checkpoint": str(ckpt.path), "run_id": run_id_for(ckpt.path), "split": args.split,
+                               "wrt": args.wrt if ckpt.is_quantized else "fp", "params": args.params,
+                               "solver": args.solver, "seed": args.seed, "quantized": ckpt.is_quantized}
+    text_parts = []
+    if _curvature_requested(args):
+        import torch
+
+        torch.manual_seed(args.seed)
+        model = ckpt.build_model(device, effective=args.wrt == "effective")
+        batches = splits.split_batches(args.split, args.batch_size, args.max_samples, args.seed, device)
+        payload["n_samples"] = int(sum(len(y) for _, y in batches))
+        progress = _Progress(args.quiet)
+        try:
+            part, arrays, attrs = measure_curvature(args, model, batches, progress)
+        finally:
+            progress.close()
+        payload.update(part)
+        attrs["wrt"] = payload["wrt"]
+        if args.out:
+            write_group(args.out, payload["run_id"], run_attrs_from_checkpoint(ckpt), "curvature", arrays, attrs)
+            payload["out"] = str(args.out)
+        text_parts.append(curvature_table(payload))
+    if bounds_wanted:
+        results = sharpness_bounds.run_bounds(args, ckpt, device, splits)
+        payload.update(results)
+        text = bounds_table(results)
+        if text:
+            text_parts.append(text)
+    emit(args, payload, "\n\n".join(text_parts))
+    return 0
