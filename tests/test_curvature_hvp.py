@@ -44,11 +44,12 @@ def test_dense_hessian_matches_brute_force(make_case):
 
 
 @pytest.mark.parametrize("make_case", CASES)
-@pytest.mark.parametrize("method", ["double-backward", "forward-over-reverse"])
-def test_hvp_equals_dense_hessian_times_v(make_case, method):
+@pytest.mark.parametrize("method,cache", [("double-backward", None), ("double-backward", 0),
+                                          ("forward-over-reverse", None)])
+def test_hvp_equals_dense_hessian_times_v(make_case, method, cache):
     case = make_case()
     dense = brute_force_hessian(case)
-    op = HessianOperator(case.model, case.batches, case.loss_fn, method=method)
+    op = HessianOperator(case.model, case.batches, case.loss_fn, method=method, graph_cache_bytes=cache)
     rng = np.random.default_rng(0)
     block = rng.standard_normal((op.dim, 3))
     np.testing.assert_allclose(op @ block, dense @ block, rtol=1e-10, atol=1e-12)
@@ -131,3 +132,19 @@ def test_bad_input():
     frozen.requires_grad_(False)
     with pytest.raises(FlatlabError, match="selects no trainable"):
         select_parameters(frozen, "all")
+
+
+def test_graph_cache_follows_weight_changes_and_budget():
+    case = tiny_mlp_case()
+    v = np.random.default_rng(5).standard_normal(53)
+    cached = HessianOperator(case.model, case.batches, case.loss_fn, method="double-backward")
+    first = cached @ v
+    assert cached._cache is not None
+    with torch.no_grad():
+        case.model[0].weight.mul_(1.5)  # in place: the cached graphs are now stale
+    uncached = HessianOperator(case.model, case.batches, case.loss_fn, method="double-backward", graph_cache_bytes=0)
+    np.testing.assert_allclose(cached @ v, uncached @ v, rtol=1e-12, atol=1e-14)
+    assert not np.allclose(cached @ v, first)
+    tiny_budget = HessianOperator(case.model, case.batches, case.loss_fn, method="double-backward", graph_cache_bytes=100)
+    np.testing.assert_allclose(tiny_budget @ v, uncached @ v, rtol=1e-12, atol=1e-14)
+    assert tiny_budget._cache is None  # over budget: products recompute the graph

@@ -67,11 +67,18 @@ class HessianOperator(LinearOperator):
             (see :func:`flatlab.curvature.params.select_parameters`).
         method: ``auto``, ``double-backward`` or ``forward-over-reverse``.
         progress: optional callable invoked once per product (e.g. a tqdm bar's ``update``).
+        graph_cache_bytes: ``double-backward`` keeps each batch's gradient graph (built once with
+            ``create_graph=True``) and reuses it for every product, which saves the forward and
+            first backward pass, as long as the graphs' saved tensors fit in this many bytes
+            (measured while building; default: 2 GiB on CPU, half the free memory on CUDA). 0
+            disables the cache. The cache follows in-place changes of the parameters (it is
+            rebuilt when a parameter's version counter moves); call :meth:`clear_cache` after
+            changing buffers such as BatchNorm statistics.
     """
 
     def __init__(self, model: nn.Module, data: Iterable[Batch], loss_fn: LossFn | None = None,
                  params: str | Sequence[str] = "all", method: str = "auto",
-                 progress: Callable[[], Any] | None = None) -> None:
+                 progress: Callable[[], Any] | None = None, graph_cache_bytes: int | None = None) -> None:
         if method not in HVP_METHODS:
             raise FlatlabError(f"unknown HVP method {method!r}: choose one of {', '.join(HVP_METHODS)}")
         self.model = model
@@ -90,6 +97,10 @@ class HessianOperator(LinearOperator):
         self.torch_dtype = first.dtype
         self.device = first.device
         self.num_samples = self._count_samples()
+        self.graph_cache_bytes = _default_cache_budget(self.device) if graph_cache_bytes is None else int(graph_cache_bytes)
+        self._cache: list[tuple[tuple[torch.Tensor | None, ...], float]] | None = None
+        self._cache_versions: list[int] = []
+        self._cache_refused = False
         super().__init__(dtype=np.dtype(np.float64), shape=(sum(self.sizes), sum(self.sizes)))
 
     # -- data ------------------------------------------------------------------------------------
@@ -145,8 +156,61 @@ class HessianOperator(LinearOperator):
             self.progress()
         return out
 
+    def clear_cache(self) -> None:
+        """Drop the cached gradient graphs (they are rebuilt on the next product if they fit)."""
+        self._cache = None
+        self._cache_refused = False
+
+    def _build_cache(self) -> bool:
+        """Build every batch's gradient graph, measuring its saved tensors; give up above budget."""
+        saved = 0
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            nonlocal saved
+            saved += t.numel() * t.element_size()
+            return t
+
+        cache = []
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            for x, y in self.data:
+                with torch.enable_grad():
+                    loss = self.loss_fn(self.model(x), y)
+                    grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
+                cache.append((tuple(g if g is not None and g.requires_grad else None for g in grads),
+                              _batch_size(y) / self.num_samples))
+                if saved > self.graph_cache_bytes:
+                    return False
+        self._cache = cache
+        self._cache_versions = [p._version for p in self.params]
+        return True
+
+    def _cached_product(self, pieces: list[torch.Tensor]) -> list[torch.Tensor] | None:
+        if self.graph_cache_bytes <= 0 or self._cache_refused:
+            return None
+        if self._cache is not None and self._cache_versions != [p._version for p in self.params]:
+            self._cache = None  # the weights changed in place: the graphs are stale
+        if self._cache is None and not self._build_cache():
+            self._cache_refused = True
+            return None
+        assert self._cache is not None
+        acc = [torch.zeros_like(p) for p in self.params]
+        for grads, weight in self._cache:
+            pairs = [(g, vi) for g, vi in zip(grads, pieces) if g is not None]
+            if not pairs:
+                continue
+            hv = torch.autograd.grad([g for g, _ in pairs], self.params, grad_outputs=[vi for _, vi in pairs],
+                                     retain_graph=True, allow_unused=True)
+            for a, h in zip(acc, hv):
+                if h is not None:
+                    a.add_(h, alpha=weight)
+        return acc
+
     def _product(self, v: torch.Tensor) -> torch.Tensor:
         pieces = self.split(v)
+        if self.method == "double-backward":
+            cached = self._cached_product(pieces)
+            if cached is not None:
+                return self.flatten(cached)
         acc = [torch.zeros_like(p) for p in self.params]
         for x, y in self.data:
             weight = _batch_size(y) / self.num_samples
@@ -227,7 +291,15 @@ class HessianOperator(LinearOperator):
     def restricted(self, names: Sequence[str]) -> HessianOperator:
         """The diagonal block of this Hessian for a subset of its parameters (same data, loss,
         method), e.g. one layer."""
-        return HessianOperator(self.model, self.data, self.loss_fn, list(names), self.method, self.progress)
+        return HessianOperator(self.model, self.data, self.loss_fn, list(names), self.method, self.progress,
+                               self.graph_cache_bytes)
+
+
+def _default_cache_budget(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free // 2)
+    return 2 * 1024**3
 
 
 def _torch_func_unsupported(exc: BaseException) -> bool:
