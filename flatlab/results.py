@@ -338,9 +338,47 @@ def read_results(path: str | os.PathLike[str]) -> dict[str, Any]:
     return view
 
 
+def merge_results(path: str | os.PathLike[str], sources: list[str | os.PathLike[str]],
+                  attrs: Mapping[str, Any] | None = None) -> None:
+    """Write a new results file at ``path`` holding every run of ``sources``, atomically.
+
+    Sources are read in the order given: a run's attributes are the union of its attributes in
+    every source (a later source wins on a shared key), and a group present in several sources
+    is taken from the last one. The output therefore depends only on the sources and their order
+    (``flatlab sweep`` passes them in job order). ``path`` is replaced as a whole; ``attrs`` are
+    added to ``/``.
+
+    Raises:
+        FlatlabError: a source is missing or not a results file.
+    """
+    target = Path(path)
+    for src in sources:
+        if not is_results_file(src):
+            raise FlatlabError(f"cannot merge {src}: missing or not a flatlab results file")
+    with _writer_lock(target), atomic_path(target, suffix=".h5") as tmp:
+        with h5py.File(tmp, "w") as out:
+            out.attrs["schema_version"] = SCHEMA_VERSION
+            out.attrs["flatlab_version"] = __version__
+            _set_attrs(out, attrs or {})
+            runs = out.require_group("runs")
+            for src in sources:
+                with h5py.File(src, "r") as handle:
+                    if "runs" not in handle:
+                        continue
+                    for run_id, run in handle["runs"].items():
+                        dst = runs.require_group(run_id)
+                        for key, value in run.attrs.items():
+                            dst.attrs[key] = value
+                        for name in run:
+                            if name in dst:
+                                del dst[name]
+                            handle.copy(run[name], dst, name=name)
+
+
 __all__ = [
     "SCHEMA_VERSION",
     "is_results_file",
+    "merge_results",
     "read_results",
     "run_attrs_from_checkpoint",
     "run_id_for",

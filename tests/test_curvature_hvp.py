@@ -148,3 +148,44 @@ def test_graph_cache_follows_weight_changes_and_budget():
     tiny_budget = HessianOperator(case.model, case.batches, case.loss_fn, method="double-backward", graph_cache_bytes=100)
     np.testing.assert_allclose(tiny_budget @ v, uncached @ v, rtol=1e-12, atol=1e-14)
     assert tiny_budget._cache is None  # over budget: products recompute the graph
+
+
+class _OldStyleSquare(torch.autograd.Function):
+    """x**2 as an autograd.Function without setup_context: torch.func cannot transform it."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x * x
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return 2 * x * grad
+
+
+class _OldStyleModel(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64))
+
+    def forward(self, x):
+        return (x * _OldStyleSquare.apply(self.w)).sum(dim=1, keepdim=True) ** 2
+
+
+def test_auto_falls_back_when_torch_func_cannot_transform():
+    model = _OldStyleModel()
+    data = [(torch.randn(5, 3, dtype=torch.float64), torch.zeros(5))]
+
+    def loss_fn(out, _y):
+        return out.mean()
+
+    v = np.random.default_rng(6).standard_normal(3)
+    ref = HessianOperator(model, data, loss_fn, method="double-backward") @ v
+    auto = HessianOperator(model, data, loss_fn, method="auto")
+    auto.method = "forward-over-reverse"
+    np.testing.assert_allclose(auto @ v, ref, rtol=1e-12)
+    assert auto.method == "double-backward"
+    explicit = HessianOperator(model, data, loss_fn, method="forward-over-reverse")
+    with pytest.raises(FlatlabError, match="double-backward"):
+        explicit @ v

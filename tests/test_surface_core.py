@@ -269,3 +269,32 @@ def test_quantized_checkpoint_effective_and_requantized(erm_run, tmp_path):
     e, r = effective.surface.values["train_loss"], requant.surface.values["train_loss"]
     assert r[1] == pytest.approx(e[1], rel=1e-5)
     assert not np.allclose(r[[0, 2]], e[[0, 2]])
+
+
+def test_hessian_directions_are_top_eigenvectors():
+    from cases import tiny_mlp_case
+
+    from flatlab.surface.directions import flatten_direction, hessian_directions
+
+    case = tiny_mlp_case()
+    names = [n for n, p in case.model.named_parameters() if p.dim() > 1]
+    params = dict(case.model.named_parameters())
+    flat0 = torch.cat([params[n].detach().reshape(-1) for n in names])
+    n_total = sum(len(y) for _, y in case.batches)
+
+    def loss_of(flat):
+        chunks, off = {}, 0
+        for n in names:
+            chunks[n] = flat[off:off + params[n].numel()].reshape(params[n].shape)
+            off += params[n].numel()
+        return sum(case.loss_fn(torch.func.functional_call(case.model, chunks, (x,)), y) * len(y) / n_total
+                   for x, y in case.batches)
+
+    dense = torch.autograd.functional.hessian(loss_of, flat0)
+    values, vectors = torch.linalg.eigh(dense)
+    dirs, eigenvalues, _ = hessian_directions(case.model, case.batches, case.loss_fn, names, k=2)
+    np.testing.assert_allclose(eigenvalues, values.flip(0)[:2].numpy(), rtol=1e-6)
+    for d, i in zip(dirs, (-1, -2)):
+        v = flatten_direction(d, names)
+        assert abs(abs(float(np.dot(v, vectors[:, i].numpy()))) - 1.0) < 1e-6
+        assert np.linalg.norm(v) == pytest.approx(1.0)

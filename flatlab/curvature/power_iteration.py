@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -56,6 +57,15 @@ def _only_these_require_grad(model: nn.Module, names: Sequence[str]) -> Iterator
         for n, p in model.named_parameters():
             p.requires_grad_(saved[n])
             p.grad = None  # PyHessian leaves graph-carrying gradients behind
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """PyHessian calls backward(create_graph=True), which warns about a reference cycle; flatlab
+    clears the gradients afterwards (see _only_these_require_grad)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Using backward\\(\\) with create_graph=True")
+        yield
 
 
 class _PyHessianRun:
@@ -118,7 +128,7 @@ def pyhessian_top_eigenvalues(operator: HessianOperator, k: int = 1, max_iter: i
     if operator.torch_dtype != torch.float32:
         raise FlatlabError("PyHessian works in float32 only (it draws float32 vectors): use a float32 model")
     was_training = model.training
-    with _only_these_require_grad(model, operator.param_names), torch.random.fork_rng(devices=[]):
+    with _only_these_require_grad(model, operator.param_names), torch.random.fork_rng(devices=[]), _quiet():
         torch.manual_seed(seed)
         run = _PyHessianRun(model, operator.data, operator.loss_fn)
         with run.counting():
@@ -140,7 +150,7 @@ def pyhessian_trace(operator: HessianOperator, max_iter: int = 100, tol: float =
     """PyHessian's Hutchinson trace (stops when the running mean changes by < ``tol`` relative)."""
     model = operator.model
     was_training = model.training
-    with _only_these_require_grad(model, operator.param_names), torch.random.fork_rng(devices=[]):
+    with _only_these_require_grad(model, operator.param_names), torch.random.fork_rng(devices=[]), _quiet():
         torch.manual_seed(seed)
         run = _PyHessianRun(model, operator.data, operator.loss_fn)
         with run.counting():

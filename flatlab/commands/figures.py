@@ -1,0 +1,65 @@
+"""``flatlab figures``: the paper's figures from results files (reads results, never recomputes)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from flatlab.commands.common import add_output_options, emit
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "figures", help="figures from results files: surfaces, spectra, local flatness, measures vs OOD accuracy",
+        description="Writes whatever the inputs hold: 1D loss curves (source and target; FP and quantized on "
+                    "one axis; accuracy on a twin axis), 2D contours with log-spaced levels, 3D surfaces "
+                    "(static, interactive offline HTML, VTK .vtp for ParaView), Hessian spectral densities "
+                    "(log scale), local flatness F_gamma vs gamma per algorithm, each measure vs OOD accuracy "
+                    "with its rank correlation, bit width vs OOD accuracy and vs sharpness with error bars. "
+                    "Reads results only; nothing is recomputed.")
+    p.add_argument("results", nargs="+", metavar="RESULTS",
+                   help="results file(s) (.h5) or stand-alone surface files (several: drawn together)")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="output folder (default: <first input's folder>/<its name>_figures)")
+    p.add_argument("--format", default="pdf,png,html,vtp", metavar="LIST",
+                   help="comma-separated subset of pdf,png,svg,html,vtp (default pdf,png,html,vtp)")
+    p.add_argument("--measures", default=None, metavar="LIST",
+                   help="measures to plot against OOD accuracy (default: every measure present)")
+    p.add_argument("--radii", default=None, metavar="LIST", help="local-flatness radii for the measure figures")
+    add_output_options(p)
+    p.set_defaults(func=run)
+
+
+def default_out_dir(first: str) -> Path:
+    path = Path(first)
+    if path.is_dir():
+        return path / "figures"
+    return path.with_name(f"{path.stem}_figures")
+
+
+def run(args: argparse.Namespace) -> int:
+    from flatlab.commands.report import parse_list, parse_radii
+    from flatlab.plots.collect import parse_formats, write_figures
+    from flatlab.report import check_measure_names, load_inputs
+
+    formats = parse_formats(args.format)
+    measures = parse_list(args.measures)
+    if measures is not None:
+        check_measure_names(measures)
+    radii = parse_radii(args.radii)
+    collection = load_inputs(args.results)
+    out = Path(args.out) if args.out else default_out_dir(args.results[0])
+
+    def progress(stem: str) -> None:
+        if not args.quiet:
+            sys.stderr.write(f"figure {stem}\n")
+
+    summary = write_figures(collection, out, formats, measures, radii, progress if not args.json else None)
+    lines = [f"{len(summary['figures'])} figure(s) in {summary['out_dir']}"]
+    for fig in summary["figures"]:
+        lines.append(f"  {fig['kind']:<18} {', '.join(Path(f).name for f in fig['files'])}")
+    for skip in summary["skipped"]:
+        lines.append(f"  skipped {skip['figure']}: {skip['reason']}")
+    emit(args, summary, "\n".join(lines))
+    return 0

@@ -1,0 +1,293 @@
+"""From results to figures: pick what the inputs hold and build every figure that fits.
+
+Used by ``flatlab figures`` and the scripts in ``figures/``. Reads results only (through
+:func:`flatlab.report.load_inputs`); never recomputes a measurement.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from flatlab.errors import FlatlabError
+from flatlab.plots import measures as mplots
+from flatlab.plots import surfaces as splots
+from flatlab.plots.style import save_figure
+from flatlab.report import (
+    Collection,
+    RunRecord,
+    SurfaceRecord,
+    bits_label,
+    build_rows,
+    describe_measure,
+    grouped_means,
+    rank_correlation,
+)
+
+#: Output formats ``flatlab figures`` knows: matplotlib files, plotly HTML (3D surfaces), VTK (2D surfaces).
+FIGURE_FORMATS = ("pdf", "png", "svg")
+ALL_FORMATS = (*FIGURE_FORMATS, "html", "vtp")
+
+#: Short axis labels of measures for figures.
+MEASURE_AXIS = {
+    "top_eigenvalue": "top Hessian eigenvalue λ_max",
+    "trace": "Hessian trace tr(H)",
+    "pacbayes_inv_sigma_sq": "PAC-Bayes 1/σ²",
+    "magnitude_inv_sigma_sq": "magnitude-aware 1/σ'²",
+    "worst_case_inv_alpha_sq": "worst-case 1/α'²",
+    "worst_case_magnitude_inv_alpha_sq": "magnitude-aware worst-case 1/α'²",
+    "keskar": "Keskar ε-sharpness (%)",
+}
+
+
+def measure_axis_label(name: str) -> str:
+    if name in MEASURE_AXIS:
+        return MEASURE_AXIS[name]
+    m = re.match(r"^local_flatness_(source|target)@([0-9.eE+-]+?)(rel)?$", name)
+    if m:
+        radius = f"γ = {m.group(2)}‖w‖" if m.group(3) else f"γ = {m.group(2)}"
+        return f"F_γ {m.group(1)} ({radius}, nats)"
+    return describe_measure(name)
+
+
+def parse_formats(text: str) -> list[str]:
+    """'pdf,png' -> ['pdf', 'png']; FlatlabError on an unknown format."""
+    formats = [f.strip().lower().lstrip(".") for f in text.split(",") if f.strip()]
+    bad = [f for f in formats if f not in ALL_FORMATS]
+    if bad or not formats:
+        raise FlatlabError(f"unknown figure format {', '.join(bad) or repr(text)}: use a comma-separated subset of "
+                           f"{','.join(ALL_FORMATS)}")
+    return list(dict.fromkeys(formats))
+
+
+def slug(text: str) -> str:
+    """A file-name-safe version of ``text``."""
+    return re.sub(r"[^A-Za-z0-9.+-]+", "_", text).strip("_") or "x"
+
+
+def run_slug(run: RunRecord) -> str:
+    a = run.attrs
+    parts = [str(a.get("algorithm", "run")), bits_label(a.get("bits"))]
+    if a.get("seed") is not None:
+        parts.append(f"s{a['seed']}")
+    from flatlab.report import test_domain
+
+    domain = test_domain(a)
+    if domain:
+        parts.append(domain)
+    parts.append(run.run_id[:6])
+    return slug("-".join(parts))
+
+
+def surface_slug(s: SurfaceRecord, collection: Collection) -> str:
+    if s.run_id is not None and s.run_id in collection.runs:
+        return slug(f"{run_slug(collection.runs[s.run_id])}-{s.name}")
+    return slug(f"{Path(s.source).stem}-{s.name}")
+
+
+@dataclass
+class FigureJob:
+    """A figure to write: its kind, file stem (no extension), and how to build it."""
+
+    kind: str
+    stem: str
+    build: Callable[[], Any] | None = None  # -> matplotlib Figure
+    html: Callable[[], str] | None = None
+    vtp: Callable[[Path], list[Path]] | None = None
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+# --- selection of data -------------------------------------------------------------------------
+
+def density_curves(collection: Collection) -> list[mplots.DensityCurve]:
+    """Every run's stored spectral density (curvature/density_grid, density)."""
+    out = []
+    for run in sorted(collection.runs.values(), key=lambda r: (r.quantized, r.label)):
+        node = run.groups.get("curvature")
+        if isinstance(node, dict) and "density_grid" in node and "density" in node:
+            out.append(mplots.DensityCurve(run.label, np.asarray(node["density_grid"], dtype=np.float64).ravel(),
+                                           np.asarray(node["density"], dtype=np.float64).ravel(), run.quantized))
+    return out
+
+
+def flatness_series(collection: Collection) -> tuple[list[mplots.FlatnessSeries], bool]:
+    """Local flatness per (algorithm, bits), and whether the x axis is relative to ||w||.
+
+    Runs of one group with the same radii are averaged (standard error over runs); a single run
+    keeps its Monte Carlo standard errors; runs whose radii differ are drawn one by one.
+    """
+    found = []
+    for run in collection.runs.values():
+        node = run.groups.get("local_flatness")
+        if not isinstance(node, dict) or "gammas" not in node:
+            continue
+        attrs = node.get("attrs", {})
+        gammas = np.asarray(node["gammas"], dtype=np.float64).ravel()
+        radii = np.asarray(attrs.get("radii", gammas), dtype=np.float64).ravel()
+        relative = bool(attrs.get("relative", False)) and radii.shape == gammas.shape
+        found.append((run, gammas, radii if relative else gammas, relative, node))
+    if not found:
+        return [], False
+    relative = all(f[3] for f in found)
+    groups: dict[tuple[str, str], list[tuple]] = {}
+    for run, gammas, radii, _, node in found:
+        x = radii if relative else gammas
+        key = (str(run.attrs.get("algorithm")), bits_label(run.attrs.get("bits")))
+        groups.setdefault(key, []).append((run, x, node))
+    series = []
+    for (alg, bits), members in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1])):
+        label = alg if bits == "fp" else f"{alg} {bits}"
+        same = all(len(m[1]) == len(members[0][1]) and np.allclose(m[1], members[0][1]) for m in members)
+
+        def arr(node: dict[str, Any], key: str, n: int) -> np.ndarray:
+            return np.asarray(node[key], dtype=np.float64).ravel() if key in node else np.full(n, np.nan)
+
+        if len(members) == 1 or not same:
+            for run, x, node in members:
+                n = len(x)
+                series.append(mplots.FlatnessSeries(
+                    label if len(members) == 1 else run.label, x, arr(node, "source", n), arr(node, "source_stderr", n),
+                    arr(node, "target", n), arr(node, "target_stderr", n), 1))
+            continue
+        x = members[0][1]
+        n = len(x)
+        stacked = {k: np.stack([arr(m[2], k, n) for m in members]) for k in ("source", "target")}
+        k = len(members)
+        series.append(mplots.FlatnessSeries(
+            label, x, stacked["source"].mean(0), stacked["source"].std(0, ddof=1) / math.sqrt(k),
+            stacked["target"].mean(0), stacked["target"].std(0, ddof=1) / math.sqrt(k), k))
+    return series, relative
+
+
+# --- jobs --------------------------------------------------------------------------------------
+
+def figure_jobs(collection: Collection, measures: Sequence[str] | None = None,
+                radii: Sequence[float] | None = None) -> tuple[list[FigureJob], list[dict[str, str]]]:
+    """Every figure the collection supports, and the ones skipped (with the reason)."""
+    jobs: list[FigureJob] = []
+    skipped: list[dict[str, str]] = []
+
+    # 1D loss curves: every 1D surface of one name on one axis (FP and quantized together).
+    by_name: dict[str, list[SurfaceRecord]] = {}
+    for s in collection.surfaces:
+        if s.dims == 1:
+            by_name.setdefault(s.name, []).append(s)
+    for name, curves in by_name.items():
+        curves = sorted(curves, key=lambda c: (bool(c.quantized), c.label))
+        jobs.append(FigureJob("loss_curves_1d", f"loss_1d_{slug(name)}",
+                              build=lambda c=curves, n=name: splots.loss_curves_1d(c, f"1D loss: {n}"),
+                              data={"surfaces": [c.label for c in curves]}))
+
+    for s in collection.surfaces:
+        if s.dims != 2:
+            continue
+        stem = surface_slug(s, collection)
+        jobs.append(FigureJob("contour_2d", f"contour_{stem}",
+                              build=lambda s=s: splots.contour_2d(s, f"{s.label}: loss contours (log-spaced levels)")))
+        jobs.append(FigureJob("surface_3d", f"surface3d_{stem}",
+                              build=lambda s=s: splots.surface_3d(s, f"{s.label}: loss surface"),
+                              html=lambda s=s: splots.surface_html(s, f"{s.label}: loss surface"),
+                              vtp=lambda base, s=s: [splots.write_vtp(f"{base}_{split}.vtp", s, split)
+                                                     for split, prefix in splots.SPLITS
+                                                     if f"{prefix}_loss" in s.values]))
+
+    curves = density_curves(collection)
+    if curves:
+        jobs.append(FigureJob("spectral_density", "spectral_density",
+                              build=lambda: mplots.spectral_density(curves)))
+    else:
+        skipped.append({"figure": "spectral_density", "reason": "no run holds curvature/density (flatlab sharpness --density)"})
+
+    series, relative = flatness_series(collection)
+    if series:
+        jobs.append(FigureJob("local_flatness", "local_flatness",
+                              build=lambda: mplots.local_flatness(series, relative,
+                                                                  "local flatness F_γ (SWAD), mean ± standard error")))
+    else:
+        skipped.append({"figure": "local_flatness", "reason": "no run holds local_flatness (flatlab sharpness --local-flatness)"})
+
+    if collection.runs:
+        rows, names = build_rows(collection, measures, radii)
+        for name in names:
+            pts = [r for r in rows if math.isfinite(r[name]) and math.isfinite(r["ood_acc"])]
+            if len(pts) < 2:
+                skipped.append({"figure": f"measure_vs_ood_{name}", "reason": f"{len(pts)} run(s) with {name} and ood_acc; need 2"})
+                continue
+            corr = rank_correlation([r[name] for r in pts], [r["ood_acc"] for r in pts])
+            jobs.append(FigureJob("measure_vs_ood", f"measure_vs_ood_{slug(name)}",
+                                  build=lambda n=name, c=corr: mplots.measure_vs_ood(rows, n, measure_axis_label(n), c),
+                                  data={"measure": name, "correlation": corr}))
+        bit_widths = {r["bits_label"] for r in rows if math.isfinite(r["ood_acc"])}
+        if len(bit_widths) >= 2:
+            cols = ["ood_acc", *names]
+            groups = grouped_means(rows, cols)
+            jobs.append(FigureJob("bits_vs_ood", "bits_vs_ood_acc",
+                                  build=lambda: mplots.bits_sweep(groups, ["ood_acc"], ["OOD accuracy (%)"],
+                                                                  "bit width vs OOD accuracy (mean ± s.e.)")))
+            sharp = [n for n in names if sum(g["stats"][n]["n"] for g in groups) > 0][:4]
+            if sharp:
+                jobs.append(FigureJob("bits_vs_sharpness", "bits_vs_sharpness",
+                                      build=lambda s=sharp: mplots.bits_sweep(
+                                          groups, s, [measure_axis_label(n) for n in s],
+                                          "bit width vs sharpness (mean ± s.e.; larger = sharper)")))
+        else:
+            skipped.append({"figure": "bits_vs_ood", "reason": f"{len(bit_widths)} bit width(s) among the runs; need 2"})
+    return jobs, skipped
+
+
+def write_figures(collection: Collection, out_dir: str | os.PathLike[str], formats: Sequence[str],
+                  measures: Sequence[str] | None = None, radii: Sequence[float] | None = None,
+                  progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Build and write every figure the collection supports.
+
+    Returns:
+        ``{"out_dir", "formats", "figures": [{"kind", "stem", "files"}], "skipped": [...]}``.
+
+    Raises:
+        FlatlabError: nothing in the inputs can be drawn in the requested formats.
+    """
+    out = Path(out_dir)
+    jobs, skipped = figure_jobs(collection, measures, radii)
+    fig_formats = [f for f in formats if f in FIGURE_FORMATS]
+    written = []
+    for job in _wanted(jobs, formats):
+        if progress is not None:
+            progress(job.stem)
+        files: list[Path] = []
+        base = out / job.stem
+        if job.build is not None and fig_formats:
+            files += save_figure(job.build(), base, fig_formats)
+        if job.html is not None and "html" in formats:
+            from flatlab.io import atomic_write_text
+
+            atomic_write_text(f"{base}.html", job.html())
+            files.append(Path(f"{base}.html"))
+        if job.vtp is not None and "vtp" in formats:
+            files += job.vtp(base)
+        if files:
+            written.append({"kind": job.kind, "stem": job.stem, "files": [str(f) for f in files], **job.data})
+    if not written:
+        kinds = sorted({j.kind for j in jobs})
+        raise FlatlabError("nothing to draw in the formats " + ",".join(formats) + " from these inputs"
+                           + (f" (they support {', '.join(kinds)})" if kinds else
+                              ": they hold no surface, spectral density, local flatness, measure on 2+ runs, or "
+                              "bit-width sweep"))
+    return {"out_dir": str(out), "formats": list(formats), "figures": written, "skipped": skipped}
+
+
+def _wanted(jobs: Sequence[FigureJob], formats: Sequence[str]) -> Iterator[FigureJob]:
+    fig = any(f in FIGURE_FORMATS for f in formats)
+    for job in jobs:
+        if (fig and job.build is not None) or ("html" in formats and job.html) or ("vtp" in formats and job.vtp):
+            yield job
+
+
+__all__ = ["ALL_FORMATS", "FIGURE_FORMATS", "FigureJob", "density_curves", "figure_jobs", "flatness_series",
+           "measure_axis_label", "parse_formats", "slug", "write_figures"]

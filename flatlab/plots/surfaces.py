@@ -1,0 +1,265 @@
+"""Loss-surface figures (Li et al. 2018): 1D curves, 2D contours, 3D surfaces, ParaView files.
+
+Every builder takes :class:`flatlab.report.SurfaceRecord` objects (arrays as stored: 1D
+``(len(x),)``; 2D ``(len(y), len(x))`` with ``Z[j, i] = f(x[i], y[j])``) and returns a figure;
+nothing is recomputed. "source" is the ``train_*`` arrays (the source domains' training set),
+"target" the ``test_*`` arrays (the test domain). Accuracies are drawn in percent.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+from xml.sax.saxutils import quoteattr
+
+import numpy as np
+
+from flatlab.errors import FlatlabError
+from flatlab.plots.style import SEQUENTIAL_CMAP, color, new_figure, style
+
+SPLITS = (("source", "train"), ("target", "test"))
+LOSS_LABEL = "loss (cross-entropy, nats)"
+
+
+def axis_labels(surface: Any) -> tuple[str, str]:
+    """Axis labels that say what a step along each axis means."""
+    kind = str(surface.attrs.get("kind", surface.name))
+    if kind in ("line", "plane"):
+        return ("α (interpolation: 0 = model 1, 1 = model 2)", "β (0 = model 1, 1 = model 3)")
+    if kind.startswith("hessian"):
+        return ("α (along Hessian eigenvector 1, unit norm)", "β (along Hessian eigenvector 2, unit norm)")
+    norm = str(surface.attrs.get("norm", "filter"))
+    scale = {"filter": "filter-normalized", "layer": "layer-normalized", "weight": "weight-scaled"}.get(norm, "raw")
+    return (f"α (step along {scale} direction d₁)", f"β (step along {scale} direction d₂)")
+
+
+def _quantized_tag(q: bool | None) -> str:
+    return "" if q is None else (" (quantized)" if q else " (FP)")
+
+
+def loss_curves_1d(curves: Sequence[Any], title: str | None = None) -> Any:
+    """1D loss curves, source and target side by side, every curve on the same axes.
+
+    Loss (solid, left axis) and accuracy (dashed, right twin axis, %) share a curve's colour, so FP
+    and quantized models sit on one axis and read apart by colour and legend.
+
+    Args:
+        curves: 1D :class:`~flatlab.report.SurfaceRecord` objects (``ycoordinates`` None).
+        title: figure title.
+    """
+    if not curves:
+        raise FlatlabError("no 1D surface to plot")
+    with style():
+        fig = new_figure(7.0, 2.8)
+        axes = fig.subplots(1, 2, sharey=True)
+        twins = []
+        for ax, (split, prefix) in zip(axes, SPLITS):
+            twin = ax.twinx()
+            twin.grid(False)
+            twins.append(twin)
+            for i, c in enumerate(curves):
+                label = f"{c.label}{_quantized_tag(c.quantized)}"
+                loss = c.values.get(f"{prefix}_loss")
+                acc = c.values.get(f"{prefix}_acc")
+                if loss is not None:
+                    ax.plot(c.xcoordinates, loss, color=color(i), linestyle="-", label=f"{label} loss", gid="loss")
+                if acc is not None:
+                    twin.plot(c.xcoordinates, 100.0 * acc, color=color(i), linestyle="--", label=f"{label} accuracy",
+                              gid="accuracy")
+            ax.set_title(f"{split} ({'source domains' if split == 'source' else 'test domain'})")
+            ax.set_xlabel(axis_labels(curves[0])[0])
+            twin.set_ylim(0, 100)
+            twin.set_ylabel("accuracy (%, dashed)")
+        axes[0].set_ylabel(f"{LOSS_LABEL}, solid")
+        handles, labels = axes[0].get_legend_handles_labels()
+        th, tl = twins[0].get_legend_handles_labels()
+        fig.legend(handles + th, labels + tl, loc="outside lower center", ncol=min(4, max(1, len(handles + th))))
+        if title:
+            fig.suptitle(title)
+    return fig
+
+
+def _log_levels(z: np.ndarray, count: int = 25) -> np.ndarray:
+    finite = z[np.isfinite(z)]
+    positive = finite[finite > 0]
+    if positive.size == 0:
+        raise FlatlabError("the surface holds no positive finite loss: log-spaced contour levels need one")
+    lo, hi = float(positive.min()), float(positive.max())
+    if hi <= lo * (1 + 1e-12):
+        hi = lo * 1.01 + 1e-12
+    return np.geomspace(lo, hi, count)
+
+
+def contour_2d(surface: Any, title: str | None = None, levels: int = 25) -> Any:
+    """Source and target loss contours side by side, with log-spaced levels.
+
+    ``contourf(x, y, Z)`` with ``Z`` of shape ``(len(y), len(x))``: row j is y[j], column i is x[i],
+    exactly the stored orientation (no transpose). The origin (the trained model, for direction
+    surfaces) is marked with a star.
+    """
+    from matplotlib.colors import LogNorm
+
+    if surface.ycoordinates is None:
+        raise FlatlabError(f"surface {surface.name!r} is 1D: contours need a 2D surface")
+    xlab, ylab = axis_labels(surface)
+    with style():
+        fig = new_figure(7.0, 3.0)
+        axes = fig.subplots(1, 2)
+        for ax, (split, prefix) in zip(axes, SPLITS):
+            z = surface.values.get(f"{prefix}_loss")
+            if z is None:
+                ax.set_axis_off()
+                ax.set_title(f"{split}: not stored")
+                continue
+            zl = _log_levels(z, levels)
+            masked = np.ma.masked_invalid(z)
+            filled = ax.contourf(surface.xcoordinates, surface.ycoordinates, masked, levels=zl,
+                                 norm=LogNorm(vmin=zl[0], vmax=zl[-1]), cmap=SEQUENTIAL_CMAP, extend="both")
+            ax.contour(surface.xcoordinates, surface.ycoordinates, masked, levels=zl[::3], colors="white",
+                       linewidths=0.4, alpha=0.6)
+            x0, y0 = surface.xcoordinates, surface.ycoordinates
+            if str(surface.attrs.get("kind", "")) not in ("line", "plane") and x0.min() <= 0 <= x0.max() \
+                    and y0.min() <= 0 <= y0.max():
+                ax.plot([0], [0], marker="*", color="#D55E00", markersize=9, markeredgecolor="white",
+                        markeredgewidth=0.5, linestyle="none", gid="origin")
+            bar = fig.colorbar(filled, ax=ax)
+            bar.set_label(LOSS_LABEL)
+            ax.set_title(f"{split} ({'source domains' if split == 'source' else 'test domain'})")
+            ax.set_xlabel(xlab)
+            ax.set_ylabel(ylab)
+            ax.grid(False)
+        if title:
+            fig.suptitle(title)
+    return fig
+
+
+def surface_3d(surface: Any, title: str | None = None) -> Any:
+    """Static 3D view of the source and target loss over the 2D grid (matplotlib)."""
+    import mpl_toolkits.mplot3d  # noqa: F401  (registers the 3d projection)
+
+    if surface.ycoordinates is None:
+        raise FlatlabError(f"surface {surface.name!r} is 1D: a 3D view needs a 2D surface")
+    xx, yy = np.meshgrid(surface.xcoordinates, surface.ycoordinates)  # (len(y), len(x)), like Z
+    xlab, ylab = axis_labels(surface)
+    with style():
+        fig = new_figure(7.0, 3.4)
+        for k, (split, prefix) in enumerate(SPLITS):
+            ax = fig.add_subplot(1, 2, k + 1, projection="3d")
+            z = surface.values.get(f"{prefix}_loss")
+            if z is None:
+                ax.set_title(f"{split}: not stored")
+                continue
+            ax.plot_surface(xx, yy, np.ma.masked_invalid(z), cmap=SEQUENTIAL_CMAP, rstride=1, cstride=1,
+                            linewidth=0, antialiased=False, gid=f"{split}_surface")
+            ax.set_xlabel(xlab.split(" (")[0], labelpad=1)
+            ax.set_ylabel(ylab.split(" (")[0], labelpad=1)
+            ax.set_zlabel("loss (nats)", labelpad=1)
+            ax.set_title(f"{split} ({'source domains' if split == 'source' else 'test domain'})")
+            ax.tick_params(labelsize=7, pad=0)
+        if title:
+            fig.suptitle(title)
+    return fig
+
+
+def _nested(z: np.ndarray) -> list:
+    # Plain JSON numbers (not plotly's base64 arrays) so the page holds readable values; NaN -> null.
+    return [[None if not math.isfinite(v) else float(v) for v in row] for row in np.asarray(z, dtype=np.float64)]
+
+
+def surface_html(surface: Any, title: str | None = None) -> str:
+    """Interactive 3D surfaces (source and target) as one self-contained HTML page.
+
+    plotly.js is embedded in the page (works offline); the data are plain JSON numbers, with
+    ``z[j][i] = f(x[i], y[j])`` as plotly's surface expects.
+    """
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    if surface.ycoordinates is None:
+        raise FlatlabError(f"surface {surface.name!r} is 1D: a 3D view needs a 2D surface")
+    xlab, ylab = (label.split(" (")[0] for label in axis_labels(surface))
+    fig = make_subplots(rows=1, cols=2, specs=[[{"type": "surface"}, {"type": "surface"}]],
+                        subplot_titles=["source (source domains)", "target (test domain)"])
+    x = [float(v) for v in surface.xcoordinates]
+    y = [float(v) for v in surface.ycoordinates]
+    for k, (split, prefix) in enumerate(SPLITS):
+        z = surface.values.get(f"{prefix}_loss")
+        if z is None:
+            continue
+        fig.add_trace(go.Surface(x=x, y=y, z=_nested(z), name=f"{split} loss", colorscale="Viridis",
+                                 showscale=k == 1, colorbar={"title": {"text": "loss (nats)"}},
+                                 hovertemplate=f"{xlab}=%{{x}}<br>{ylab}=%{{y}}<br>loss=%{{z}}<extra>{split}</extra>"),
+                      row=1, col=k + 1)
+    scene = {"xaxis": {"title": {"text": xlab}}, "yaxis": {"title": {"text": ylab}},
+             "zaxis": {"title": {"text": "loss (nats)"}}}
+    fig.update_layout(title={"text": title or surface.label}, scene=scene, scene2=scene,
+                      width=1100, height=550, margin={"l": 10, "r": 10, "t": 60, "b": 10},
+                      font={"family": "Arial, sans-serif", "size": 13})
+    return fig.to_html(include_plotlyjs=True, full_html=True)
+
+
+def vtp_text(surface: Any, split: str = "source", zscale: float = 1.0) -> str:
+    """The surface as VTK XML PolyData (ASCII), for ParaView.
+
+    Points are ``(x[i], y[j], zscale * loss[j, i])`` in row-major order ``p = j * len(x) + i``;
+    polygons are the grid's quads whose four corners are computed (NaN corners drop the quad and
+    are written with z = 0 and ``computed = 0``). Point data: the split's loss and accuracy and
+    ``computed``.
+    """
+    if surface.ycoordinates is None:
+        raise FlatlabError(f"surface {surface.name!r} is 1D: VTK PolyData needs a 2D surface")
+    prefix = dict(SPLITS)[split]
+    z = surface.values.get(f"{prefix}_loss")
+    if z is None:
+        raise FlatlabError(f"surface {surface.name!r} has no {prefix}_loss")
+    x, y = surface.xcoordinates, surface.ycoordinates
+    nx, ny = len(x), len(y)
+    ok = np.isfinite(z)
+    xx, yy = np.meshgrid(x, y)
+    pts = np.stack([xx.ravel(), yy.ravel(), np.where(ok, z * zscale, 0.0).ravel()], axis=1)
+    quads = []
+    for j in range(ny - 1):
+        for i in range(nx - 1):
+            if ok[j, i] and ok[j, i + 1] and ok[j + 1, i + 1] and ok[j + 1, i]:
+                p = j * nx + i
+                quads.append((p, p + 1, p + 1 + nx, p + nx))
+    conn = np.asarray(quads, dtype=np.int64).reshape(-1, 4)
+    offsets = 4 * np.arange(1, len(conn) + 1, dtype=np.int64)
+
+    def arr(name: str, values: np.ndarray, vtype: str, comps: int = 1) -> str:
+        flat = np.asarray(values).ravel()
+        body = " ".join(repr(float(v)) if vtype.startswith("Float") else str(int(v)) for v in flat)
+        return (f'<DataArray type="{vtype}" Name={quoteattr(name)} NumberOfComponents="{comps}" format="ascii">'
+                f"{body}</DataArray>")
+
+    point_data = [arr(f"{split}_loss", np.where(ok, z, 0.0), "Float64")]
+    acc = surface.values.get(f"{prefix}_acc")
+    if acc is not None:
+        point_data.append(arr(f"{split}_acc", np.where(np.isfinite(acc), acc, 0.0), "Float64"))
+    point_data.append(arr("computed", ok.astype(np.uint8), "UInt8"))
+    lines = [
+        '<?xml version="1.0"?>',
+        '<VTKFile type="PolyData" version="0.1" byte_order="LittleEndian" header_type="UInt64">',
+        "<PolyData>",
+        f'<Piece NumberOfPoints="{nx * ny}" NumberOfVerts="0" NumberOfLines="0" NumberOfStrips="0" '
+        f'NumberOfPolys="{len(conn)}">',
+        f'<PointData Scalars="{split}_loss">', *point_data, "</PointData>",
+        "<Points>", arr("Points", pts, "Float64", 3), "</Points>",
+        "<Polys>", arr("connectivity", conn, "Int64"), arr("offsets", offsets, "Int64"), "</Polys>",
+        "</Piece>", "</PolyData>", "</VTKFile>", "",
+    ]
+    return "\n".join(lines)
+
+
+def write_vtp(path: str | os.PathLike[str], surface: Any, split: str = "source", zscale: float = 1.0) -> Path:
+    """Write :func:`vtp_text` to ``path`` atomically."""
+    from flatlab.io import atomic_write_text
+
+    atomic_write_text(path, vtp_text(surface, split, zscale))
+    return Path(path)
+
+
+__all__ = ["axis_labels", "contour_2d", "loss_curves_1d", "surface_3d", "surface_html", "vtp_text", "write_vtp"]

@@ -1,0 +1,957 @@
+"""Study sweeps: a TOML study file -> jobs (train, then measure) -> one merged results file.
+
+A study names a data set, a model, algorithms (with options such as a list of bit-widths),
+seeds, test domains, training hyperparameters and the measurements to run. Its jobs are the
+cartesian product ``algorithm variant x seed x test domain`` (a ``bits`` list makes one variant
+per bit-width), plus one ensemble job per ``[[ensembles]]`` entry and test domain (EoQ: the
+logit-averaged seeds of one variant).
+
+Layout of ``OUT`` (``flatlab sweep STUDY --out OUT``)::
+
+    OUT/study.toml              a copy of the study, for the record
+    OUT/runs/<job-id>/          the training run folder (model.pt, results.jsonl, done)
+    OUT/jobs/<job-id>/job.json  the job's definition (a rerun with another definition is refused)
+    OUT/jobs/<job-id>/<step>.h5 one results file per measurement step, written by the worker
+    OUT/jobs/<job-id>/<step>.done, done, attempts, error.txt
+    OUT/results.h5              the merged results: written by the driver only, atomically
+
+Workers only write their own job folders; the driver merges the job files in job order
+(:func:`flatlab.results.merge_results`), so the merged file does not depend on completion order
+or backend. A job killed at any point (the driver included, SIGKILL too) continues when the same
+command is rerun: training resumes from its ``state.pt``, finished steps are skipped, an
+unfinished sharpness step starts over, an unfinished surface resumes from its journal.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import os
+import sys
+import time
+import traceback
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+from flatlab.errors import FlatlabError
+from flatlab.io import atomic_write_text
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+# --- the study schema ----------------------------------------------------------------------------
+
+#: Value kinds of the schema: checked by :func:`_check_value`.
+INT, FLOAT, BOOL, STR, TABLE = "int", "float", "bool", "str", "table"
+LIST_INT, LIST_FLOAT, LIST_STR, DOMAINS = "list of int", "list of float", "list of str", "domains"
+
+#: ``[measure.curvature]`` key -> (kind, ``flatlab sharpness`` flag).
+CURVATURE_KEYS: dict[str, tuple[str, str]] = {
+    "top_k": (INT, "--top-k"), "trace": (BOOL, "--trace"), "trace_products": (INT, "--trace-products"),
+    "trace_method": (STR, "--trace-method"), "density": (BOOL, "--density"),
+    "density_steps": (INT, "--density-steps"), "density_runs": (INT, "--density-runs"),
+    "per_layer": (BOOL, "--per-layer"), "solver": (STR, "--solver"), "wrt": (STR, "--wrt"),
+    "params": (STR, "--params"), "split": (STR, "--split"), "tol": (FLOAT, "--tol"), "hvp": (STR, "--hvp"),
+}
+#: ``[measure.bounds]`` key -> (kind, flag); ``measures`` picks the bounds.
+BOUND_KEYS: dict[str, tuple[str, str]] = {
+    "target_drop": (FLOAT, "--target-drop"), "drop_tolerance": (FLOAT, "--drop-tolerance"),
+    "mc_samples": (INT, "--mc-samples"), "bisection_depth": (INT, "--bisection-depth"),
+    "sigma_max": (FLOAT, "--sigma-max"), "ascent_steps": (INT, "--ascent-steps"),
+    "keskar_eps": (FLOAT, "--keskar-eps"),
+}
+BOUND_MEASURES = {"pacbayes": "--pacbayes", "magnitude": "--magnitude", "worst_case": "--worst-case"}
+#: ``[measure.local_flatness]`` key -> (kind, flag).
+FLATNESS_KEYS: dict[str, tuple[str, str]] = {
+    "gammas": (LIST_FLOAT, "--gammas"), "gammas_rel": (LIST_FLOAT, "--gammas-rel"),
+    "samples": (INT, "--flatness-samples"),
+}
+#: ``[measure]`` keys shared by every sharpness step -> (kind, flag).
+MEASURE_SHARED: dict[str, tuple[str, str]] = {
+    "device": (STR, "--device"), "max_samples": (INT, "--max-samples"), "batch_size": (INT, "--batch-size"),
+    "seed": (INT, "--seed"),
+}
+#: ``[[surfaces]]`` key -> (kind, ``flatlab surface`` flag); ``name``, ``dims``, ``variants`` are the sweep's.
+SURFACE_KEYS: dict[str, tuple[str, str]] = {
+    "x": (STR, "--x"), "y": (STR, "--y"), "norm": (STR, "--norm"), "ignore": (STR, "--ignore"),
+    "directions": (STR, "--directions"), "requantize": (BOOL, "--requantize"),
+    "max_samples": (INT, "--max-samples"), "seed": (INT, "--seed"), "batch_size": (INT, "--batch-size"),
+    "device": (STR, "--device"),
+}
+
+SCHEMA: dict[str, dict[str, str]] = {
+    "study": {"name": STR, "description": STR},
+    "data": {"dataset": STR, "data_dir": STR, "test_envs": DOMAINS, "holdout_fraction": FLOAT, "options": TABLE},
+    "model": {"name": STR, "options": TABLE, "pretrained": STR},
+    "train": {"steps": INT, "eval_every": INT, "seeds": LIST_INT, "device": STR, "hparams": TABLE,
+              "trial_seed": INT},
+    "algorithms": {"algorithm": STR, "label": STR, "hparams": TABLE, "bits": LIST_INT},
+    "measure": {**{k: v[0] for k, v in MEASURE_SHARED.items()}, "curvature": TABLE, "bounds": TABLE,
+                "local_flatness": TABLE},
+    "measure.curvature": {k: v[0] for k, v in CURVATURE_KEYS.items()},
+    "measure.bounds": {"measures": LIST_STR, **{k: v[0] for k, v in BOUND_KEYS.items()}},
+    "measure.local_flatness": {k: v[0] for k, v in FLATNESS_KEYS.items()},
+    "surfaces": {"name": STR, "dims": INT, "variants": LIST_STR, **{k: v[0] for k, v in SURFACE_KEYS.items()}},
+    "ensembles": {"name": STR, "variant": STR, "seeds": LIST_INT, "batch_size": INT, "device": STR},
+}
+TOP_LEVEL = {"study": "table", "data": "table", "model": "table", "train": "table", "algorithms": "array",
+             "measure": "table", "surfaces": "array", "ensembles": "array"}
+REQUIRED = {"data": ("dataset", "test_envs"), "train": ("seeds",), "algorithms": ("algorithm",),
+            "surfaces": ("name",), "ensembles": ("name", "variant")}
+
+#: Algorithms that take twice the gradient work per step (a perturbed second pass).
+TWO_PASS_ALGORITHMS = {"sam", "sagm", "gaqat"}
+
+
+@dataclass
+class Variant:
+    """One algorithm setting of the study: a label (``qat4``), the algorithm and its hparams."""
+
+    label: str
+    algorithm: str
+    hparams: dict[str, Any]
+
+
+@dataclass
+class Study:
+    """A validated study file."""
+
+    path: Path
+    name: str
+    description: str
+    raw: dict[str, Any]
+    dataset: str
+    data_dir: str | None
+    dataset_options: dict[str, Any]
+    holdout_fraction: float
+    domains: list[str]
+    test_envs: list[list[int]]
+    model: str | None
+    model_options: dict[str, Any]
+    pretrained: str | None
+    steps: int | None
+    eval_every: int | None
+    seeds: list[int]
+    trial_seed: int | None
+    train_device: str
+    shared_hparams: dict[str, Any]
+    variants: list[Variant]
+    measure: dict[str, Any]
+    surfaces: list[dict[str, Any]]
+    ensembles: list[dict[str, Any]]
+    data_available: bool = True
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Job:
+    """One unit of work: train + measure a variant/seed/test domain, or evaluate an ensemble."""
+
+    job_id: str
+    kind: str  # "train" or "ensemble"
+    variant: str
+    test_envs: list[int]
+    seed: int | None
+    definition: dict[str, Any]
+    members: list[str] = field(default_factory=list)
+    steps: list[str] = field(default_factory=list)
+
+
+def _where(path: Path, section: str) -> str:
+    return f"{path}: [{section}]" if section else str(path)
+
+
+def _check_value(value: Any, kind: str, key: str, section: str, path: Path) -> Any:
+    """Check one value against its schema kind; return it (ints accepted for floats)."""
+    def bad(expected: str) -> FlatlabError:
+        return FlatlabError(f"{_where(path, section)} {key} = {value!r}: expected {expected}")
+
+    if kind == INT:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad("an integer")
+    elif kind == FLOAT:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad("a number")
+        value = float(value)
+    elif kind == BOOL:
+        if not isinstance(value, bool):
+            raise bad("true or false")
+    elif kind == STR:
+        if not isinstance(value, str):
+            raise bad("a string")
+    elif kind == TABLE:
+        if not isinstance(value, dict):
+            raise bad("a table, e.g. { lr = 0.001 }")
+    elif kind in (LIST_INT, LIST_FLOAT, LIST_STR):
+        inner = {LIST_INT: INT, LIST_FLOAT: FLOAT, LIST_STR: STR}[kind]
+        if not isinstance(value, list) or not value:
+            raise bad(f"a non-empty {kind}")
+        value = [_check_value(v, inner, key, section, path) for v in value]
+    elif kind == DOMAINS:
+        if value != "all" and not (isinstance(value, list) and value):
+            raise bad('"all" or a non-empty list of domains (indices or names; a list inside is one multi-domain job)')
+    return value
+
+
+def _check_table(table: Mapping[str, Any], section: str, path: Path) -> dict[str, Any]:
+    allowed = SCHEMA[section]
+    out: dict[str, Any] = {}
+    for key, value in table.items():
+        if key not in allowed:
+            raise FlatlabError(f"{path}: unknown key {key!r} in [{section}] (known: {', '.join(sorted(allowed))})")
+        out[key] = _check_value(value, allowed[key], key, section, path)
+    for key in REQUIRED.get(section, ()):
+        if key not in out:
+            raise FlatlabError(f"{path}: [{section}] needs {key!r}")
+    return out
+
+
+def _resolve_path(text: str | None, base: Path) -> str | None:
+    if not text:
+        return None
+    p = Path(text).expanduser()
+    return str(p if p.is_absolute() else (base / p).resolve())
+
+
+def _domain_info(dataset: str, data_dir: str | None, options: dict[str, Any], path: Path) -> tuple[str, list[str], bool]:
+    """(canonical data-set name, domain names, whether the data can be read here)."""
+    from flatlab.data import DATASETS, build_dataset, dataset_names
+    from flatlab.data.folder import KNOWN_LAYOUTS
+
+    key = dataset if dataset in DATASETS else {k.lower(): k for k in DATASETS}.get(dataset.lower())
+    if key is None:
+        raise FlatlabError(f"{path}: [data] unknown data set {dataset!r}: choose one of {', '.join(dataset_names())}")
+    needs_dir = DATASETS[key][1]
+    if needs_dir and (not data_dir or not Path(data_dir).is_dir()):
+        if key in KNOWN_LAYOUTS:
+            return key, list(KNOWN_LAYOUTS[key][1]), False
+        raise FlatlabError(f"{path}: [data] data set {key} needs data_dir = the folder holding its domains "
+                           f"({data_dir or 'not given'} is not a folder)")
+    try:
+        built = build_dataset(key, data_dir=data_dir, **options)
+    except FlatlabError as exc:
+        raise FlatlabError(f"{path}: [data] {exc}") from None
+    except TypeError as exc:
+        raise FlatlabError(f"{path}: [data] options: {exc}") from None
+    return built.name, list(built.domains), True
+
+
+def load_study(path: str | os.PathLike[str]) -> Study:
+    """Read and validate a study file; nothing is run.
+
+    Raises:
+        FlatlabError: unreadable TOML, an unknown key (named with its section and the file),
+            an unknown data set, model, algorithm, hyperparameter or domain, a bad value.
+    """
+    from flatlab.models import model_options
+    from flatlab.train import get_algorithm
+    from flatlab.train.hparams import default_model, default_steps, resolve_hparams
+
+    p = Path(path)
+    if not p.is_file():
+        raise FlatlabError(f"no such study file: {p}")
+    try:
+        raw = tomllib.loads(p.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise FlatlabError(f"{p} is not valid TOML: {exc}") from None
+    for key, value in raw.items():
+        if key not in TOP_LEVEL:
+            raise FlatlabError(f"{p}: unknown key {key!r} at the top level (known: {', '.join(TOP_LEVEL)})")
+        if TOP_LEVEL[key] == "array" and not (isinstance(value, list) and all(isinstance(v, dict) for v in value)):
+            raise FlatlabError(f"{p}: {key!r} must be an array of tables ([[{key}]])")
+        if TOP_LEVEL[key] == "table" and not isinstance(value, dict):
+            raise FlatlabError(f"{p}: {key!r} must be a table ([{key}])")
+    for key in ("data", "train", "algorithms"):
+        if key not in raw:
+            raise FlatlabError(f"{p}: the study needs a [{key}] section" if key != "algorithms"
+                               else f"{p}: the study needs at least one [[algorithms]] entry")
+    base = p.parent
+    info = _check_table(raw.get("study", {}), "study", p)
+    data = _check_table(raw["data"], "data", p)
+    model = _check_table(raw.get("model", {}), "model", p)
+    train = _check_table(raw["train"], "train", p)
+    measure = _check_table(raw.get("measure", {}), "measure", p)
+    for sub in ("curvature", "bounds", "local_flatness"):
+        if sub in measure:
+            measure[sub] = _check_table(measure[sub], f"measure.{sub}", p)
+    algorithms = [_check_table(a, "algorithms", p) for a in raw["algorithms"]]
+    surfaces = [_check_table(s, "surfaces", p) for s in raw.get("surfaces", [])]
+    ensembles = [_check_table(e, "ensembles", p) for e in raw.get("ensembles", [])]
+
+    data_dir = _resolve_path(data.get("data_dir"), base)
+    dataset_options = dict(data.get("options", {}))
+    dataset, domains, available = _domain_info(data["dataset"], data_dir, dataset_options, p)
+    notes = [] if available else [f"data set {dataset}: data_dir {data.get('data_dir')!r} is not a folder here; "
+                                  "fill it in before running"]
+    holdout = float(data.get("holdout_fraction", 0.2))
+    if not 0 < holdout < 1:
+        raise FlatlabError(f"{p}: [data] holdout_fraction must be in (0, 1), got {holdout}")
+    specs = [[d] for d in range(len(domains))] if data["test_envs"] == "all" else \
+        [v if isinstance(v, list) else [v] for v in data["test_envs"]]
+    names = SimpleNamespace(name=dataset, domains=domains)
+    from flatlab.data import resolve_domains
+
+    test_envs: list[list[int]] = []
+    for spec in specs:
+        try:
+            envs = resolve_domains(names, spec)  # type: ignore[arg-type]
+        except FlatlabError as exc:
+            raise FlatlabError(f"{p}: [data] test_envs: {exc}") from None
+        if envs in test_envs:
+            raise FlatlabError(f"{p}: [data] test_envs lists domain(s) {envs} twice")
+        test_envs.append(envs)
+
+    model_name = model.get("name") or default_model(dataset)
+    try:
+        opts = model_options(model_name, **model.get("options", {}))
+    except FlatlabError as exc:
+        raise FlatlabError(f"{p}: [model] {exc}") from None
+    pretrained = _resolve_path(model.get("pretrained"), base)
+    if pretrained and not Path(pretrained).is_file():
+        notes.append(f"model pretrained {model.get('pretrained')!r} is not a file here; fill it in before running")
+
+    steps = train.get("steps")
+    if steps is not None and steps < 1:
+        raise FlatlabError(f"{p}: [train] steps must be at least 1, got {steps}")
+    if train.get("eval_every") is not None and train["eval_every"] < 1:
+        raise FlatlabError(f"{p}: [train] eval_every must be at least 1, got {train['eval_every']}")
+    seeds = train["seeds"]
+    if len(set(seeds)) != len(seeds):
+        raise FlatlabError(f"{p}: [train] seeds lists a seed twice: {seeds}")
+    shared = dict(train.get("hparams", {}))
+    total_steps = steps if steps is not None else default_steps(dataset)
+
+    variants: list[Variant] = []
+    for entry in algorithms:
+        name = entry["algorithm"]
+        try:
+            algo = get_algorithm(name)
+        except FlatlabError as exc:
+            raise FlatlabError(f"{p}: [[algorithms]] {exc}") from None
+        bits_list = entry.get("bits")
+        if bits_list is not None and "bits" not in algo.hparam_defaults:
+            raise FlatlabError(f"{p}: [[algorithms]] {name} takes no bits (bits apply to qat, gaqat, noise, "
+                               "sam, sagm, swa, swad)")
+        label = entry.get("label", name)
+        for bits in bits_list or [None]:
+            hp = {**shared, **entry.get("hparams", {})}
+            if bits is not None:
+                hp["bits"] = bits
+            vlabel = f"{label}{bits}" if bits is not None else label
+            if not vlabel.replace("_", "").replace("-", "").isalnum():
+                raise FlatlabError(f"{p}: [[algorithms]] label {vlabel!r}: use letters, digits, - and _ only")
+            try:
+                resolved = resolve_hparams(dataset, algo.hparam_defaults, None, hp)
+                algo.validate_hparams(resolved, total_steps)
+            except FlatlabError as exc:
+                raise FlatlabError(f"{p}: [[algorithms]] {vlabel}: {exc}") from None
+            if any(v.label == vlabel for v in variants):
+                raise FlatlabError(f"{p}: [[algorithms]] two variants are labelled {vlabel!r}: give each a label")
+            variants.append(Variant(vlabel, algo.name, hp))
+
+    _validate_measure(measure, p)
+    labels = [v.label for v in variants]
+    seen: set[str] = set()
+    for s in surfaces:
+        if s["name"] in seen or not s["name"].replace("_", "").replace("-", "").isalnum():
+            raise FlatlabError(f"{p}: [[surfaces]] name {s['name']!r} is repeated or not made of letters, digits, - and _")
+        seen.add(s["name"])
+        _validate_surface(s, labels, p)
+    if ensembles and train.get("trial_seed") is None:
+        raise FlatlabError(f"{p}: [[ensembles]] need [train] trial_seed = N: members of different seeds must "
+                           "share one in/out split to be evaluated together")
+    for e in ensembles:
+        if e["name"] in seen or not e["name"].replace("_", "").replace("-", "").isalnum():
+            raise FlatlabError(f"{p}: [[ensembles]] name {e['name']!r} is repeated or not made of letters, digits, - and _")
+        seen.add(e["name"])
+        if e["variant"] not in labels:
+            raise FlatlabError(f"{p}: [[ensembles]] {e['name']}: unknown variant {e['variant']!r} "
+                               f"(variants: {', '.join(labels)})")
+        members = e.get("seeds", seeds)
+        if not set(members) <= set(seeds) or len(set(members)) < 2:
+            raise FlatlabError(f"{p}: [[ensembles]] {e['name']}: seeds must be at least two of the study's seeds {seeds}")
+    return Study(path=p, name=info.get("name", p.stem), description=info.get("description", ""), raw=raw,
+                 dataset=dataset, data_dir=data_dir, dataset_options=dataset_options, holdout_fraction=holdout,
+                 domains=domains, test_envs=test_envs, model=model_name, model_options=opts, pretrained=pretrained,
+                 steps=steps, eval_every=train.get("eval_every"), seeds=seeds, trial_seed=train.get("trial_seed"),
+                 train_device=train.get("device", "cpu"), shared_hparams=shared, variants=variants, measure=measure,
+                 surfaces=surfaces, ensembles=ensembles, data_available=available, notes=notes)
+
+
+def _choices(command: str) -> dict[str, Any]:
+    """flag -> argparse action of a flatlab sub-command (to check choices before running)."""
+    from flatlab.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+    if command not in sub.choices:  # type: ignore[attr-defined]
+        raise FlatlabError(f"this flatlab has no `{command}` command: the study needs it")
+    return dict(sub.choices[command]._option_string_actions)  # type: ignore[attr-defined]
+
+
+def _check_choice(actions: dict[str, Any], flag: str, value: Any, key: str, section: str, path: Path) -> None:
+    action = actions.get(flag)
+    if action is None:
+        raise FlatlabError(f"{path}: [{section}] {key}: this flatlab's command has no {flag}")
+    if action.choices is not None and value not in action.choices:
+        raise FlatlabError(f"{path}: [{section}] {key} = {value!r}: choose one of {', '.join(map(str, action.choices))}")
+
+
+def _validate_measure(measure: dict[str, Any], path: Path) -> None:
+    if not any(k in measure for k in ("curvature", "bounds", "local_flatness")):
+        return
+    actions = _choices("sharpness")
+    for key, value in measure.items():
+        if key in MEASURE_SHARED:
+            _check_choice(actions, MEASURE_SHARED[key][1], value, key, "measure", path)
+            if key in ("max_samples", "batch_size") and value < 1:
+                raise FlatlabError(f"{path}: [measure] {key} must be at least 1, got {value}")
+    for sub, keys in (("curvature", CURVATURE_KEYS), ("bounds", BOUND_KEYS), ("local_flatness", FLATNESS_KEYS)):
+        for key, value in measure.get(sub, {}).items():
+            if key in keys:
+                _check_choice(actions, keys[key][1], value if keys[key][0] not in (LIST_FLOAT,) else None,
+                              key, f"measure.{sub}", path)
+                if keys[key][0] == INT and value < 1:
+                    raise FlatlabError(f"{path}: [measure.{sub}] {key} must be at least 1, got {value}")
+    bounds = measure.get("bounds")
+    if bounds is not None:
+        for m in bounds.get("measures", []):
+            if m not in BOUND_MEASURES:
+                raise FlatlabError(f"{path}: [measure.bounds] unknown measure {m!r} (choose from "
+                                   f"{', '.join(BOUND_MEASURES)})")
+        if not bounds.get("measures"):
+            raise FlatlabError(f"{path}: [measure.bounds] needs measures = [...] (pacbayes, magnitude, worst_case)")
+    flat = measure.get("local_flatness")
+    if flat is not None and "gammas" in flat and "gammas_rel" in flat:
+        raise FlatlabError(f"{path}: [measure.local_flatness] give gammas or gammas_rel, not both")
+    curv = measure.get("curvature")
+    if curv is not None and not any(curv.get(k) for k in ("top_k", "trace", "density", "per_layer")):
+        raise FlatlabError(f"{path}: [measure.curvature] asks for nothing: set top_k, trace, density or per_layer")
+
+
+def _validate_surface(s: dict[str, Any], labels: list[str], path: Path) -> None:
+    from flatlab.surface.grid import parse_axis
+
+    dims = s.get("dims", 2)
+    if dims not in (1, 2):
+        raise FlatlabError(f"{path}: [[surfaces]] {s['name']}: dims must be 1 or 2, got {dims}")
+    actions = _choices("surface")
+    for key, value in s.items():
+        if key in SURFACE_KEYS:
+            _check_choice(actions, SURFACE_KEYS[key][1], value, key, "surfaces", path)
+    try:
+        parse_axis(s.get("x", "-1:1:51"), "x")
+        if dims == 2:
+            parse_axis(s.get("y", "-1:1:51"), "y")
+    except FlatlabError as exc:
+        raise FlatlabError(f"{path}: [[surfaces]] {s['name']}: {exc}") from None
+    if dims == 1 and "y" in s:
+        raise FlatlabError(f"{path}: [[surfaces]] {s['name']}: y applies to dims = 2 only")
+    for v in s.get("variants", []):
+        if v not in labels:
+            raise FlatlabError(f"{path}: [[surfaces]] {s['name']}: unknown variant {v!r} (variants: {', '.join(labels)})")
+
+
+# --- jobs ----------------------------------------------------------------------------------------
+
+def _env_tag(envs: list[int]) -> str:
+    return "te" + "+".join(str(e) for e in envs)
+
+
+def _flags(values: dict[str, Any], keys: dict[str, tuple[str, str]]) -> list[str]:
+    argv: list[str] = []
+    for key, value in values.items():
+        if key not in keys:
+            continue
+        kind, flag = keys[key]
+        if kind == BOOL:
+            if value:
+                argv.append(flag)
+        elif kind == LIST_FLOAT:
+            argv += [flag, ",".join(repr(float(v)) for v in value)]
+        else:
+            argv += [flag, str(value)]
+    return argv
+
+
+def measurement_steps(study: Study, variant: str) -> list[tuple[str, list[str]]]:
+    """The measurement steps of a job as (name, argv); ``{run}`` and ``{out}`` are filled in later."""
+    m = study.measure
+    shared = _flags(m, MEASURE_SHARED)
+    if "device" not in m:
+        shared += ["--device", "cpu"]
+    steps: list[tuple[str, list[str]]] = []
+    if "curvature" in m:
+        steps.append(("curvature", ["sharpness", "{run}/model.pt", *_flags(m["curvature"], CURVATURE_KEYS), *shared]))
+    if "bounds" in m:
+        chosen = [BOUND_MEASURES[b] for b in m["bounds"]["measures"]]
+        steps.append(("bounds", ["sharpness", "{run}/model.pt", *chosen, *_flags(m["bounds"], BOUND_KEYS), *shared]))
+    if "local_flatness" in m:
+        steps.append(("local_flatness", ["sharpness", "{run}/model.pt", "--local-flatness",
+                                         *_flags(m["local_flatness"], FLATNESS_KEYS), *shared]))
+    for s in study.surfaces:
+        if s.get("variants") and variant not in s["variants"]:
+            continue
+        argv = ["surface", "{run}/model.pt", "--2d" if s.get("dims", 2) == 2 else "--1d", *_flags(s, SURFACE_KEYS),
+                "--name", s["name"]]
+        if "device" not in s:
+            argv += ["--device", "cpu"]
+        steps.append((f"surface-{s['name']}", argv))
+    return steps
+
+
+def expand_jobs(study: Study) -> list[Job]:
+    """Every job of a study, in the fixed order the merged results follow."""
+    jobs: list[Job] = []
+    by_key: dict[tuple[str, tuple[int, ...], int], str] = {}
+    for variant in study.variants:
+        for envs in study.test_envs:
+            for seed in study.seeds:
+                job_id = f"{variant.label}-{_env_tag(envs)}-s{seed}"
+                train = {"dataset": study.dataset, "test_envs": [str(e) for e in envs], "algorithm": variant.algorithm,
+                         "model": study.model, "model_options": study.model_options,
+                         "dataset_options": study.dataset_options, "data_dir": study.data_dir, "steps": study.steps,
+                         "eval_every": study.eval_every, "seed": seed, "trial_seed": study.trial_seed,
+                         "holdout_fraction": study.holdout_fraction, "hparam_flags": variant.hparams,
+                         "device": study.train_device, "pretrained": study.pretrained}
+                steps = measurement_steps(study, variant.label)
+                definition = {"kind": "train", "study": study.name, "variant": variant.label, "train": train,
+                              "steps": [[n, a] for n, a in steps]}
+                jobs.append(Job(job_id, "train", variant.label, envs, seed, definition, steps=[n for n, _ in steps]))
+                by_key[(variant.label, tuple(envs), seed)] = job_id
+    for e in study.ensembles:
+        for envs in study.test_envs:
+            members = [by_key[(e["variant"], tuple(envs), s)] for s in e.get("seeds", study.seeds)]
+            argv = ["ensemble", *[f"{{runs}}/{m}" for m in members], "--device", e.get("device", "cpu")]
+            if "batch_size" in e:
+                argv += ["--batch-size", str(e["batch_size"])]
+            job_id = f"{e['name']}-{_env_tag(envs)}"
+            definition = {"kind": "ensemble", "study": study.name, "variant": e["variant"], "members": members,
+                          "steps": [["ensemble", argv]]}
+            jobs.append(Job(job_id, "ensemble", e["variant"], envs, None, definition, members=members,
+                            steps=["ensemble"]))
+    return jobs
+
+
+# --- running one job (in a worker) ----------------------------------------------------------------
+
+def run_flatlab(argv: list[str]) -> dict[str, Any] | None:
+    """Run one flatlab command in this process; return its ``--json`` payload, raise on failure.
+
+    ``sys.argv`` is set to the command for its duration, so the provenance a command records
+    (the results file's ``command_line``) is the flatlab command that made the result.
+
+    Raises:
+        FlatlabError: the command's own error line, or its exit status.
+    """
+    from flatlab.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    saved = sys.argv
+    sys.argv = ["flatlab", *argv]
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main(argv)
+            except SystemExit as exc:  # argparse usage errors
+                code = int(exc.code or 0) if not isinstance(exc.code, str) else 2
+    finally:
+        sys.argv = saved
+    if code != 0:
+        last = [line for line in err.getvalue().splitlines() if line.startswith("flatlab: error:")]
+        reason = last[-1][len("flatlab: error: "):] if last else f"exit status {code}"
+        raise FlatlabError(f"`flatlab {' '.join(argv)}` failed: {reason}")
+    text = out.getvalue().strip()
+    return json.loads(text.splitlines()[-1]) if "--json" in argv and text else None
+
+
+def _fill(argv: list[str], paths: dict[str, str]) -> list[str]:
+    return [a.format(**paths) if "{" in a else a for a in argv]
+
+
+def setup_worker(threads: int) -> dict[str, Any]:
+    """Worker state: a fixed PyTorch thread count, so results do not depend on the backend."""
+    import torch
+
+    torch.set_num_threads(max(1, int(threads)))
+    return {"threads": threads}
+
+
+def run_job(state: dict[str, Any], task: dict[str, Any]) -> dict[str, Any]:
+    """Run (or continue) one job; never raises: returns ``{"job_id", "ok", "error", ...}``."""
+    t0 = time.perf_counter()
+    job_dir = Path(task["job_dir"])
+    try:
+        with open(job_dir / "attempts", "a", encoding="utf-8") as fh:
+            fh.write(f"{time.time():.3f} pid {os.getpid()}\n")
+        run_id = _run_job_steps(task)
+        atomic_write_text(job_dir / "done", json.dumps({"job_id": task["job_id"], "run_id": run_id,
+                                                        "seconds": round(time.perf_counter() - t0, 2)}))
+        return {"job_id": task["job_id"], "ok": True, "run_id": run_id, "seconds": time.perf_counter() - t0}
+    except Exception as exc:  # noqa: BLE001 - a failed job is reported, it does not stop the others
+        message = " ".join(str(exc).split()) if isinstance(exc, FlatlabError) else f"{type(exc).__name__}: {exc}"
+        return {"job_id": task["job_id"], "ok": False, "error": message, "traceback": traceback.format_exc(),
+                "seconds": time.perf_counter() - t0}
+
+
+def _run_job_steps(task: dict[str, Any]) -> str:
+    from flatlab.checkpoint import load_checkpoint
+    from flatlab.results import run_attrs_from_checkpoint, run_id_for, write_group
+
+    definition = task["definition"]
+    job_dir = Path(task["job_dir"])
+    paths = {"run": task["run_dir"], "runs": task["runs_dir"]}
+    if definition["kind"] == "train":
+        from flatlab.train import TrainConfig, train
+
+        cfg = dict(definition["train"])
+        if not (Path(task["run_dir"]) / "done").exists():
+            train(TrainConfig(out=task["run_dir"], quiet=True, **cfg))
+        run_id = run_id_for(Path(task["run_dir"]) / "model.pt")
+    else:
+        run_id = ""
+    for name, argv in definition["steps"]:
+        marker = job_dir / f"{name}.done"
+        if marker.exists():
+            run_id = run_id or json.loads(marker.read_text()).get("run_id", "")
+            continue
+        target = job_dir / f"{name}.h5"
+        if not name.startswith("surface-"):
+            # An unfinished sharpness step starts over (a surface resumes from its journal instead).
+            target.unlink(missing_ok=True)
+        flag = "--out" if argv[0] == "sharpness" else "--results"
+        payload = run_flatlab([*_fill(argv, paths), flag, str(target), "--quiet", "--json"])
+        if definition["kind"] == "ensemble" and payload:
+            run_id = str(payload.get("run_id", ""))
+        atomic_write_text(marker, json.dumps({"run_id": run_id}))
+    if definition["kind"] == "train":
+        ckpt = load_checkpoint(Path(task["run_dir"]) / "model.pt")
+        target = job_dir / "sweep.h5"
+        target.unlink(missing_ok=True)
+        write_group(target, run_id, run_attrs_from_checkpoint(ckpt), "sweep", {},
+                    {"job_id": task["job_id"], "variant": definition["variant"], "study": definition["study"]})
+    return run_id
+
+
+# --- the driver ----------------------------------------------------------------------------------
+
+@dataclass
+class JobOutcome:
+    job_id: str
+    status: str  # done (now), skipped (done before), failed, blocked
+    seconds: float = 0.0
+    error: str | None = None
+    run_id: str | None = None
+
+
+@dataclass
+class SweepSummary:
+    study: str
+    out: Path
+    results: Path | None
+    outcomes: list[JobOutcome]
+    seconds: float
+
+    @property
+    def failed(self) -> list[JobOutcome]:
+        return [o for o in self.outcomes if o.status in ("failed", "blocked")]
+
+    def as_dict(self) -> dict[str, Any]:
+        counts: dict[str, int] = {}
+        for o in self.outcomes:
+            counts[o.status] = counts.get(o.status, 0) + 1
+        return {"study": self.study, "out": str(self.out), "results": str(self.results) if self.results else None,
+                "seconds": round(self.seconds, 2), "counts": counts,
+                "jobs": [{"job_id": o.job_id, "status": o.status, "seconds": round(o.seconds, 2), "error": o.error,
+                          "run_id": o.run_id} for o in self.outcomes]}
+
+
+def job_status(out: Path, job: Job) -> str:
+    """done, started (something on disk) or pending."""
+    job_dir = out / "jobs" / job.job_id
+    if (job_dir / "done").exists():
+        return "done"
+    if (job_dir / "attempts").exists() or (out / "runs" / job.job_id / "run.json").exists():
+        return "started"
+    return "pending"
+
+
+def _prepare_out(study: Study, out: Path, jobs: list[Job]) -> None:
+    """Check OUT holds nothing of another study definition, then write the job definitions."""
+    marker = out / "study.toml"
+    if out.exists() and any(out.iterdir()) and not marker.exists():
+        raise FlatlabError(f"{out} exists and holds no sweep (no study.toml): choose another --out")
+    for job in jobs:
+        path = out / "jobs" / job.job_id / "job.json"
+        if path.exists():
+            try:
+                previous = json.loads(path.read_text())
+            except (OSError, json.JSONDecodeError):
+                previous = None
+            if previous != _jsonable(job.definition):
+                raise FlatlabError(f"{out} holds job {job.job_id} with another definition (the study changed): "
+                                   "use another --out, or delete that job's folders to redo it")
+    for job in jobs:
+        path = out / "jobs" / job.job_id / "job.json"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(path, json.dumps(job.definition, indent=1, sort_keys=True))
+    atomic_write_text(marker, study.path.read_text(encoding="utf-8"))
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value))
+
+
+def _task(out: Path, job: Job) -> dict[str, Any]:
+    return {"job_id": job.job_id, "job_dir": str((out / "jobs" / job.job_id).resolve()),
+            "run_dir": str((out / "runs" / job.job_id).resolve()), "runs_dir": str((out / "runs").resolve()),
+            "definition": job.definition}
+
+
+def job_files(out: Path, job: Job) -> list[Path]:
+    """A finished job's results files, in merge order."""
+    job_dir = out / "jobs" / job.job_id
+    names = (["sweep"] if job.kind == "train" else []) + job.steps
+    return [job_dir / f"{n}.h5" for n in names if (job_dir / f"{n}.h5").exists()]
+
+
+def merge_sweep(study: Study, out: Path, jobs: list[Job]) -> Path | None:
+    """Merge every finished job's files into ``OUT/results.h5`` (job order; atomic)."""
+    from flatlab.results import merge_results
+
+    done = [j for j in jobs if (out / "jobs" / j.job_id / "done").exists()]
+    if not done:
+        return None
+    mapping: dict[str, str] = {}
+    srcs: list[Path] = []
+    for job in done:
+        record = json.loads((out / "jobs" / job.job_id / "done").read_text())
+        mapping[job.job_id] = record.get("run_id", "")
+        srcs += job_files(out, job)
+    target = out / "results.h5"
+    merge_results(target, srcs, attrs={"study": study.name, "sweep_jobs": mapping})
+    return target
+
+
+ProgressFactory = Callable[[int, int], Any]
+
+
+def run_sweep(study: Study, out: str | os.PathLike[str], *, backend: str = "local", workers: int = 1,
+              address: str | None = None, quiet: bool = False) -> SweepSummary:
+    """Run (or continue) every job of ``study`` in ``out``; merge the results; return a summary.
+
+    Failed jobs are reported in the summary (with their error, also in ``OUT/jobs/<id>/error.txt``)
+    and do not stop the others; an ensemble whose members failed is ``blocked``.
+
+    Raises:
+        FlatlabError: bad backend/workers, an unreachable Ray address, ``out`` holding another study,
+            data that cannot be read here.
+    """
+    from tqdm import tqdm
+
+    from flatlab.parallel import BACKENDS, check_address, default_threads, fan_out
+
+    if backend not in BACKENDS:
+        raise FlatlabError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    if workers < 1:
+        raise FlatlabError(f"--workers must be at least 1, got {workers}")
+    if address is not None:
+        if backend != "ray":
+            raise FlatlabError("--address names a Ray cluster: add --backend ray")
+        check_address(address)
+    if not study.data_available or study.notes:
+        raise FlatlabError(f"{study.path}: {'; '.join(study.notes)}")
+    out = Path(out)
+    jobs = expand_jobs(study)
+    _prepare_out(study, out, jobs)
+    start = time.perf_counter()
+    outcomes: dict[str, JobOutcome] = {}
+    for job in jobs:
+        if job_status(out, job) == "done":
+            record = json.loads((out / "jobs" / job.job_id / "done").read_text())
+            outcomes[job.job_id] = JobOutcome(job.job_id, "skipped", run_id=record.get("run_id"))
+    bar = tqdm(total=len(jobs), initial=len(outcomes), disable=quiet, file=sys.stderr, desc=f"sweep {study.name}",
+               unit="job", dynamic_ncols=True)
+    threads = default_threads(workers)
+    failed_count = 0
+
+    def phase(todo: list[Job]) -> None:
+        nonlocal failed_count
+        if not todo:
+            return
+        running = min(workers, len(todo))
+        bar.set_postfix_str(f"running {running}, failed {failed_count}")
+        remaining = len(todo)
+        try:
+            for index, result in fan_out(setup_worker, threads, run_job, [_task(out, j) for j in todo],
+                                         backend=backend, workers=workers, address=address):
+                job = todo[index]
+                remaining -= 1
+                if result["ok"]:
+                    outcomes[job.job_id] = JobOutcome(job.job_id, "done", result["seconds"], run_id=result["run_id"])
+                    (out / "jobs" / job.job_id / "error.txt").unlink(missing_ok=True)
+                else:
+                    failed_count += 1
+                    outcomes[job.job_id] = JobOutcome(job.job_id, "failed", result["seconds"], result["error"])
+                    atomic_write_text(out / "jobs" / job.job_id / "error.txt",
+                                      result["error"] + "\n\n" + result.get("traceback", ""))
+                bar.update(1)
+                bar.set_postfix_str(f"running {min(running, remaining)}, failed {failed_count}")
+        except FlatlabError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a worker process died: the rest are reported
+            for job in todo:
+                if job.job_id not in outcomes:
+                    failed_count += 1
+                    outcomes[job.job_id] = JobOutcome(job.job_id, "failed", 0.0,
+                                                      f"worker lost ({type(exc).__name__}: {exc}); rerun to continue")
+                    bar.update(1)
+
+    phase([j for j in jobs if j.kind == "train" and j.job_id not in outcomes])
+    ready: list[Job] = []
+    for job in jobs:
+        if job.kind != "ensemble" or job.job_id in outcomes:
+            continue
+        bad = [m for m in job.members if outcomes.get(m, JobOutcome(m, "failed")).status not in ("done", "skipped")]
+        if bad:
+            failed_count += 1
+            outcomes[job.job_id] = JobOutcome(job.job_id, "blocked", error=f"member job(s) failed: {', '.join(bad)}")
+            bar.update(1)
+        else:
+            ready.append(job)
+    phase(ready)
+    bar.close()
+    results = merge_sweep(study, out, jobs)
+    ordered = [outcomes[j.job_id] for j in jobs]
+    return SweepSummary(study.name, out, results, ordered, time.perf_counter() - start)
+
+
+# --- running-time estimate -------------------------------------------------------------------------
+
+#: Images and classes of the DomainBed folder data sets (for estimates without the data).
+KNOWN_SIZES = {"PACS": (9991, 7), "VLCS": (10729, 5), "OfficeHome": (15588, 65), "TerraIncognita": (24788, 10),
+               "DomainNet": (586575, 345)}
+
+
+def _time(fn: Callable[[], Any], repeats: int) -> float:
+    fn()  # warm-up
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - t0) / repeats
+
+
+def estimate_seconds(study: Study, jobs: list[Job], workers: int = 1) -> dict[str, Any]:
+    """A rough running time: the model's measured cost per sample times each job's sample count.
+
+    The model is timed here (one training step and one forward pass of a small batch on random
+    inputs, with the thread count one worker gets); every job's work is counted in samples
+    through forward or forward+backward passes (training steps, evaluations, Hessian-vector
+    products as two backward passes, noise searches, radii x samples, grid points), and the
+    total is spread over ``min(workers, jobs)`` workers. Expect tens of percent of error.
+    """
+    import torch
+
+    from flatlab.models import build_model
+    from flatlab.parallel import default_threads
+    from flatlab.train import get_algorithm
+    from flatlab.train.hparams import default_steps, resolve_hparams
+
+    if study.data_available:
+        from flatlab.data import build_dataset
+
+        ds = build_dataset(study.dataset, data_dir=study.data_dir, **study.dataset_options)
+        input_shape, num_classes = tuple(ds.input_shape), int(ds.num_classes)
+        sizes = [ds.domain_size(e) for e in range(len(study.domains))]
+    else:
+        total, num_classes = KNOWN_SIZES.get(study.dataset, (10000, 10))
+        side = int(study.dataset_options.get("resolution", 224))
+        input_shape = (3, side, side)
+        sizes = [total // len(study.domains)] * len(study.domains)
+    device = "cuda" if study.train_device.startswith("cuda") and torch.cuda.is_available() else "cpu"
+    saved_threads = torch.get_num_threads()
+    torch.set_num_threads(default_threads(workers))
+    try:
+        model = build_model(study.model, input_shape, num_classes, **study.model_options).to(device)
+        n_src = len(study.domains) - len(study.test_envs[0])
+        hp = resolve_hparams(study.dataset, {}, None, {k: v for k, v in study.shared_hparams.items()
+                                                       if k in ("batch_size",)})
+        batch = hp["batch_size"] * n_src
+        small = min(batch, 8 if input_shape[-1] >= 64 else batch)
+        x = torch.randn(small, *input_shape, device=device)
+        y = torch.randint(num_classes, (small,), device=device)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+
+        def step() -> None:
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+
+        model.train()
+        t_fb = _time(step, 2) / small
+        model.eval()
+        with torch.no_grad():
+            t_f = _time(lambda: model(x), 2) / small
+    finally:
+        torch.set_num_threads(saved_threads)
+    steps = study.steps if study.steps is not None else default_steps(study.dataset)
+    eval_every = study.eval_every or max(1, min(100, steps // 10))
+    n_all = sum(sizes)
+    m = study.measure
+    per_job: dict[str, float] = {}
+    for job in jobs:
+        src = sum(s for e, s in enumerate(sizes) if e not in job.test_envs)
+        tgt = n_all - src
+        cap = int(m.get("max_samples", 10**12))
+        n_src_in, n_tgt = min(int(src * (1 - study.holdout_fraction)), cap), min(tgt, cap)
+        if job.kind == "ensemble":
+            per_job[job.job_id] = len(job.members) * n_all * t_f
+            continue
+        algo = get_algorithm(next(v.algorithm for v in study.variants if v.label == job.variant))
+        factor = 2.0 if algo.name in TWO_PASS_ALGORITHMS else 1.0
+        seconds = steps * batch * t_fb * factor + math.ceil(steps / eval_every) * n_all * t_f
+        curv = m.get("curvature")
+        if curv:
+            k = curv.get("top_k", 0)
+            hvps = (max(3 * k, 20) + 10 if k else 0) + (curv.get("trace_products", 99) if curv.get("trace") else 0)
+            hvps += curv.get("density_steps", 80) * curv.get("density_runs", 1) if curv.get("density") else 0
+            hvps += 10 * (20 + min(curv.get("trace_products", 99), 30)) if curv.get("per_layer") else 0
+            seconds += hvps * 2 * t_fb * n_src_in
+        bounds = m.get("bounds")
+        if bounds:
+            depth, mc = bounds.get("bisection_depth", 15), bounds.get("mc_samples", 10)
+            ascent = bounds.get("ascent_steps", 20)
+            for name in bounds["measures"]:
+                if name == "worst_case":
+                    seconds += (2 * depth + 1) * ascent * t_fb * n_src_in
+                else:
+                    seconds += depth * mc * t_f * n_src_in
+        flat = m.get("local_flatness")
+        if flat:
+            radii = len(flat.get("gammas", flat.get("gammas_rel", [0, 0.02, 0.04, 0.06, 0.08, 0.1])))
+            seconds += radii * flat.get("samples", 100) * (n_src_in + n_tgt) * t_f
+        for s in study.surfaces:
+            if s.get("variants") and job.variant not in s["variants"]:
+                continue
+            nx = int(str(s.get("x", "-1:1:51")).split(":")[2])
+            ny = int(str(s.get("y", "-1:1:51")).split(":")[2]) if s.get("dims", 2) == 2 else 1
+            cap_s = int(s.get("max_samples", 10**12))
+            seconds += nx * ny * (min(src, cap_s) + min(tgt, cap_s)) * t_f
+        per_job[job.job_id] = seconds
+    lanes = max(1, min(workers, len(jobs)))
+    total = sum(per_job.values())
+    return {"per_job": per_job, "total_seconds": total / lanes, "device": device,
+            "seconds_per_sample_train": t_fb, "seconds_per_sample_forward": t_f,
+            "note": "rough: model timed here on random inputs, work counted in samples"}
+
+
+__all__ = ["Job", "Study", "SweepSummary", "estimate_seconds", "expand_jobs", "job_status", "load_study",
+           "merge_sweep", "run_flatlab", "run_sweep"]

@@ -1,0 +1,96 @@
+"""`flatlab sharpness`: JSON contract, solvers against each other, results file, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from flatlab.cli import main
+from flatlab.results import read_results, run_id_for
+
+
+def _json(capsys, argv: list[str]) -> dict:
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1  # exactly one JSON object on stdout
+    return json.loads(out)
+
+
+def test_lanczos_matches_dense_solver_and_trace_within_stderr(mlp_run, capsys):
+    common = [str(mlp_run), "--max-samples", "300", "--top-k", "3", "--trace", "--json", "--quiet"]
+    dense = _json(capsys, ["sharpness", *common, "--solver", "dense"])
+    lanczos = _json(capsys, ["sharpness", *common])
+    assert dense["solver"] == "dense" and lanczos["solver"] == "lanczos"
+    assert dense["n_samples"] == lanczos["n_samples"] == 300
+    assert dense["num_params"] == lanczos["num_params"] == 610  # 64*8 + 8 + 8*10 + 10
+    np.testing.assert_allclose(lanczos["top_eigenvalues"], dense["top_eigenvalues"], rtol=1e-4)
+    assert lanczos["top_eigenvalues"] == sorted(lanczos["top_eigenvalues"], reverse=True)
+    assert all(r < 1e-3 * lanczos["top_eigenvalues"][0] for r in lanczos["residuals"])
+    assert abs(lanczos["trace"] - dense["trace"]) <= 3 * lanczos["trace_stderr"]
+    assert lanczos["hvps"] == lanczos["eigen_hvps"] + lanczos["trace_hvps"]
+    assert lanczos["wrt"] == "fp" and lanczos["params"] == "all"
+
+
+def test_default_measures_table_and_results_file(mlp_run, tmp_path, capsys):
+    out = tmp_path / "results.h5"
+    args = ["sharpness", str(mlp_run), "--max-samples", "200", "--quiet", "--density", "--density-steps", "12",
+            "--top-k", "2", "--trace", "--trace-products", "30", "--out", str(out), "--seed", "3"]
+    first = _json(capsys, [*args, "--json"])
+    second = _json(capsys, [*args, "--json"])
+    for key in ("top_eigenvalues", "residuals", "trace", "trace_stderr", "density", "hvps"):
+        assert first[key] == second[key]  # one seed, identical numbers
+    assert np.trapezoid(first["density"], first["density_grid"]) == pytest.approx(1.0, abs=1e-9)
+    view = read_results(out)
+    run_id = run_id_for(mlp_run)
+    assert list(view["runs"]) == [run_id]  # measuring again replaced the group
+    curv = view["runs"][run_id]["curvature"]
+    np.testing.assert_array_equal(curv["top_eigenvalues"], first["top_eigenvalues"])
+    assert curv["attrs"]["solver"] == "lanczos" and curv["attrs"]["hvps"] == first["hvps"]
+    assert curv["density"].shape == curv["density_grid"].shape
+    assert view["runs"][run_id]["attrs"]["model"] == "mlp"
+    # no measure flags: top-5 eigenvalues and the trace, as a table on stdout
+    assert main(["sharpness", str(mlp_run), "--max-samples", "100", "--quiet"]) == 0
+    table = capsys.readouterr().out
+    assert "eigenvalue" in table and "trace" in table and table.count("\n") >= 9
+
+
+def test_pyhessian_solver_says_largest_magnitude(mlp_run, capsys):
+    common = [str(mlp_run), "--max-samples", "200", "--top-k", "1", "--json", "--quiet"]
+    ours = _json(capsys, ["sharpness", *common])
+    theirs = _json(capsys, ["sharpness", *common, "--solver", "pyhessian"])
+    assert "magnitude" in theirs["note"]
+    assert theirs["top_eigenvalues"][0] == pytest.approx(ours["top_eigenvalues"][0], rel=0.05)
+    assert theirs["hvps"] > 0
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["--top-k", "100000"], "exceeds the number of selected parameters"),
+    (["--max-samples", "0"], "--max-samples"),
+    (["--density", "--solver", "pyhessian"], "torch.eig"),
+    (["--top-k", "0"], "--top-k"),
+])
+def test_bad_input_exits_2_with_one_line(mlp_run, capsys, extra, needle):
+    assert main(["sharpness", str(mlp_run), "--quiet", *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("flatlab: error:") and needle in err
+    assert err.count("\n") == 1
+
+
+def test_dense_refused_on_a_large_model(mlp_run, capsys, monkeypatch):
+    import flatlab.curvature
+
+    monkeypatch.setattr(flatlab.curvature, "MAX_DENSE_PARAMS", 500)  # the MLP has 610
+    assert main(["sharpness", str(mlp_run), "--solver", "dense", "--max-samples", "20", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "limited to 500 parameters" in err and err.count("\n") == 1
+
+
+def test_quantized_checkpoint_effective_and_latent(qat_run, capsys):
+    common = ["sharpness", str(qat_run), "--max-samples", "64", "--top-k", "1", "--json", "--quiet"]
+    eff = _json(capsys, common)
+    lat = _json(capsys, [*common, "--wrt", "latent"])
+    assert eff["wrt"] == "effective" and lat["wrt"] == "latent" and eff["quantized"]
+    assert eff["num_params"] == lat["num_params"]  # scales are not curvature parameters
+    assert eff["top_eigenvalues"][0] > 0 and lat["top_eigenvalues"][0] > 0
