@@ -85,8 +85,9 @@ def plan(directory: Path, s: DemoSettings) -> list[tuple[str, list[str]]]:
     for seed in s.ensemble_seeds[1:]:
         out = runs / f"qat4-s{seed}"
         members.append(str(out))
+        # EoQ members: independently seeded, on the same in/out split (trial seed 0).
         steps.append((f"train qat4 seed {seed}", ["train", *common, "--algorithm", "qat", "--bits", "4",
-                                                  "--seed", str(seed), "--out", str(out)]))
+                                                  "--seed", str(seed), "--trial-seed", "0", "--out", str(out)]))
     for name, _, _ in SINGLE_MODELS:
         steps.append((f"sharpness {name}", [
             "sharpness", str(runs / name / "model.pt"), "--top-k", str(s.top_k), "--trace",
@@ -94,19 +95,16 @@ def plan(directory: Path, s: DemoSettings) -> list[tuple[str, list[str]]]:
             "--pacbayes", "--mc-samples", str(s.mc_samples), "--local-flatness", "--gammas-rel", s.gammas_rel,
             "--flatness-samples", str(s.flatness_samples), "--max-samples", str(s.max_samples),
             "--device", "cpu", "--out", results, "--quiet", "--json"]))
-    surf = directory / "surfaces"
+    surface_common = ["--max-samples", str(s.max_samples), "--results", results, "--quiet", "--json"]
     steps.append(("surface erm 2d", ["surface", str(runs / "erm" / "model.pt"), "--2d", "--x", s.grid_2d,
-                                     "--y", s.grid_2d, "--max-samples", str(s.max_samples),
-                                     "--out", str(surf / "erm-2d.h5"), "--results", results, "--name", "fp-2d",
-                                     "--quiet", "--json"]))
+                                     "--y", s.grid_2d, "--name", "fp-2d", *surface_common]))
+    # The 4-bit model on the same random draws, re-normalized to its own filters.
     steps.append(("surface qat4 2d", ["surface", str(runs / "qat4" / "model.pt"), "--2d", "--x", s.grid_2d,
-                                      "--y", s.grid_2d, "--max-samples", str(s.max_samples),
-                                      "--directions", str(surf / "erm-2d.h5"), "--out", str(surf / "qat4-2d.h5"),
-                                      "--results", results, "--name", "q4-2d-shared", "--quiet", "--json"]))
+                                      "--y", s.grid_2d, "--directions", f"{results}#fp-2d",
+                                      "--name", "q4-2d-shared", *surface_common]))
     steps.append(("interpolation erm -> qat4", [
         "surface", str(runs / "erm" / "model.pt"), "--1d", "--model2", str(runs / "qat4" / "model.pt"),
-        "--x", s.grid_line, "--max-samples", str(s.max_samples), "--out", str(surf / "erm-to-qat4.h5"),
-        "--results", results, "--name", "interp-fp-q4", "--quiet", "--json"]))
+        "--x", s.grid_line, "--name", "interp-fp-q4", *surface_common]))
     steps.append(("ensemble eoq", ["ensemble", *members, "--out", str(directory / "eoq"), "--results", results,
                                    "--device", "cpu", "--quiet", "--json"]))
     steps.append(("report", ["report", results, "--csv", str(directory / "report.csv"), "--quiet", "--json"]))
@@ -125,7 +123,9 @@ def run_demo(directory: str | Path = "flatlab-demo", quick: bool = False, force:
     """
     directory = Path(directory)
     settings = QUICK if quick else FULL
-    identity = {"flatlab_version": __version__, "mode": "quick" if quick else "full", "settings": asdict(settings)}
+    # Through JSON so that tuples compare equal to the lists a stored demo.json gives back.
+    identity = json.loads(json.dumps({"flatlab_version": __version__, "mode": "quick" if quick else "full",
+                                      "settings": asdict(settings)}))
     state_path = directory / "demo.json"
     if state_path.exists() and not force:
         try:
@@ -135,7 +135,7 @@ def run_demo(directory: str | Path = "flatlab-demo", quick: bool = False, force:
         previous = {k: state.get(k) for k in identity}
         if previous != identity:
             what = [k for k in identity if previous.get(k) != identity[k]]
-            raise FlatlabError(f"{directory} holds a demo with another {' and '.join(what)}: "
+            raise FlatlabError(f"{directory} holds a demo with another {' and '.join(what).replace('_', ' ')}: "
                                "use another --out, or --force to start over")
     elif directory.exists() and any(directory.iterdir()) and not force:
         raise FlatlabError(f"{directory} exists and is not a flatlab demo folder: use another --out or --force")

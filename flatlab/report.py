@@ -124,6 +124,7 @@ class SurfaceRecord:
     source: str
     run_id: str | None = None
     quantized: bool | None = None
+    run_label: str | None = None  # the model's label without the surface name
 
     @property
     def dims(self) -> int:
@@ -183,7 +184,7 @@ _SURFACE_ARRAYS = ("train_loss", "train_acc", "test_loss", "test_acc")
 
 
 def _surface_from_node(node: dict[str, Any], name: str, label: str, source: str,
-                       run_id: str | None, quantized: bool | None) -> SurfaceRecord:
+                       run_id: str | None, quantized: bool | None, run_label: str | None = None) -> SurfaceRecord:
     attrs = _plain_attrs(node.get("attrs", {}))
     if "xcoordinates" not in node or "train_loss" not in node:
         raise FlatlabError(f"{source}: surface {name!r} has no xcoordinates/train_loss arrays: not a loss surface")
@@ -204,7 +205,7 @@ def _surface_from_node(node: dict[str, Any], name: str, label: str, source: str,
                                        f"expected {expected} (len(y), len(x))")
             values[key] = arr
     return SurfaceRecord(name=name, label=label, xcoordinates=x, ycoordinates=y, values=values, attrs=attrs,
-                         source=source, run_id=run_id, quantized=quantized)
+                         source=source, run_id=run_id, quantized=quantized, run_label=run_label or label)
 
 
 def _standalone_quantized(attrs: dict[str, Any]) -> bool | None:
@@ -290,7 +291,7 @@ def load_inputs(paths: Iterable[str | os.PathLike[str]]) -> Collection:
                     if name == "attrs" or not isinstance(node, dict):
                         continue
                     collection.surfaces.append(_surface_from_node(
-                        node, name, f"{record.label} {name}", str(path), run_id, record.quantized))
+                        node, name, f"{record.label} {name}", str(path), run_id, record.quantized, record.label))
             has_root_surface = "xcoordinates" in view and "train_loss" in view
             if has_root_surface:
                 attrs = _plain_attrs(view.get("attrs", {}))

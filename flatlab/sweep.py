@@ -428,9 +428,24 @@ def _validate_measure(measure: dict[str, Any], path: Path) -> None:
                                    f"{', '.join(BOUND_MEASURES)})")
         if not bounds.get("measures"):
             raise FlatlabError(f"{path}: [measure.bounds] needs measures = [...] (pacbayes, magnitude, worst_case)")
+        from flatlab.sharpness.sigma_search import check_target_drop
+
+        try:
+            check_target_drop(bounds.get("target_drop", 0.1), bounds.get("drop_tolerance", 0.01))
+        except FlatlabError as exc:
+            raise FlatlabError(f"{path}: [measure.bounds] {exc}") from None
     flat = measure.get("local_flatness")
     if flat is not None and "gammas" in flat and "gammas_rel" in flat:
         raise FlatlabError(f"{path}: [measure.local_flatness] give gammas or gammas_rel, not both")
+    if flat is not None:
+        from flatlab.sharpness.local_flatness import check_radii
+
+        for key in ("gammas", "gammas_rel"):
+            if key in flat:
+                try:
+                    check_radii(flat[key], key)
+                except FlatlabError as exc:
+                    raise FlatlabError(f"{path}: [measure.local_flatness] {exc}") from None
     curv = measure.get("curvature")
     if curv is not None and not any(curv.get(k) for k in ("top_k", "trace", "density", "per_layer")):
         raise FlatlabError(f"{path}: [measure.curvature] asks for nothing: set top_k, trace, density or per_layer")

@@ -131,13 +131,22 @@ class _Stop(Exception):
     pass
 
 
+_RESUME_RUN = {"steps": 40, "eval_every": 10, "model": "cnn", "model_options": {"width": 4}, "seed": 3,
+               "algorithm": "qat", "hparam_flags": {"bits": 3, "quant_start": 20, "act_bits": 4},
+               "dataset_options": {"resolution": 8}, "quiet": True}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("qat-resume") / "full"
+    train(TrainConfig(out=str(out), **_RESUME_RUN))
+    return out
+
+
 @pytest.mark.parametrize("stop_after", [10, 30])
-def test_resume_equals_uninterrupted(tmp_path: Path, monkeypatch, stop_after: int) -> None:
+def test_resume_equals_uninterrupted(uninterrupted_run: Path, tmp_path: Path, monkeypatch, stop_after: int) -> None:
     """Interrupted after the eval at ``stop_after`` (before / after the switch at 20) and rerun."""
-    common = {"steps": 40, "eval_every": 10, "model": "cnn", "model_options": {"width": 4}, "seed": 3,
-              "algorithm": "qat", "hparam_flags": {"bits": 3, "quant_start": 20, "act_bits": 4},
-              "dataset_options": {"resolution": 8}, "quiet": True}
-    train(TrainConfig(out=str(tmp_path / "full"), **common))
+    common = _RESUME_RUN
 
     original = QAT.update
 
@@ -155,12 +164,12 @@ def test_resume_equals_uninterrupted(tmp_path: Path, monkeypatch, stop_after: in
     assert any(k.endswith("weight_scale") for k in state["algorithm"]["model"]) == (stop_after >= 20)
     result = train(TrainConfig(out=str(tmp_path / "cut"), **common))
     assert result.resumed_from == stop_after
-    a, b = load_checkpoint(tmp_path / "full"), load_checkpoint(tmp_path / "cut")
+    a, b = load_checkpoint(uninterrupted_run), load_checkpoint(tmp_path / "cut")
     assert a.meta["step"] == b.meta["step"]
     assert a.state_dict.keys() == b.state_dict.keys()
     for key in a.state_dict:
         assert torch.equal(a.state_dict[key], b.state_dict[key]), key
-    full_rows = (tmp_path / "full" / "results.jsonl").read_text().splitlines()
+    full_rows = (uninterrupted_run / "results.jsonl").read_text().splitlines()
     cut_rows = (tmp_path / "cut" / "results.jsonl").read_text().splitlines()
     strip = ("step_time", "args")
     assert [{k: v for k, v in json.loads(r).items() if k not in strip} for r in full_rows] == \

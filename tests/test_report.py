@@ -27,6 +27,12 @@ def _accs(rng: np.random.Generator, test_env: int) -> dict[str, float]:
     return {f"env{e}_{s}_acc": float(rng.uniform(0.5, 1.0)) for e in range(len(DOMAINS)) for s in ("in", "out")}
 
 
+def _density(grid: np.ndarray, top: float) -> np.ndarray:
+    """A spectral density like SLQ's: a bulk near 0 and a few outliers up to the top eigenvalue."""
+    gauss = [np.exp(-0.5 * ((grid - c) / s) ** 2) / (s * np.sqrt(2 * np.pi)) for c, s in ((0.0, 0.4), (top, 0.8))]
+    return 0.97 * gauss[0] + 0.03 * gauss[1]
+
+
 def make_results(path: Path, surfaces: bool = True) -> dict[str, dict]:
     """A results file of 12 runs (erm FP, qat 8b, qat 4b; seeds 0, 1; test domains 0, 1) plus an EoQ.
 
@@ -55,7 +61,7 @@ def make_results(path: Path, surfaces: bool = True) -> dict[str, dict]:
                 write_group(path, run_id, attrs, "curvature", {
                     "top_eigenvalues": eig, "residuals": np.full(3, 1e-6), "trace": np.float64(m["trace"]),
                     "trace_stderr": np.float64(1.0), "density_grid": np.linspace(-1, 60, 120),
-                    "density": np.exp(-0.5 * ((np.linspace(-1, 60, 120) - seed) / 0.5) ** 2) + 1e-9 * (1 + i)},
+                    "density": _density(np.linspace(-1, 60, 120), m["top_eigenvalue"])},
                     {"solver": "lanczos", "wrt": "effective"})
                 write_group(path, run_id, attrs, "bounds/pacbayes", {}, {"inv_sigma_sq": m["pacbayes_inv_sigma_sq"],
                                                                          "sigma": m["pacbayes_inv_sigma_sq"] ** -0.5})
@@ -66,6 +72,25 @@ def make_results(path: Path, surfaces: bool = True) -> dict[str, dict]:
                     "target": m["lf_target"], "target_stderr": np.full(3, 0.02)},
                     {"radii": RADII, "relative": True, "samples": 100})
                 known[run_id] = {"attrs": attrs, "measures": m}
+                if surfaces and test_env == 0 and seed == 0 and bits in (None, 4):
+                    sharp = 1.0 if bits is None else 0.5  # the quantized model sits in the flatter bowl
+                    x = np.linspace(-1, 1, 21)
+                    loss1 = 0.05 + sharp * 3 * x ** 2
+                    one = {"xcoordinates": x, "train_loss": loss1, "test_loss": loss1 + 0.4,
+                           "train_acc": np.clip(1 - loss1 / 4, 0, 1), "test_acc": np.clip(0.8 - loss1 / 4, 0, 1)}
+                    write_group(path, run_id, attrs, "surfaces/random1d-filter", one,
+                                {"kind": "random1d-filter", "norm": "filter"})
+                    if bits is None:
+                        xs, ys = np.linspace(-1, 1, 41), np.linspace(-0.6, 0.6, 31)
+                        xx, yy = np.meshgrid(xs, ys)  # (len(y), len(x))
+                        z = 0.05 + 2 * (xx - 0.2) ** 2 + 6 * (yy + 0.1) ** 2 + xx * yy
+                        two = {"xcoordinates": xs, "ycoordinates": ys, "train_loss": z, "test_loss": 1.5 * z + 0.3,
+                               "train_acc": np.clip(1 - z / 5, 0, 1), "test_acc": np.clip(0.8 - z / 5, 0, 1)}
+                        write_group(path, run_id, attrs, "surfaces/random2d-filter", two,
+                                    {"kind": "random2d-filter", "norm": "filter"})
+                        known[run_id]["surfaces"] = {"random1d-filter": one, "random2d-filter": two}
+                    else:
+                        known[run_id]["surfaces"] = {"random1d-filter": one}
     # An ensemble of quantized models: a run with no measures (every measure must read as missing).
     eoq_attrs = {"dataset": "RotatedDigits", "domains": DOMAINS, "test_envs": [0], "model": "cnn", "algorithm": "eoq",
                  "bits": 4, "id_acc": 0.97, "ood_acc": 0.81, "per_domain_accuracies": _accs(rng, 0),

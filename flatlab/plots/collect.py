@@ -19,7 +19,7 @@ import numpy as np
 from flatlab.errors import FlatlabError
 from flatlab.plots import measures as mplots
 from flatlab.plots import surfaces as splots
-from flatlab.plots.style import save_figure
+from flatlab.plots.style import color, save_figure
 from flatlab.report import (
     Collection,
     RunRecord,
@@ -53,7 +53,7 @@ def measure_axis_label(name: str) -> str:
     m = re.match(r"^local_flatness_(source|target)@([0-9.eE+-]+?)(rel)?$", name)
     if m:
         radius = f"γ = {m.group(2)}‖w‖" if m.group(3) else f"γ = {m.group(2)}"
-        return f"F_γ {m.group(1)} ({radius}, nats)"
+        return rf"$F_\gamma$ on {m.group(1)}, {radius} (nats)"
     return describe_measure(name)
 
 
@@ -113,7 +113,8 @@ def density_curves(collection: Collection) -> list[mplots.DensityCurve]:
         node = run.groups.get("curvature")
         if isinstance(node, dict) and "density_grid" in node and "density" in node:
             out.append(mplots.DensityCurve(run.label, np.asarray(node["density_grid"], dtype=np.float64).ravel(),
-                                           np.asarray(node["density"], dtype=np.float64).ravel(), run.quantized))
+                                           np.asarray(node["density"], dtype=np.float64).ravel(), run.quantized,
+                                           f"{run.attrs.get('algorithm', '?')} {bits_label(run.attrs.get('bits'))}"))
     return out
 
 
@@ -209,12 +210,13 @@ def figure_jobs(collection: Collection, measures: Sequence[str] | None = None,
     if series:
         jobs.append(FigureJob("local_flatness", "local_flatness",
                               build=lambda: mplots.local_flatness(series, relative,
-                                                                  "local flatness F_γ (SWAD), mean ± standard error")))
+                                                                  r"local flatness $F_\gamma$ (SWAD), mean ± standard error")))
     else:
         skipped.append({"figure": "local_flatness", "reason": "no run holds local_flatness (flatlab sharpness --local-flatness)"})
 
     if collection.runs:
         rows, names = build_rows(collection, measures, radii)
+        colors = {alg: color(i) for i, alg in enumerate(sorted({str(r["algorithm"]) for r in rows}))}
         for name in names:
             pts = [r for r in rows if math.isfinite(r[name]) and math.isfinite(r["ood_acc"])]
             if len(pts) < 2:
@@ -222,7 +224,8 @@ def figure_jobs(collection: Collection, measures: Sequence[str] | None = None,
                 continue
             corr = rank_correlation([r[name] for r in pts], [r["ood_acc"] for r in pts])
             jobs.append(FigureJob("measure_vs_ood", f"measure_vs_ood_{slug(name)}",
-                                  build=lambda n=name, c=corr: mplots.measure_vs_ood(rows, n, measure_axis_label(n), c),
+                                  build=lambda n=name, c=corr: mplots.measure_vs_ood(rows, n, measure_axis_label(n), c,
+                                                                                 colors=colors),
                                   data={"measure": name, "correlation": corr}))
         bit_widths = {r["bits_label"] for r in rows if math.isfinite(r["ood_acc"])}
         if len(bit_widths) >= 2:
@@ -230,13 +233,13 @@ def figure_jobs(collection: Collection, measures: Sequence[str] | None = None,
             groups = grouped_means(rows, cols)
             jobs.append(FigureJob("bits_vs_ood", "bits_vs_ood_acc",
                                   build=lambda: mplots.bits_sweep(groups, ["ood_acc"], ["OOD accuracy (%)"],
-                                                                  "bit width vs OOD accuracy (mean ± s.e.)")))
+                                                                  "bit width vs OOD accuracy (mean ± s.e.)", colors)))
             sharp = [n for n in names if sum(g["stats"][n]["n"] for g in groups) > 0][:4]
             if sharp:
                 jobs.append(FigureJob("bits_vs_sharpness", "bits_vs_sharpness",
                                       build=lambda s=sharp: mplots.bits_sweep(
                                           groups, s, [measure_axis_label(n) for n in s],
-                                          "bit width vs sharpness (mean ± s.e.; larger = sharper)")))
+                                          "bit width vs sharpness (mean ± s.e.; larger = sharper)", colors)))
         else:
             skipped.append({"figure": "bits_vs_ood", "reason": f"{len(bit_widths)} bit width(s) among the runs; need 2"})
     return jobs, skipped
@@ -291,3 +294,43 @@ def _wanted(jobs: Sequence[FigureJob], formats: Sequence[str]) -> Iterator[Figur
 
 __all__ = ["ALL_FORMATS", "FIGURE_FORMATS", "FigureJob", "density_curves", "figure_jobs", "flatness_series",
            "measure_axis_label", "parse_formats", "slug", "write_figures"]
+
+
+def script_main(doc: str, draw: Callable[[Collection, Path, list[str]], list[Path]],
+                argv: Sequence[str] | None = None) -> None:
+    """Entry point of a ``figures/`` script: ``python figures/fig_X.py RESULTS... OUTDIR [--format pdf,png]``.
+
+    ``draw(collection, out_dir, formats)`` builds the figure(s) with the package's builders and
+    returns the files written. Bad input ends with one ``error:`` line and exit status 2.
+    """
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(description=doc.strip().splitlines()[0] if doc else None)
+    parser.add_argument("results", nargs="+", help="results file(s) or surface files")
+    parser.add_argument("out_dir", help="folder for the figure files")
+    parser.add_argument("--format", default="pdf,png", help="comma-separated formats (default pdf,png)")
+    args = parser.parse_args(argv)
+    try:
+        formats = parse_formats(args.format)
+        out = Path(args.out_dir)
+        files = draw(load_inputs_for_script(args.results), out, formats)
+        if not files:
+            raise FlatlabError(f"the inputs hold nothing for this figure ({Path(sys.argv[0]).name})")
+    except FlatlabError as exc:
+        sys.stderr.write(f"error: {' '.join(str(exc).split())}\n")
+        sys.exit(2)
+    for f in files:
+        sys.stdout.write(f"{f}\n")
+    sys.exit(0)
+
+
+def load_inputs_for_script(paths: Sequence[str]) -> Collection:
+    from flatlab.report import load_inputs
+
+    return load_inputs(paths)
+
+
+def figure_formats(formats: Sequence[str]) -> list[str]:
+    """The matplotlib formats among ``formats`` (pdf, png, svg)."""
+    return [f for f in formats if f in FIGURE_FORMATS]

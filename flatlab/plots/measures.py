@@ -26,6 +26,7 @@ class DensityCurve:
     grid: np.ndarray
     density: np.ndarray
     quantized: bool
+    group: str | None = None  # runs of one group (e.g. algorithm and bits) share a colour and a legend entry
 
 
 @dataclass
@@ -57,9 +58,18 @@ def spectral_density(curves: Sequence[DensityCurve], title: str | None = None, f
         fig = new_figure(4.2, 3.0)
         ax = fig.subplots()
         peak = 0.0
-        for i, c in enumerate(curves):
-            ax.plot(c.grid, c.density, color=color(i), linestyle="--" if c.quantized else "-",
-                    label=f"{c.label} ({'quantized' if c.quantized else 'FP'})")
+        groups = list(dict.fromkeys(c.group or c.label for c in curves))
+        counts = {g: sum(1 for c in curves if (c.group or c.label) == g) for g in groups}
+        labelled: set[str] = set()
+        for c in curves:
+            g = c.group or c.label
+            if g in labelled:
+                label = "_nolegend_"
+            else:
+                labelled.add(g)
+                label = f"{g} ({'quantized' if c.quantized else 'FP'})" + (f", {counts[g]} runs" if counts[g] > 1 else "")
+            ax.plot(c.grid, c.density, color=color(groups.index(g)), linestyle="--" if c.quantized else "-",
+                    label=label, alpha=1.0 if counts[g] == 1 else 0.7, linewidth=1.5 if counts[g] == 1 else 1.0)
             finite = np.asarray(c.density)[np.isfinite(c.density)]
             if finite.size:
                 peak = max(peak, float(finite.max()))
@@ -92,7 +102,7 @@ def local_flatness(series: Sequence[FlatnessSeries], relative: bool, title: str 
                             label=s.label + (f" (mean of {s.runs} runs)" if s.runs > 1 else ""))
             ax.set_title(f"{split} ({'source domains' if split == 'source' else 'test domain'})")
             ax.set_xlabel("radius γ / ‖w‖" if relative else "radius γ (Euclidean norm of the perturbation)")
-        axes[0].set_ylabel("local flatness F_γ = E[L(w+Δ)] − L(w) (nats)")
+        axes[0].set_ylabel(r"local flatness $F_\gamma$ = E[L(w+Δ)] − L(w) (nats)")
         handles, labels = axes[0].get_legend_handles_labels()
         fig.legend(handles, labels, loc="outside lower center", ncol=min(4, len(handles)))
         if title:
@@ -103,7 +113,7 @@ def local_flatness(series: Sequence[FlatnessSeries], relative: bool, title: str 
 def _fmt(v: float, digits: int = 2) -> str:
     if v is None or not math.isfinite(v):
         return "–"
-    return f"{v:.{digits}f}" if abs(v) >= 10 ** -digits else f"{v:.1e}"
+    return f"{v:.{digits}f}"
 
 
 def _pval(p: float) -> str:
@@ -119,11 +129,12 @@ def correlation_title(measure_label: str, corr: dict[str, Any], target: str = "O
 
 
 def measure_vs_ood(rows: Sequence[dict[str, Any]], measure: str, measure_label: str,
-                   corr: dict[str, Any], log_x: bool | None = None) -> Any:
+                   corr: dict[str, Any], log_x: bool | None = None, colors: dict[str, str] | None = None) -> Any:
     """Scatter of a measure against OOD accuracy: colour = algorithm, marker = bits.
 
     The title holds the pooled rank correlation ``corr`` (:func:`flatlab.report.rank_correlation`).
     ``log_x`` None: logarithmic when every value is positive and they span more than 100x.
+    ``colors``: algorithm -> colour, to keep colours the same across figures.
     """
     pts = [(r, float(r[measure]), float(r["ood_acc"])) for r in rows
            if r.get(measure) is not None and math.isfinite(r[measure]) and r.get("ood_acc") is not None
@@ -136,20 +147,21 @@ def measure_vs_ood(rows: Sequence[dict[str, Any]], measure: str, measure_label: 
     if log_x is None:
         log_x = bool(np.all(xs > 0) and xs.max() > 100 * xs.min())
     with style():
-        fig = new_figure(4.2, 3.3)
+        fig = new_figure(4.8, 3.4)
         ax = fig.subplots()
         for ai, alg in enumerate(algorithms):
             for bi, b in enumerate(bits):
                 sel = [(x, y) for r, x, y in pts if str(r["algorithm"]) == alg and r["bits_label"] == b]
                 if not sel:
                     continue
-                ax.scatter([x for x, _ in sel], [100.0 * y for _, y in sel], color=color(ai), marker=marker(bi),
+                ax.scatter([x for x, _ in sel], [100.0 * y for _, y in sel],
+                           color=(colors or {}).get(alg, color(ai)), marker=marker(bi),
                            label=f"{alg} {b}", edgecolors="white", linewidths=0.4, s=30, zorder=3)
         if log_x:
             ax.set_xscale("log")
-        ax.set_xlabel(f"{measure_label} (larger = sharper)")
+        ax.set_xlabel(f"{measure_label}  [larger = sharper]")
         ax.set_ylabel("OOD accuracy (%)")
-        ax.set_title(correlation_title(measure_label, corr))
+        ax.set_title(correlation_title(measure_label, corr), fontsize=8)
         ax.legend(loc="best")
     return fig
 
@@ -159,13 +171,15 @@ def _bits_x(label: str) -> float:
 
 
 def bits_sweep(groups: Sequence[dict[str, Any]], columns: Sequence[str], labels: Sequence[str],
-               title: str | None = None) -> Any:
+               title: str | None = None, colors: dict[str, str] | None = None) -> Any:
     """Bit width vs each column (one panel per column): mean +- standard error per algorithm.
 
     Args:
         groups: :func:`flatlab.report.grouped_means` output (per algorithm and bits).
         columns: the columns to draw (``ood_acc`` drawn in percent).
         labels: y-axis labels of the columns.
+        title: figure title.
+        colors: algorithm -> colour, to keep colours the same across figures.
 
     The x axis is categorical: the bit widths present, in order, full precision last ("FP").
     """
@@ -187,7 +201,8 @@ def bits_sweep(groups: Sequence[dict[str, Any]], columns: Sequence[str], labels:
                 x = [all_bits.index(p[0]) for p in pts]
                 y = [scale * p[1]["mean"] for p in pts]
                 err = [scale * p[1]["stderr"] if math.isfinite(p[1]["stderr"]) else 0.0 for p in pts]
-                ax.errorbar(x, y, yerr=err, color=color(ai), marker=marker(ai), capsize=2.5, label=alg)
+                ax.errorbar(x, y, yerr=err, color=(colors or {}).get(alg, color(ai)), marker=marker(ai), capsize=2.5,
+                            label=alg)
             ax.set_xticks(range(len(all_bits)))
             ax.set_xticklabels(["FP" if b >= 32 else f"{b:g}" for b in all_bits])
             ax.set_xlabel("weight bit width")

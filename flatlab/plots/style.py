@@ -31,6 +31,7 @@ RC: dict[str, Any] = {
     "legend.fontsize": 7.5,
     "legend.frameon": False,
     "axes.spines.top": False,
+    "axes.spines.right": False,
     "lines.linewidth": 1.5,
     "lines.markersize": 4.5,
     "axes.grid": True,
@@ -38,7 +39,7 @@ RC: dict[str, Any] = {
     "grid.linewidth": 0.5,
     "pdf.fonttype": 42,  # TrueType in the PDF: text stays text (editable, searchable)
     "ps.fonttype": 42,
-    "savefig.bbox": "tight",
+    # No bbox="tight": constrained layout already fits the figure, and "tight" costs a second draw.
     "savefig.pad_inches": 0.03,
     "figure.dpi": 100,
 }

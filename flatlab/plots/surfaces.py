@@ -28,16 +28,20 @@ def axis_labels(surface: Any) -> tuple[str, str]:
     """Axis labels that say what a step along each axis means."""
     kind = str(surface.attrs.get("kind", surface.name))
     if kind in ("line", "plane"):
-        return ("α (interpolation: 0 = model 1, 1 = model 2)", "β (0 = model 1, 1 = model 3)")
+        return ("α (0 = model 1, 1 = model 2)", "β (0 = model 1, 1 = model 3)")
     if kind.startswith("hessian"):
-        return ("α (along Hessian eigenvector 1, unit norm)", "β (along Hessian eigenvector 2, unit norm)")
+        return ("α (Hessian eigenvector 1, unit norm)", "β (Hessian eigenvector 2)")
     norm = str(surface.attrs.get("norm", "filter"))
     scale = {"filter": "filter-normalized", "layer": "layer-normalized", "weight": "weight-scaled"}.get(norm, "raw")
-    return (f"α (step along {scale} direction d₁)", f"β (step along {scale} direction d₂)")
+    return (f"α (steps of {scale} direction d₁)", "β (steps of direction d₂)")
 
 
 def _quantized_tag(q: bool | None) -> str:
     return "" if q is None else (" (quantized)" if q else " (FP)")
+
+
+def _short(c: Any) -> str:
+    return str(getattr(c, "run_label", None) or c.label)
 
 
 def loss_curves_1d(curves: Sequence[Any], title: str | None = None) -> Any:
@@ -59,9 +63,10 @@ def loss_curves_1d(curves: Sequence[Any], title: str | None = None) -> Any:
         for ax, (split, prefix) in zip(axes, SPLITS):
             twin = ax.twinx()
             twin.grid(False)
+            twin.spines["right"].set_visible(True)
             twins.append(twin)
             for i, c in enumerate(curves):
-                label = f"{c.label}{_quantized_tag(c.quantized)}"
+                label = f"{_short(c)}{_quantized_tag(c.quantized)}"
                 loss = c.values.get(f"{prefix}_loss")
                 acc = c.values.get(f"{prefix}_acc")
                 if loss is not None:
@@ -74,9 +79,14 @@ def loss_curves_1d(curves: Sequence[Any], title: str | None = None) -> Any:
             twin.set_ylim(0, 100)
             twin.set_ylabel("accuracy (%, dashed)")
         axes[0].set_ylabel(f"{LOSS_LABEL}, solid")
-        handles, labels = axes[0].get_legend_handles_labels()
-        th, tl = twins[0].get_legend_handles_labels()
-        fig.legend(handles + th, labels + tl, loc="outside lower center", ncol=min(4, max(1, len(handles + th))))
+        # Legend: one colour per model, plus a key for the line styles (solid loss, dashed accuracy).
+        from matplotlib.lines import Line2D
+
+        handles = [Line2D([], [], color=color(i), label=f"{_short(c)}{_quantized_tag(c.quantized)}")
+                   for i, c in enumerate(curves)]
+        handles += [Line2D([], [], color="0.3", linestyle="-", label="loss"),
+                     Line2D([], [], color="0.3", linestyle="--", label="accuracy")]
+        fig.legend(handles=handles, loc="outside lower center", ncol=min(4, len(handles)))
         if title:
             fig.suptitle(title)
     return fig
@@ -91,6 +101,15 @@ def _log_levels(z: np.ndarray, count: int = 25) -> np.ndarray:
     if hi <= lo * (1 + 1e-12):
         hi = lo * 1.01 + 1e-12
     return np.geomspace(lo, hi, count)
+
+
+def _nice_log_ticks(lo: float, hi: float) -> list[float]:
+    """1, 2, 5 x 10^k within [lo, hi] (at least the two ends)."""
+    ticks = [m * 10.0 ** k for k in range(math.floor(math.log10(lo)) - 1, math.ceil(math.log10(hi)) + 1)
+             for m in (1, 2, 5) if lo <= m * 10.0 ** k <= hi]
+    if len(ticks) < 2:
+        ticks = [float(f"{lo:.2g}"), float(f"{hi:.2g}")]
+    return ticks
 
 
 def contour_2d(surface: Any, title: str | None = None, levels: int = 25) -> Any:
@@ -126,6 +145,8 @@ def contour_2d(surface: Any, title: str | None = None, levels: int = 25) -> Any:
                 ax.plot([0], [0], marker="*", color="#D55E00", markersize=9, markeredgecolor="white",
                         markeredgewidth=0.5, linestyle="none", gid="origin")
             bar = fig.colorbar(filled, ax=ax)
+            bar.set_ticks(_nice_log_ticks(zl[0], zl[-1]), labels=[f"{t:g}" for t in _nice_log_ticks(zl[0], zl[-1])])
+            bar.ax.minorticks_off()
             bar.set_label(LOSS_LABEL)
             ax.set_title(f"{split} ({'source domains' if split == 'source' else 'test domain'})")
             ax.set_xlabel(xlab)
@@ -139,6 +160,7 @@ def contour_2d(surface: Any, title: str | None = None, levels: int = 25) -> Any:
 def surface_3d(surface: Any, title: str | None = None) -> Any:
     """Static 3D view of the source and target loss over the 2D grid (matplotlib)."""
     import mpl_toolkits.mplot3d  # noqa: F401  (registers the 3d projection)
+    from matplotlib.ticker import MaxNLocator
 
     if surface.ycoordinates is None:
         raise FlatlabError(f"surface {surface.name!r} is 1D: a 3D view needs a 2D surface")
@@ -159,6 +181,10 @@ def surface_3d(surface: Any, title: str | None = None) -> Any:
             ax.set_zlabel("loss (nats)", labelpad=1)
             ax.set_title(f"{split} ({'source domains' if split == 'source' else 'test domain'})")
             ax.tick_params(labelsize=7, pad=0)
+            ax.xaxis.set_major_locator(MaxNLocator(4))
+            ax.yaxis.set_major_locator(MaxNLocator(4))
+            ax.zaxis.set_major_locator(MaxNLocator(5))
+            ax.set_box_aspect((1, 1, 0.8), zoom=0.85)  # room for the z label inside the figure
         if title:
             fig.suptitle(title)
     return fig

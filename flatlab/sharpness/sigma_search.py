@@ -7,27 +7,42 @@ For a model with weights w and training accuracy a(w), sigma* solves
 where sigma is the noise **standard deviation** (the widely used reference code passes sigma^2
 to ``torch.normal`` as the standard deviation; flatlab does not). The magnitude-aware variant
 draws u_i ~ N(0, sigma'^2 w_i^2 + eps^2). The expectation is a Monte Carlo mean over K weight
-samples; the search is a bisection on [0, sigma_max] that stops once |D - d| < tol.
+samples, D_K(sigma); the search returns a sigma with |D_K(sigma) - d| < tol, evaluated on the
+K samples over the whole data (``converged``), within the bracket [0, sigma_max].
 
-Two savings over the reference procedure (fresh noise at every step, K full passes per step,
-up to depth x K = 150 passes), neither of which changes what the estimator means:
+The reference procedure bisects [0, sigma_max] with fresh noise at every step and K full passes
+per step (up to depth x K = 150 passes). flatlab finds a sigma of the same definition with far
+fewer passes:
 
 * **Common random numbers.** The K draws z_1..z_K ~ N(0, I) are fixed once (seeded) and
-  reused at every step, u_k = sigma z_k (or sigma-dependent magnitude scaling of z_k). D(sigma)
-  is then one fixed, nearly monotone function of sigma, so the bisection does not chase Monte
-  Carlo noise from step to step.
-* **Deciding early.** A step only needs to know whether D is above d + tol, below d - tol or
-  within. After evaluating part of the data for some of the samples, the number of correct
-  predictions still to come is bounded (0 .. samples left), which brackets the K-sample mean:
+  reused at every step, u_k = sigma z_k (or sigma-dependent magnitude scaling of z_k). D_K is
+  then one fixed, smooth, nearly monotone function of sigma, close to a power law
+  D_K ~ c sigma^p below saturation, so its root can be interpolated.
+* **Interpolated probes.** Probes are placed by a safeguarded root finder on log D_K against
+  log sigma (regula falsi on the bracket [largest sigma below, smallest sigma above], Brent-style
+  fallback to the geometric midpoint when the bracket does not halve in two steps; log-log
+  extrapolation with a clamped step while only one side is known). A probe near the answer
+  usually lands in the band at once; the bisection needs 2-4 near-answer steps.
+* **Deciding early, chunk by chunk.** A probe evaluates all K samples on one chunk of the data
+  (chunks visited in a seeded random order) before the next chunk, so a partial probe already
+  estimates the K-sample mean. It stops as soon as either
+  - the exact bounds on the mean decide (the predictions still to come are 0 .. all correct):
 
-      D in [a - (C + R) / (m K), a - C / (m K)],  C = correct so far, R = predictions still to come.
+        D_K in [a - (C + R) / (m K), a - C / (m K)],  C = correct so far, R = still to come;
 
-  The step ends as soon as that bracket lies entirely on one side (or inside the tolerance
-  band). The decision is the one the full evaluation would make, exactly; only the passes differ.
+  - or the chunks seen put the mean outside the band with z = 3 standard errors to spare
+    (per-example mean drops over the chunks seen, finite-population corrected):
+    |mean - d| >= tol + z SE. Such a statistical decision only steers where the next probe
+    goes; if the bracket closes on a statistically decided end, that probe is resumed to the
+    end and re-decided exactly.
+
+  A probe whose estimate stays near the band is evaluated in full, so the returned sigma's
+  drop is always the exact K-sample mean over the whole data, never an estimate.
 
 A "pass" is one weight sample evaluated over the whole data; a partial pass counts as its
 fraction of the samples.
 """
+
 
 from __future__ import annotations
 
@@ -41,7 +56,13 @@ import torch
 from torch import nn
 
 from flatlab.errors import FlatlabError
-from flatlab.sharpness.perturb import Batch, NoiseBank, check_batches, count_correct, num_classes_of
+from flatlab.sharpness.perturb import (
+    Batch,
+    NoiseBank,
+    check_batches,
+    noise_seed,
+    num_classes_of,
+)
 
 ABOVE, BELOW, WITHIN = "above", "below", "within"
 
@@ -237,13 +258,301 @@ def bisect_radius(start_probe: Callable[[float], Probe], run_probe: Callable[[Pr
     return probe, converged, history
 
 
+@dataclass
+class NoiseProbe(Probe):
+    """A probe of the interpolating sigma search, evaluated chunk-major.
+
+    ``decision`` is what the search acts on: ``exact`` says it is certain (bounds, or the whole
+    data evaluated), ``statistical`` that it came from the z test on the chunks seen so far.
+    ``estimate`` is the drop the search interpolates with: the mean drop over the (chunk, sample)
+    units evaluated when the probe was decided (the exact K-sample mean once complete).
+    """
+
+    unit: int = 0
+    exact: bool = False
+    statistical: bool = False
+    estimate: float = math.nan
+    estimate_stderr: float = math.inf
+    seen_drop: int = 0
+    seen_predictions: int = 0
+    chunk_examples: int = 0
+    chunk_drop_sum: float = 0.0
+    chunk_drop_sumsq: float = 0.0
+
+
+class ChunkedDropTest:
+    """Evaluates the K-sample mean accuracy drop chunk by chunk: all K samples on one chunk of the
+    data, then the next chunk (chunks in a seeded random order), stopping once the mean is decided.
+
+    The data are cut into chunks of about ``max(chunk_examples, n / max_chunks)`` examples (batches
+    larger than that are split into views, smaller ones grouped), so a probe can stop after a
+    small fraction of a pass and its partial mean is an estimate of the K-sample mean over all
+    the data. Exact decisions use the bounds of :class:`DropTest`; statistical ones (only after
+    a whole chunk, and only with ``z_score`` finite) need |mean - d| >= tol + z_score * SE, SE the
+    finite-population standard error of the per-example mean drops seen.
+
+    Args:
+        model: the model whose parameters ``apply_sample(k)`` overwrites; unperturbed when this is built.
+        batches: the data, (x, y) pairs on the model's device.
+        target_drop, tolerance: WITHIN means |D - target| < tolerance.
+        samples: K, the number of weight samples per probe.
+        seed, stream: seed the order in which chunks are visited.
+        z_score: standard errors of margin for a statistical decision (``math.inf``: exact only).
+    """
+
+    def __init__(self, model: nn.Module, batches: Sequence[Batch], target_drop: float, tolerance: float,
+                 samples: int, seed: int, stream: str, z_score: float = 3.0, chunk_examples: int = 32,
+                 max_chunks: int = 32, min_examples: int = 20) -> None:
+        self.model = model
+        self.n = check_batches(batches)
+        self.samples = int(samples)
+        self.target = float(target_drop)
+        self.tol = float(tolerance)
+        self.z = float(z_score)
+        self.min_examples = int(min_examples)
+        size = max(int(chunk_examples), math.ceil(self.n / max_chunks))
+        pieces: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        with torch.no_grad():
+            for x, y in batches:
+                parts = math.ceil(len(y) / size)
+                for xs, ys in zip(torch.tensor_split(x, parts), torch.tensor_split(y, parts)):
+                    if len(ys):
+                        pieces.append((xs, ys, model(xs).argmax(1) == ys))
+        chunks: list[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = []
+        current: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        count = 0
+        for piece in pieces:
+            current.append(piece)
+            count += len(piece[1])
+            if count >= 0.75 * size:
+                chunks.append(current)
+                current, count = [], 0
+        if current:
+            if chunks and count < 0.5 * size:
+                chunks[-1].extend(current)
+            else:
+                chunks.append(current)
+        self.chunks = chunks
+        self.chunk_sizes = [sum(len(p[1]) for p in chunk) for chunk in chunks]
+        self.chunk_base = [sum(int(p[2].sum()) for p in chunk) for chunk in chunks]
+        self.base_correct = sum(self.chunk_base)
+        gen = torch.Generator().manual_seed(noise_seed(seed, stream + "/chunk-order", 0))
+        self.order = torch.randperm(len(chunks), generator=gen).tolist()
+
+    def start(self, radius: float) -> NoiseProbe:
+        """A fresh, unevaluated probe at ``radius``."""
+        return NoiseProbe(radius, correct=[0] * self.samples, remaining=[self.n] * self.samples)
+
+    def bracket(self, probe: Probe) -> tuple[float, float]:
+        """Exact bounds on the K-sample mean drop given the predictions evaluated so far."""
+        total = self.n * len(probe.correct)
+        base = self.base_correct / self.n
+        return base - (sum(probe.correct) + sum(probe.remaining)) / total, base - sum(probe.correct) / total
+
+    def decide(self, low: float, high: float) -> str | None:
+        """ABOVE / BELOW / WITHIN if the drop bracket [low, high] decides, else None."""
+        if low >= self.target + self.tol:
+            return ABOVE
+        if high <= self.target - self.tol:
+            return BELOW
+        if low > self.target - self.tol and high < self.target + self.tol:
+            return WITHIN
+        return None
+
+    def _statistical(self, probe: NoiseProbe) -> str | None:
+        seen = probe.chunk_examples
+        if not math.isfinite(self.z) or seen < self.min_examples or seen >= self.n:
+            return None
+        mean = probe.chunk_drop_sum / seen
+        # The variance floor (one example flipping in every sample) keeps a clean first chunk from
+        # looking certain.
+        var = max((probe.chunk_drop_sumsq - seen * mean * mean) / (seen - 1), 1.0 / seen)
+        se = math.sqrt(var / seen * (1.0 - seen / self.n))
+        probe.estimate_stderr = se
+        if mean - self.target >= self.tol + self.z * se:
+            return ABOVE
+        if self.target - mean >= self.tol + self.z * se:
+            return BELOW
+        return None
+
+    @torch.no_grad()
+    def run(self, probe: NoiseProbe, apply_sample: Callable[[int], None], full: bool = False) -> NoiseProbe:
+        """Continue evaluating ``probe`` until it is decided (or, with ``full``, to the end).
+
+        The first decision is kept (``full`` only spends the remaining passes); a probe stopped
+        early resumes where it stopped.
+        """
+        k_total = self.samples
+        units = len(self.chunks) * k_total
+        while probe.unit < units and (full or probe.decision is None):
+            position, k = divmod(probe.unit, k_total)
+            j = self.order[position]
+            chunk = self.chunks[j]
+            if k == 0:
+                probe.extra = [torch.zeros(len(y), dtype=torch.int32, device=y.device) for _, y, _ in chunk]
+            apply_sample(k)
+            correct = 0
+            for counts, (x, y, _) in zip(probe.extra, chunk):
+                hit = self.model(x).argmax(1) == y
+                counts += hit.to(torch.int32)
+                correct += int(hit.sum())
+            size = self.chunk_sizes[j]
+            probe.correct[k] += correct
+            probe.remaining[k] -= size
+            probe.seen_drop += self.chunk_base[j] - correct
+            probe.seen_predictions += size
+            probe.passes += size / self.n
+            probe.unit += 1
+            chunk_done = k == k_total - 1
+            if chunk_done:
+                for counts, (_, _, base) in zip(probe.extra, chunk):
+                    drops = base.double() - counts.double() / k_total
+                    probe.chunk_drop_sum += float(drops.sum())
+                    probe.chunk_drop_sumsq += float((drops * drops).sum())
+                probe.chunk_examples += size
+                probe.extra = None
+            if probe.decision is None:
+                decision = self.decide(*self.bracket(probe))
+                if decision is not None:
+                    probe.decision, probe.exact = decision, True
+                elif chunk_done:
+                    decision = self._statistical(probe)
+                    if decision is not None:
+                        probe.decision, probe.statistical = decision, True
+                if probe.decision is not None:
+                    probe.estimate = probe.seen_drop / probe.seen_predictions
+        probe.drop_low, probe.drop_high = self.bracket(probe)
+        probe.complete = probe.unit == units
+        if probe.complete:
+            probe.sample_drops = [(self.base_correct - c) / self.n for c in probe.correct]
+        return probe
+
+    def settle(self, probe: NoiseProbe, apply_sample: Callable[[int], None]) -> NoiseProbe:
+        """Evaluate ``probe`` to the end and replace its decision by the exact one."""
+        probe = self.run(probe, apply_sample, full=True)
+        probe.decision = self.decide(probe.drop_low, probe.drop_high)
+        probe.exact, probe.statistical = True, False
+        probe.estimate = probe.drop
+        probe.estimate_stderr = 0.0
+        return probe
+
+
+def _bracket_probes(probes: Sequence[NoiseProbe]) -> tuple[NoiseProbe | None, NoiseProbe | None]:
+    """(largest probe decided BELOW, smallest probe decided ABOVE beyond it): a sign-change bracket."""
+    below = [p for p in probes if p.decision == BELOW]
+    low = max(below, key=lambda p: p.radius) if below else None
+    floor = low.radius if low is not None else 0.0
+    above = [p for p in probes if p.decision == ABOVE and p.radius > floor]
+    high = min(above, key=lambda p: p.radius) if above else None
+    return low, high
+
+
+def _log_slope(a: NoiseProbe, b: NoiseProbe | None, floor: float, default: float = 1.0) -> float:
+    """d log D / d log sigma between two probes, clamped to [1, 6] (``default`` without a pair)."""
+    if b is None or a.radius == b.radius:
+        return default
+    slope = (math.log(max(a.estimate, floor)) - math.log(max(b.estimate, floor))) / (math.log(a.radius)
+                                                                                      - math.log(b.radius))
+    return min(max(slope, 1.0), 6.0)
+
+
+def next_radius(probes: Sequence[NoiseProbe], target: float, radius_max: float, widths: list[float],
+                initial_radius: float | None = None) -> float:
+    """Where the interpolating search probes next (see the module docstring).
+
+    ``widths`` collects the log-widths of the two-sided brackets seen so far (for the Brent-style
+    fallback to the geometric midpoint); it is appended to.
+    """
+    if not probes:
+        if initial_radius is not None and 0.0 < initial_radius < radius_max:
+            return float(initial_radius)
+        return 0.5 * radius_max
+    floor = target / 20.0
+    low, high = _bracket_probes(probes)
+    log_target = math.log(target)
+
+    def log_drop(p: NoiseProbe) -> float:
+        return math.log(max(p.estimate, floor))
+
+    if low is None:
+        # Only probes above the band: step down along a power law through the nearest two.
+        assert high is not None
+        beyond = [p for p in probes if p.decision == ABOVE and p.radius > high.radius]
+        slope = _log_slope(high, min(beyond, key=lambda p: p.radius) if beyond else None, floor)
+        step = min(max((log_drop(high) - log_target) / slope, math.log(1.2)), math.log(16.0))
+        return high.radius * math.exp(-step)
+    if high is None:
+        # Only probes below the band (and the unevaluated sigma_max above): step up, at most halfway.
+        under = [p for p in probes if p.decision == BELOW and p.radius < low.radius]
+        slope = _log_slope(low, max(under, key=lambda p: p.radius) if under else None, floor)
+        step = min(max((log_target - log_drop(low)) / slope, math.log(1.2)), math.log(16.0))
+        return min(low.radius * math.exp(step), 0.5 * (low.radius + radius_max))
+    x_low, x_high = math.log(low.radius), math.log(high.radius)
+    width = x_high - x_low
+    widths.append(width)
+    middle = 0.5 * (x_low + x_high)
+    if len(widths) >= 3 and width > 0.5 * widths[-3]:
+        return math.exp(middle)  # interpolation stalls: bisect (in log sigma)
+    y_low, y_high = log_drop(low), log_drop(high)
+    x = x_low + (log_target - y_low) * width / (y_high - y_low) if y_high > y_low else middle
+    return math.exp(min(max(x, x_low + 0.05 * width), x_high - 0.05 * width))
+
+
+def interpolate_radius(evaluate: Callable[[float], NoiseProbe], settle: Callable[[NoiseProbe], NoiseProbe],
+                       target: float, radius_max: float, depth: int, initial_radius: float | None = None,
+                       ) -> tuple[NoiseProbe, bool, list[NoiseProbe]]:
+    """The safeguarded interpolating search for the radius where the drop enters the tolerance band.
+
+    ``evaluate(radius)`` returns a decided probe, ``settle(probe)`` evaluates it to the end and
+    decides it exactly. At most ``depth`` probes are placed; the bracket also counts as closed
+    once narrower than ``radius_max / 2^depth`` (the bisection's resolution). A bracket end
+    decided statistically is settled before the search gives up on it.
+
+    Returns:
+        (answer, converged, probes): the answer is complete (its drop the exact K-sample mean);
+        converged iff it lies within the band.
+    """
+    if depth < 1:
+        raise FlatlabError(f"the search depth must be at least 1, got {depth}")
+    if not radius_max > 0:
+        raise FlatlabError(f"the search range must be positive, got {radius_max}")
+    resolution = radius_max * 2.0 ** -depth
+    probes: list[NoiseProbe] = []
+    widths: list[float] = []
+    answer: NoiseProbe | None = None
+    while answer is None:
+        low, high = _bracket_probes(probes)
+        lower = low.radius if low is not None else 0.0
+        upper = high.radius if high is not None else radius_max
+        if len(probes) >= depth or (probes and upper - lower <= resolution):
+            pending = [p for p in (low, high) if p is not None and p.statistical]
+            if not pending:
+                break
+            if settle(pending[0]).decision == WITHIN:
+                answer = pending[0]
+            continue
+        probe = evaluate(next_radius(probes, target, radius_max, widths, initial_radius))
+        probes.append(probe)
+        if probe.decision == WITHIN:
+            answer = probe
+    if answer is not None:
+        return (answer if answer.complete else settle(answer)), True, probes
+    low, high = _bracket_probes(probes)
+    ends = [p for p in (low, high) if p is not None] or probes
+    answer = settle(min(ends, key=lambda p: abs(p.estimate - target)))
+    return answer, answer.decision == WITHIN, probes
+
+
 def sigma_search(model: nn.Module, batches: Sequence[Batch], *, target_drop: float = 0.1, tolerance: float = 0.01,
                  mc_samples: int = 10, depth: int = 15, sigma_max: float = 2.0, magnitude_eps: float | None = None,
-                 seed: int = 0, early_stop: bool = True, stream: str = "sigma-search") -> SearchResult:
+                 seed: int = 0, early_stop: bool = True, z_score: float = 3.0, initial_sigma: float | None = None,
+                 stream: str = "sigma-search") -> SearchResult:
     """The largest noise standard deviation sigma with mean training-accuracy drop = ``target_drop``.
 
     Noise goes on every parameter: u_i = sigma z_i (plain) or u_i = sqrt(sigma^2 w_i^2 + eps^2) z_i
     (magnitude-aware, ``magnitude_eps`` = eps), with z ~ N(0, I) fixed per Monte Carlo sample.
+    The returned sigma has |D_K(sigma) - target_drop| < tolerance (``converged``) with D_K the
+    exact K-sample mean drop over all of ``batches``.
 
     Args:
         model: any classifier (argmax of the logits is the prediction); it is not modified.
@@ -251,11 +560,15 @@ def sigma_search(model: nn.Module, batches: Sequence[Batch], *, target_drop: flo
         target_drop: d in (0, 1).
         tolerance: stop once |D(sigma) - d| < tolerance.
         mc_samples: K weight samples per sigma.
-        depth: maximum bisection steps.
+        depth: maximum number of probes (sigma values tried).
         sigma_max: right end of the initial bracket [0, sigma_max].
         magnitude_eps: None for plain noise, eps for the magnitude-aware noise.
-        seed: seeds the K noise draws.
-        early_stop: decide each step as soon as the bracket allows (False: K full passes per step).
+        seed: seeds the K noise draws and the order of the data chunks.
+        early_stop: decide each probe as soon as it can (False: the same search, every probe
+            evaluated in full; for measuring what the early decisions save).
+        z_score: standard errors of margin for a statistical early decision (``math.inf``: only
+            exact ones). Statistical decisions steer the search; they never decide the answer.
+        initial_sigma: where to probe first (default sigma_max / 2), e.g. a previous answer.
 
     Returns:
         A :class:`SearchResult` whose ``radius`` is sigma (or sigma').
@@ -266,20 +579,19 @@ def sigma_search(model: nn.Module, batches: Sequence[Batch], *, target_drop: flo
     check_target_drop(target_drop, tolerance)
     if mc_samples < 1:
         raise FlatlabError(f"the number of Monte Carlo samples must be at least 1, got {mc_samples}")
+    if not z_score > 0:
+        raise FlatlabError(f"the z score of the early decisions must be positive, got {z_score}")
     work = copy.deepcopy(model).eval()
     n = check_batches(batches)
     num_classes = num_classes_of(work, batches)
-    base_correct, _ = count_correct(work, batches)
-    check_room_for_drop(base_correct / n, num_classes, target_drop)
+    test = ChunkedDropTest(work, batches, target_drop, tolerance, mc_samples, seed, stream, z_score=z_score)
+    check_room_for_drop(test.base_correct / n, num_classes, target_drop)
 
     params = [p for p in work.parameters()]
     base = [p.detach().clone() for p in params]
     noise = NoiseBank(base, mc_samples, seed, stream)
-    test = DropTest(work, batches, base_correct, target_drop, tolerance)
 
-    def run_probe(probe: Probe, finish: bool) -> Probe:
-        radius = probe.radius
-
+    def applier(radius: float) -> Callable[[int], None]:
         @torch.no_grad()
         def apply(k: int) -> None:
             for p, w, z in zip(params, base, noise.draw(k)):
@@ -288,17 +600,24 @@ def sigma_search(model: nn.Module, batches: Sequence[Batch], *, target_drop: flo
                 else:
                     p.copy_(w + torch.sqrt(radius ** 2 * w * w + magnitude_eps ** 2) * z)
 
-        return test.run(probe, apply, finish=finish, early_stop=early_stop)
+        return apply
 
-    probe, converged, history = bisect_radius(lambda r: test.start(r, mc_samples), run_probe, sigma_max, depth)
+    def evaluate(radius: float) -> NoiseProbe:
+        return test.run(test.start(radius), applier(radius), full=not early_stop)
+
+    def settle(probe: NoiseProbe) -> NoiseProbe:
+        return test.settle(probe, applier(probe.radius))
+
+    probe, converged, history = interpolate_radius(evaluate, settle, float(target_drop), float(sigma_max),
+                                                   int(depth), initial_sigma)
     return SearchResult(
         radius=probe.radius, drop=probe.drop, drop_stderr=probe.drop_stderr, drop_low=probe.drop_low,
-        drop_high=probe.drop_high, base_accuracy=base_correct / n, target_drop=float(target_drop),
+        drop_high=probe.drop_high, base_accuracy=test.base_correct / n, target_drop=float(target_drop),
         tolerance=float(tolerance), converged=converged, passes=float(sum(p.passes for p in history)),
         steps=len(history), depth=int(depth), radius_max=float(sigma_max), samples=int(mc_samples),
         num_classes=num_classes, n=n,
-        history=[{"radius": p.radius, "decision": p.decision, "drop_low": p.drop_low, "drop_high": p.drop_high,
-                  "passes": p.passes} for p in history],
+        history=[{"radius": p.radius, "decision": p.decision, "exact": p.exact, "estimate": p.estimate,
+                  "drop_low": p.drop_low, "drop_high": p.drop_high, "passes": p.passes} for p in history],
     )
 
 
@@ -307,11 +626,15 @@ __all__ = [
     "BELOW",
     "SIGMA_IS_STD_NOTE",
     "WITHIN",
+    "ChunkedDropTest",
     "DropTest",
+    "NoiseProbe",
     "Probe",
     "SearchResult",
     "bisect_radius",
     "check_room_for_drop",
     "check_target_drop",
+    "interpolate_radius",
+    "next_radius",
     "sigma_search",
 ]

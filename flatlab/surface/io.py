@@ -138,13 +138,17 @@ def stored_fingerprint(path: str | os.PathLike[str]) -> str | None:
 def load_raw_directions(path: str | os.PathLike[str]) -> tuple[np.ndarray, list[str], dict[str, Any]]:
     """The raw random draws, their tensor names and the settings of an earlier surface.
 
-    Reads a standalone surface file, or a results file holding exactly one surface group
-    (``/runs/*/surfaces/*``).
+    Reads a standalone surface file, or a results file: ``FILE#NAME`` picks the surface group
+    ``/runs/*/surfaces/NAME``; a bare results file must hold exactly one surface group.
 
     Raises:
         FlatlabError: no such file, or it holds no raw draws (e.g. Hessian or interpolation axes).
     """
-    p = Path(path)
+    text = str(path)
+    wanted: str | None = None
+    if "#" in text and not Path(text).exists():
+        text, wanted = text.rsplit("#", 1)
+    p = Path(text)
     if not p.exists():
         raise FlatlabError(f"no such directions file: {p}")
     try:
@@ -152,10 +156,12 @@ def load_raw_directions(path: str | os.PathLike[str]) -> tuple[np.ndarray, list[
             groups = [fh]
             if "runs" in fh:
                 groups = [fh[f"runs/{r}/surfaces/{s}"] for r in fh["runs"]
-                          if "surfaces" in fh[f"runs/{r}"] for s in fh[f"runs/{r}/surfaces"]]
+                          if "surfaces" in fh[f"runs/{r}"] for s in fh[f"runs/{r}/surfaces"]
+                          if wanted is None or s == wanted]
                 if len(groups) != 1:
-                    raise FlatlabError(f"{p} holds {len(groups)} surfaces; --directions needs a file with exactly one "
-                                       "(use the standalone file written with --out)")
+                    which = f" named {wanted!r}" if wanted else ""
+                    raise FlatlabError(f"{p} holds {len(groups)} surfaces{which}; --directions needs exactly one "
+                                       "(name it as FILE#NAME, or use a standalone file written with --out)")
             g = groups[0]
             if "raw_directions" not in g:
                 raise FlatlabError(f"{p} holds no raw random directions (its surface used other axes): "

@@ -10,6 +10,7 @@ processes or Ray), and writes the final file by temp + rename: a standalone loss
 from __future__ import annotations
 
 import functools
+import hashlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -269,7 +270,8 @@ def run_surface(req: SurfaceRequest, progress_factory: Callable[[int, int], Any]
                     raise FlatlabError(f"{req.directions} holds {raw.shape[0]} direction(s); a {req.dims}D surface needs {req.dims}")
                 raw_dirs = [unflatten_direction(raw[i], weights) for i in range(req.dims)]
                 kind = f"reused{req.dims}d-{req.norm}"
-                extra_settings["directions_file_sha256"] = sha256_file(req.directions)
+                # The draws themselves, not the file: a results file changes as groups are added.
+                extra_settings["directions_sha256"] = hashlib.sha256(np.ascontiguousarray(raw[:req.dims]).tobytes()).hexdigest()
                 extra_settings["directions_seed"] = stored.get("seed")
             dirs = [normalize_direction(r, weights, req.norm, req.ignore) for r in raw_dirs]
             norm_used = req.norm

@@ -1,0 +1,272 @@
+"""flatlab figures: every figure produced, drawn data equal the file's arrays, orientation kept."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import runpy
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import h5py
+import matplotlib
+import numpy as np
+import pytest
+from matplotlib.contour import ContourSet
+from scipy import stats
+from test_report import RADII, make_results
+
+from flatlab.cli import main
+from flatlab.plots import surfaces as splots
+from flatlab.plots.collect import figure_jobs
+from flatlab.report import load_inputs
+from flatlab.results import write_group, write_root_file
+
+# A non-square, asymmetric surface: loss[j, i] = f(x[i], y[j]) = 5 + x + 3 y (linear, so the
+# contour-line vertices lie exactly on their level; a transposed array would put them elsewhere).
+XS = np.linspace(-1.0, 1.0, 7)
+YS = np.linspace(-0.5, 0.5, 4)
+
+
+def f_lin(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    return 5.0 + x + 3.0 * y
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    path = tmp_path_factory.mktemp("figs") / "results.h5"
+    return path, make_results(path)
+
+
+@pytest.fixture()
+def asym_surface(tmp_path: Path) -> Path:
+    xx, yy = np.meshgrid(XS, YS)  # (len(y), len(x))
+    z = f_lin(xx, yy)
+    path = tmp_path / "surf.h5"
+    write_root_file(path, {"xcoordinates": XS, "ycoordinates": YS, "train_loss": z, "test_loss": 2 * z,
+                           "train_acc": z / 10, "test_acc": z / 20},
+                    {"format": "flatlab-surface", "kind": "random2d-filter", "norm": "filter",
+                     "weights": "full precision"})
+    return path
+
+
+def _figures(collection, kind: str) -> list:  # noqa: ANN001
+    jobs, _ = figure_jobs(collection)
+    return [job for job in jobs if job.kind == kind]
+
+
+def test_every_figure_is_written(demo: tuple[Path, dict], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    path, _ = demo
+    out = tmp_path / "figs"
+    assert main(["figures", str(path), "--out", str(out), "--json", "--quiet", "--format", "png,html,vtp"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    kinds = {f["kind"] for f in summary["figures"]}
+    assert kinds == {"loss_curves_1d", "contour_2d", "surface_3d", "spectral_density", "local_flatness",
+                     "measure_vs_ood", "bits_vs_ood", "bits_vs_sharpness"}
+    assert summary["skipped"] == []
+    measures = {f["measure"] for f in summary["figures"] if f["kind"] == "measure_vs_ood"}
+    assert measures == {"top_eigenvalue", "trace", "pacbayes_inv_sigma_sq", "magnitude_inv_sigma_sq",
+                        "worst_case_inv_alpha_sq", "local_flatness_source@0.1rel", "local_flatness_target@0.1rel"}
+    for fig in summary["figures"]:
+        for name in fig["files"]:
+            data = Path(name).read_bytes()
+            assert len(data) > 500
+            if name.endswith(".pdf"):
+                assert data.startswith(b"%PDF")
+            elif name.endswith(".png"):
+                assert data.startswith(b"\x89PNG")
+    suffixes = {Path(n).suffix for f in summary["figures"] for n in f["files"]}
+    assert suffixes == {".png", ".html", ".vtp"}
+    # vector PDF, in the default folder next to the input (fewer measure figures to keep it quick)
+    assert main(["figures", str(path), "--format", "pdf", "--measures", "trace", "--json", "--quiet"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert {f["kind"] for f in summary["figures"]} == kinds
+    pdf = path.parent / "results_figures" / "spectral_density.pdf"
+    assert pdf.read_bytes().startswith(b"%PDF") and b"/FontFile2" in pdf.read_bytes()  # TrueType embedded
+    assert matplotlib.get_backend().lower() == "agg"
+
+
+def test_loss_curves_hold_the_file_arrays(demo: tuple[Path, dict]) -> None:
+    path, known = demo
+    collection = load_inputs([path])
+    (job,) = _figures(collection, "loss_curves_1d")
+    fig = job.build()
+    src_ax, tgt_ax = [ax for ax in fig.axes if ax.get_title()]
+    curves = [k["surfaces"]["random1d-filter"] for k in known.values() if "surfaces" in k]
+    assert len(curves) == 2
+    for ax, prefix in ((src_ax, "train"), (tgt_ax, "test")):
+        twin = next(a for a in fig.axes if a is not ax and a.get_shared_x_axes().joined(a, ax) and not a.get_title())
+        loss_lines = [ln for ln in ax.get_lines() if ln.get_gid() == "loss"]
+        acc_lines = [ln for ln in twin.get_lines() if ln.get_gid() == "accuracy"]
+        assert len(loss_lines) == 2 and len(acc_lines) == 2
+        for c in curves:
+            assert any(np.array_equal(ln.get_xdata(), c["xcoordinates"]) and
+                       np.array_equal(ln.get_ydata(), c[f"{prefix}_loss"]) for ln in loss_lines)
+            assert any(np.allclose(ln.get_ydata(), 100 * c[f"{prefix}_acc"], rtol=0, atol=1e-12) for ln in acc_lines)
+
+
+def test_contour_is_not_flipped(asym_surface: Path) -> None:
+    collection = load_inputs([asym_surface])
+    (surface,) = collection.surfaces
+    assert surface.values["train_loss"].shape == (len(YS), len(XS))
+    fig = splots.contour_2d(surface)
+    axes = [ax for ax in fig.axes if ax.get_title().startswith(("source", "target"))]
+    for ax, scale in zip(axes, (1.0, 2.0)):
+        lines = [c for c in ax.collections if isinstance(c, ContourSet) and not c.filled]
+        filled = [c for c in ax.collections if isinstance(c, ContourSet) and c.filled]
+        assert len(lines) == 1 and len(filled) == 1
+        z = scale * f_lin(*np.meshgrid(XS, YS))
+        levels = filled[0].levels
+        np.testing.assert_allclose(levels, np.geomspace(z.min(), z.max(), len(levels)))
+        assert np.allclose(np.diff(np.log(levels)), np.log(levels[1] / levels[0]))  # log-spaced
+        checked = 0
+        for level, p in zip(lines[0].levels, lines[0].get_paths()):
+            if len(p.vertices) == 0:
+                continue
+            vx, vy = p.vertices[:, 0], p.vertices[:, 1]
+            np.testing.assert_allclose(scale * f_lin(vx, vy), level, rtol=1e-9)
+            checked += len(vx)
+        assert checked > 5
+        origin = [ln for ln in ax.get_lines() if ln.get_gid() == "origin"]
+        assert origin and origin[0].get_xdata()[0] == 0 and origin[0].get_ydata()[0] == 0
+
+
+def test_static_3d_html_and_vtp_hold_the_arrays(asym_surface: Path, tmp_path: Path) -> None:
+    (surface,) = load_inputs([asym_surface]).surfaces
+    z = f_lin(*np.meshgrid(XS, YS))
+    # static: plot_surface colours each quad by the mean of its 4 corners, row-major over (j, i)
+    fig = splots.surface_3d(surface)
+    quads = (z[:-1, :-1] + z[:-1, 1:] + z[1:, :-1] + z[1:, 1:]) / 4
+    for ax, scale in zip([a for a in fig.axes if a.name == "3d"], (1.0, 2.0)):
+        (poly,) = ax.collections
+        np.testing.assert_allclose(np.asarray(poly.get_array()), scale * quads.ravel(), rtol=1e-12)
+    # interactive: the page holds the numbers as plain JSON, z[j][i] = f(x[i], y[j])
+    html = splots.surface_html(surface)
+    assert "<script" in html and len(html) > 1_000_000  # plotly.js inline: works offline
+    zs = [json.loads(m) for m in re.findall(r'"z":(\[\[.*?\]\])', html)]
+    xs = [json.loads(m) for m in re.findall(r'"x":(\[[-0-9.e, ]*\])', html)]
+    assert len(zs) == 2
+    np.testing.assert_array_equal(np.asarray(zs[0]), z)
+    np.testing.assert_array_equal(np.asarray(zs[1]), 2 * z)
+    assert any(np.array_equal(np.asarray(x), XS) for x in xs)
+    # VTK: points (x[i], y[j], loss[j, i]) at p = j * len(x) + i, quads over the grid
+    vtp = splots.write_vtp(tmp_path / "s.vtp", surface, "target")
+    root = ET.parse(vtp).getroot()
+    assert root.attrib["type"] == "PolyData"
+    arrays = {a.attrib["Name"]: np.asarray(a.text.split(), dtype=float) for a in root.iter("DataArray")}
+    pts = arrays["Points"].reshape(-1, 3)
+    assert len(pts) == len(XS) * len(YS)
+    for j in range(len(YS)):
+        for i in range(len(XS)):
+            np.testing.assert_array_equal(pts[j * len(XS) + i], [XS[i], YS[j], 2 * z[j, i]])
+    np.testing.assert_array_equal(arrays["target_loss"], (2 * z).ravel())
+    assert len(arrays["offsets"]) == (len(XS) - 1) * (len(YS) - 1)
+
+
+def test_spectral_density_and_local_flatness_hold_the_arrays(demo: tuple[Path, dict], tmp_path: Path) -> None:
+    path, known = demo
+    collection = load_inputs([path])
+    (job,) = _figures(collection, "spectral_density")
+    ax = job.build().axes[0]
+    assert ax.get_yscale() == "log"
+    lines = ax.get_lines()
+    with h5py.File(path, "r") as fh:
+        for run_id in fh["runs"]:
+            if "curvature" not in fh["runs"][run_id]:
+                continue
+            grid, dens = fh[f"runs/{run_id}/curvature/density_grid"][()], fh[f"runs/{run_id}/curvature/density"][()]
+            assert sum(np.array_equal(ln.get_xdata(), grid) and np.array_equal(ln.get_ydata(), dens)
+                       for ln in lines) == 1
+    dashed = {ln.get_linestyle() for ln in lines if ln.get_label().startswith("qat")}
+    assert dashed == {"--"}  # quantized dashed, FP solid
+
+    # local flatness, several runs per algorithm: mean over runs
+    (job,) = _figures(collection, "local_flatness")
+    fig = job.build()
+    src_ax = next(a for a in fig.axes if a.get_title().startswith("source"))
+    erm = [k["measures"]["lf_source"] for k in known.values() if k["attrs"]["algorithm"] == "erm"]
+    assert any(np.allclose(ln.get_ydata(), np.mean(erm, axis=0)) and np.allclose(ln.get_xdata(), RADII)
+               for ln in src_ax.get_lines())
+
+    # one run per algorithm: the stored arrays themselves
+    one = tmp_path / "lf.h5"
+    stored = {}
+    for k, alg in enumerate(("sam", "qat")):
+        arrays = {"gammas": np.array([0.0, 5.0, 10.0]), "source": np.array([0.0, 0.1, 0.3]) * (k + 1),
+                  "source_stderr": np.full(3, 0.01), "target": np.array([0.0, 0.2, 0.5]) * (k + 1),
+                  "target_stderr": np.full(3, 0.02)}
+        write_group(one, f"{k:016x}", {"algorithm": alg, "bits": 7 if alg == "qat" else None, "ood_acc": 0.5},
+                    "local_flatness", arrays, {"radii": [0.0, 5.0, 10.0], "relative": False})
+        stored[alg] = arrays
+    (job,) = _figures(load_inputs([one]), "local_flatness")
+    fig = job.build()
+    for split in ("source", "target"):
+        ax = next(a for a in fig.axes if a.get_title().startswith(split))
+        assert ax.get_xlabel().startswith("radius γ (")
+        for arrays in stored.values():
+            assert any(np.array_equal(ln.get_xdata(), arrays["gammas"]) and np.array_equal(ln.get_ydata(), arrays[split])
+                       for ln in ax.get_lines())
+
+
+def test_measure_vs_ood_and_bits_hold_the_rows(demo: tuple[Path, dict]) -> None:
+    path, known = demo
+    collection = load_inputs([path])
+    jobs = {job.data["measure"]: job for job in _figures(collection, "measure_vs_ood")}
+    fig = jobs["trace"].build()
+    ax = fig.axes[0]
+    pts = {tuple(p) for c in ax.collections for p in np.asarray(c.get_offsets())}
+    measured = [k for k in known.values() if k["measures"]]
+    expect = {(k["measures"]["trace"], 100 * k["attrs"]["ood_acc"]) for k in measured}
+    assert len(pts) == len(expect)
+    for x, y in expect:
+        assert any(math.isclose(x, px, rel_tol=1e-12) and math.isclose(y, py, rel_tol=1e-12) for px, py in pts)
+    tau = stats.kendalltau([k["measures"]["trace"] for k in measured], [k["attrs"]["ood_acc"] for k in measured])
+    assert f"Kendall τ = {tau.statistic:.2f}" in ax.get_title()
+
+    (job,) = _figures(collection, "bits_vs_ood")
+    ax = job.build().axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["4", "8", "FP"]
+    qat4 = [k["attrs"]["ood_acc"] for k in known.values() if k["attrs"]["algorithm"] == "qat" and k["attrs"]["bits"] == 4]
+    qat8 = [k["attrs"]["ood_acc"] for k in known.values() if k["attrs"]["algorithm"] == "qat" and k["attrs"]["bits"] == 8]
+    assert any(np.allclose(ln.get_xdata(), [0, 1]) and np.allclose(ln.get_ydata(), [100 * np.mean(qat4), 100 * np.mean(qat8)])
+               for ln in ax.get_lines())
+
+
+def test_figure_scripts(demo: tuple[Path, dict], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path, _ = demo
+    scripts = sorted((Path(__file__).resolve().parents[1] / "figures").glob("fig_*.py"))
+    assert len(scripts) >= 7
+    for script in scripts:
+        out = tmp_path / script.stem
+        monkeypatch.setattr(sys, "argv", [str(script), str(path), str(out), "--format", "png"])
+        with pytest.raises(SystemExit) as exit_info:
+            runpy.run_path(str(script), run_name="__main__")
+        assert exit_info.value.code == 0, script.name
+        assert list(out.glob("*.png")), script.name
+
+
+def _expect_error(argv: list[str], capsys: pytest.CaptureFixture, needle: str) -> None:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("flatlab: error:"), err
+    assert needle in err[0]
+
+
+def test_bad_inputs_exit_2_one_line(demo: tuple[Path, dict], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    path, _ = demo
+    text = tmp_path / "notes.txt"
+    text.write_text("not hdf5")
+    _expect_error(["figures", str(text)], capsys, "not a flatlab results file")
+    foreign = tmp_path / "other.h5"
+    with h5py.File(foreign, "w") as fh:
+        fh["weights"] = np.arange(3)
+    _expect_error(["figures", str(foreign)], capsys, "not a flatlab results file")
+    empty = tmp_path / "empty.h5"
+    with h5py.File(empty, "w") as fh:
+        fh.attrs["schema_version"] = 1
+    _expect_error(["figures", str(empty)], capsys, "no runs")
+    _expect_error(["figures", str(path), "--measures", "sharpness"], capsys, "unknown measure 'sharpness'")
+    _expect_error(["figures", str(path), "--format", "pdf,gif"], capsys, "unknown figure format gif")
+    assert not (tmp_path / "notes_figures").exists()
