@@ -702,8 +702,11 @@ def report_text(report: dict[str, Any]) -> str:
     if names:
         legend = [[m, report["measure_descriptions"][m]] for m in names]
         parts.append("measures (larger = sharper):\n" + table(legend))
+        domains = {c["scope"] for c in report["correlations"] if c["scope"] != "pooled"}
+        # One test domain: its rows equal the pooled ones; print them once (the JSON keeps both).
+        shown = [c for c in report["correlations"] if len(domains) > 1 or c["scope"] == "pooled"]
         corr = [[c["measure"], c["target"], c["scope"], c["n"], _cell(c["kendall_tau"]), _cell(c["kendall_p"]),
-                 _cell(c["spearman_rho"]), _cell(c["spearman_p"])] for c in report["correlations"]]
+                 _cell(c["spearman_rho"]), _cell(c["spearman_p"])] for c in shown]
         parts.append("rank correlations:\n" + table(corr, ["measure", "with", "test domain", "n", "tau", "p",
                                                            "rho", "p"]))
         gran = []

@@ -100,16 +100,22 @@ def _log_levels(z: np.ndarray, count: int = 25) -> np.ndarray:
     lo, hi = float(positive.min()), float(positive.max())
     if hi <= lo * (1 + 1e-12):
         hi = lo * 1.01 + 1e-12
-    return np.geomspace(lo, hi, count)
+    levels = np.geomspace(lo, hi, count)
+    # geomspace's ends can miss the data's extremes by rounding: widen by a hair so every point is filled.
+    levels[0], levels[-1] = lo * (1 - 1e-9), hi * (1 + 1e-9)
+    return levels
 
 
 def _nice_log_ticks(lo: float, hi: float) -> list[float]:
-    """1, 2, 5 x 10^k within [lo, hi] (at least the two ends)."""
-    ticks = [m * 10.0 ** k for k in range(math.floor(math.log10(lo)) - 1, math.ceil(math.log10(hi)) + 1)
-             for m in (1, 2, 5) if lo <= m * 10.0 ** k <= hi]
-    if len(ticks) < 2:
-        ticks = [float(f"{lo:.2g}"), float(f"{hi:.2g}")]
-    return ticks
+    """Round values m x 10^k within [lo, hi]: mantissas 1, 2, 5, finer when the range is narrow."""
+    mantissa_sets = ((1, 2, 5), (1, 1.5, 2, 3, 4, 5, 6, 7, 8, 9), tuple(np.round(np.arange(1, 10, 0.1), 1)))
+    ticks: list[float] = []
+    for mantissas in mantissa_sets:
+        ticks = [float(f"{m * 10.0 ** k:.6g}") for k in range(math.floor(math.log10(lo)) - 1, math.ceil(math.log10(hi)) + 1)
+                 for m in mantissas if lo <= m * 10.0 ** k <= hi]
+        if len(ticks) >= 3:
+            break
+    return ticks[:: max(1, len(ticks) // 8)]
 
 
 def contour_2d(surface: Any, title: str | None = None, levels: int = 25) -> Any:
@@ -136,7 +142,7 @@ def contour_2d(surface: Any, title: str | None = None, levels: int = 25) -> Any:
             zl = _log_levels(z, levels)
             masked = np.ma.masked_invalid(z)
             filled = ax.contourf(surface.xcoordinates, surface.ycoordinates, masked, levels=zl,
-                                 norm=LogNorm(vmin=zl[0], vmax=zl[-1]), cmap=SEQUENTIAL_CMAP, extend="both")
+                                 norm=LogNorm(vmin=zl[0], vmax=zl[-1]), cmap=SEQUENTIAL_CMAP)
             ax.contour(surface.xcoordinates, surface.ycoordinates, masked, levels=zl[::3], colors="white",
                        linewidths=0.4, alpha=0.6)
             x0, y0 = surface.xcoordinates, surface.ycoordinates
