@@ -14,7 +14,7 @@ def draw(collection: Collection, out: Path, formats: list[str]) -> list[Path]:
     series, relative = flatness_series(collection)
     if not series:
         return []
-    fig = local_flatness(series, relative, title=r"local flatness $F_\gamma$ (SWAD), mean ± standard error")
+    fig = local_flatness(series, relative)
     return save_figure(fig, out / "fig_local_flatness", figure_formats(formats))
 
 

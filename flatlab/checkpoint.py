@@ -16,6 +16,7 @@ It is written atomically (temp file + rename) and never unpickled with ``weights
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
 import re
@@ -30,7 +31,7 @@ from torch import nn
 from flatlab import __version__
 from flatlab.data import DomainSplits, MultiDomainDataset, build_dataset
 from flatlab.errors import FlatlabError
-from flatlab.io import atomic_path
+from flatlab.io import atomic_write_bytes
 from flatlab.models import build_model
 
 FORMAT = "flatlab-checkpoint"
@@ -149,6 +150,14 @@ def load_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], meta: di
         ) from None
 
 
+def torch_bytes(obj: Any) -> bytes:
+    """``torch.save`` into memory. Saving to a path would store the (random) temporary file name
+    inside the archive; in memory the same content always gives the same bytes and sha256."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
 def save_checkpoint(path: str | os.PathLike[str], model: nn.Module, w0: dict[str, torch.Tensor],
                     meta: dict[str, Any]) -> None:
     """Write a checkpoint atomically (temp file + rename)."""
@@ -162,8 +171,7 @@ def save_checkpoint(path: str | os.PathLike[str], model: nn.Module, w0: dict[str
         "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
         "w0": {k: v.detach().cpu().clone() for k, v in w0.items()},
     }
-    with atomic_path(path, suffix=".pt") as tmp:
-        torch.save(payload, tmp)
+    atomic_write_bytes(path, torch_bytes(payload))
 
 
 def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:

@@ -196,10 +196,11 @@ def _surface_from_node(node: dict[str, Any], name: str, label: str, source: str,
             arr = np.asarray(node[key], dtype=np.float64)
             expected = (len(x),) if y is None else (len(y), len(x))
             if arr.shape != expected:
-                # Li et al.'s own files allocate (len(x), len(y)): read them as written, transposed
-                # to flatlab's orientation only when that is unambiguous.
-                if y is not None and arr.shape == (len(x), len(y)) and len(x) != len(y):
-                    arr = arr.T
+                # Li et al.'s own files allocate (len(x), len(y)) but fill the flat buffer in
+                # meshgrid(x, y) order, k = j * len(x) + i (REFERENCE.md 6): the same buffer read as
+                # (len(y), len(x)) is Z[j, i] = f(x[i], y[j]).
+                if y is not None and arr.shape == (len(x), len(y)):
+                    arr = arr.reshape(len(y), len(x))
                 else:
                     raise FlatlabError(f"{source}: surface {name!r} array {key} has shape {arr.shape}, "
                                        f"expected {expected} (len(y), len(x))")
@@ -493,8 +494,15 @@ def build_rows(collection: Collection, measures: Sequence[str] | None = None,
         present = {k for v in values.values() for k in v}
         names = [m for m in MEASURES if m in present]
         if radii is not None:
-            wanted = local_flatness_at(radii)
-            names += [m for m in wanted if m in present] or [m for m in wanted if not m.endswith("rel")]
+            for r in radii:
+                found = [m for m in local_flatness_at([r]) if m in present]
+                if not found:
+                    stored = sorted({_LF_NAME.match(k).group(2) + (_LF_NAME.match(k).group(3) or "")
+                                     for k in present if _LF_NAME.match(k)}, key=lambda t: float(t.removesuffix("rel")))
+                    raise FlatlabError(f"no run holds local flatness at radius {r:g}: the stored radii are "
+                                       f"{', '.join(stored) if stored else 'none'} ('rel' = relative to ||w||)")
+                names += found
+            names.sort(key=lambda m: (0, list(MEASURES).index(m), "", 0.0) if m in MEASURES else (1, *_lf_sort_key(m)))
         else:
             names += default_local_flatness_measures(runs)
     rows = []
@@ -547,7 +555,8 @@ def _finite_pairs(rows: Sequence[dict[str, Any]], measure: str, target: str) -> 
 def rank_correlation(x: Sequence[float], y: Sequence[float]) -> dict[str, float]:
     """Kendall's tau-b and Spearman's rho with two-sided p-values; NaN where undefined.
 
-    Undefined: fewer than 3 pairs for the p-values to mean anything, or a constant vector.
+    Both coefficients are NaN for fewer than 2 pairs or a constant vector; the p-values are also
+    NaN for exactly 2 pairs (the sign is all two points can say).
     """
     x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
     out = {"n": int(len(x)), "kendall_tau": math.nan, "kendall_p": math.nan,

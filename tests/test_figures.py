@@ -133,6 +133,19 @@ def test_contour_is_not_flipped(asym_surface: Path) -> None:
         assert origin and origin[0].get_xdata()[0] == 0 and origin[0].get_ydata()[0] == 0
 
 
+def test_reference_tool_file_is_read_in_its_enumeration_order(tmp_path: Path) -> None:
+    # Li et al.'s tool: no flatlab attributes, arrays allocated (len(x), len(y)) and filled flat in
+    # meshgrid(x, y) order (k = j * len(x) + i).
+    xx, yy = np.meshgrid(XS, YS)
+    flat = f_lin(xx, yy).ravel()
+    path = tmp_path / "li.h5"
+    with h5py.File(path, "w") as fh:
+        fh["xcoordinates"], fh["ycoordinates"] = XS, YS
+        fh["train_loss"] = flat.reshape(len(XS), len(YS))
+    (surface,) = load_inputs([path]).surfaces
+    np.testing.assert_array_equal(surface.values["train_loss"], f_lin(xx, yy))
+
+
 def test_static_3d_html_and_vtp_hold_the_arrays(asym_surface: Path, tmp_path: Path) -> None:
     (surface,) = load_inputs([asym_surface]).surfaces
     z = f_lin(*np.meshgrid(XS, YS))

@@ -270,3 +270,14 @@ def test_bad_inputs_exit_2_one_line(results_file: tuple[Path, dict], tmp_path: P
     _expect_error(["report", str(tmp_path / "missing.h5")], capsys, "no such file")
     with pytest.raises(FlatlabError):
         build_report([path], measures=["local_flatness_middle@0.1"])
+    _expect_error(["report", str(path), "--radii", "0.07"], capsys, "no run holds local flatness at radius 0.07")
+
+
+def test_chosen_radii(results_file: tuple[Path, dict]) -> None:
+    path, known = results_file
+    report = build_report([path], radii=[0.05, 0.1])
+    assert report["measures"][-4:] == ["local_flatness_source@0.05rel", "local_flatness_source@0.1rel",
+                                       "local_flatness_target@0.05rel", "local_flatness_target@0.1rel"]
+    rid = next(iter(known))
+    row = next(r for r in report["rows"] if r["run_id"] == rid)
+    assert row["local_flatness_source@0.05rel"] == known[rid]["measures"]["lf_source"][1]

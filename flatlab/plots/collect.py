@@ -37,7 +37,7 @@ ALL_FORMATS = (*FIGURE_FORMATS, "html", "vtp")
 
 #: Short axis labels of measures for figures.
 MEASURE_AXIS = {
-    "top_eigenvalue": "top Hessian eigenvalue λ_max",
+    "top_eigenvalue": r"top Hessian eigenvalue $\lambda_{\max}$",
     "trace": "Hessian trace tr(H)",
     "pacbayes_inv_sigma_sq": "PAC-Bayes 1/σ²",
     "magnitude_inv_sigma_sq": "magnitude-aware 1/σ'²",
@@ -209,8 +209,7 @@ def figure_jobs(collection: Collection, measures: Sequence[str] | None = None,
     series, relative = flatness_series(collection)
     if series:
         jobs.append(FigureJob("local_flatness", "local_flatness",
-                              build=lambda: mplots.local_flatness(series, relative,
-                                                                  r"local flatness $F_\gamma$ (SWAD), mean ± standard error")))
+                              build=lambda: mplots.local_flatness(series, relative)))
     else:
         skipped.append({"figure": "local_flatness", "reason": "no run holds local_flatness (flatlab sharpness --local-flatness)"})
 

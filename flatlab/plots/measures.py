@@ -102,11 +102,10 @@ def local_flatness(series: Sequence[FlatnessSeries], relative: bool, title: str 
                             label=s.label + (f" (mean of {s.runs} runs)" if s.runs > 1 else ""))
             ax.set_title(f"{split} ({'source domains' if split == 'source' else 'test domain'})")
             ax.set_xlabel("radius γ / ‖w‖" if relative else "radius γ (Euclidean norm of the perturbation)")
-        axes[0].set_ylabel(r"local flatness $F_\gamma$ = E[L(w+Δ)] − L(w) (nats)")
+        axes[0].set_ylabel(r"local flatness $F_\gamma$ (nats)")
         handles, labels = axes[0].get_legend_handles_labels()
         fig.legend(handles, labels, loc="outside lower center", ncol=min(4, len(handles)))
-        if title:
-            fig.suptitle(title)
+        fig.suptitle(title or r"local flatness $F_\gamma$ = E[L(w + Δ)] − L(w), ‖Δ‖ = γ (mean ± standard error)")
     return fig
 
 

@@ -81,6 +81,11 @@ def save_figure(fig: Any, stem: str | os.PathLike[str], formats: Sequence[str]) 
     from flatlab.io import atomic_path
 
     written = []
+    if len(formats) > 1 and fig.get_layout_engine() is not None:
+        # Lay the figure out once, then freeze it: every further save would redo the layout.
+        with style():
+            fig.draw_without_rendering()
+        fig.set_layout_engine("none")
     for fmt in formats:
         target = Path(f"{stem}.{fmt}")
         with style(), atomic_path(target, suffix=f".{fmt}") as tmp:

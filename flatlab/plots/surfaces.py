@@ -126,6 +126,7 @@ def contour_2d(surface: Any, title: str | None = None, levels: int = 25) -> Any:
     surfaces) is marked with a star.
     """
     from matplotlib.colors import LogNorm
+    from matplotlib.ticker import MaxNLocator
 
     if surface.ycoordinates is None:
         raise FlatlabError(f"surface {surface.name!r} is 1D: contours need a 2D surface")
@@ -157,6 +158,7 @@ def contour_2d(surface: Any, title: str | None = None, levels: int = 25) -> Any:
             ax.set_title(f"{split} ({'source domains' if split == 'source' else 'test domain'})")
             ax.set_xlabel(xlab)
             ax.set_ylabel(ylab)
+            ax.xaxis.set_major_locator(MaxNLocator(5))
             ax.grid(False)
         if title:
             fig.suptitle(title)

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from flatlab.errors import FlatlabError
-from flatlab.io import atomic_path, sha256_file
+from flatlab.io import atomic_write_bytes, sha256_file
 from flatlab.quant.packing import build_packed_payload, size_report
 from flatlab.quant.prepare import effective_model, quantized_layers
 
@@ -25,7 +25,7 @@ def export_checkpoint(checkpoint: str | os.PathLike[str], out: str | os.PathLike
     Raises:
         FlatlabError: a full-precision checkpoint, or an output path that is the input.
     """
-    from flatlab.checkpoint import load_checkpoint
+    from flatlab.checkpoint import load_checkpoint, torch_bytes
 
     ckpt = load_checkpoint(checkpoint)
     if not ckpt.is_quantized:
@@ -39,8 +39,7 @@ def export_checkpoint(checkpoint: str | os.PathLike[str], out: str | os.PathLike
     model = ckpt.build_model("cpu")
     info = {"source": str(ckpt.path), "source_sha256": sha256_file(ckpt.path) if ckpt.path else None}
     payload = build_packed_payload(model, ckpt.meta, ckpt.w0 if with_init else None, info)
-    with atomic_path(out_path, suffix=".pt") as tmp:
-        torch.save(payload, tmp)
+    atomic_write_bytes(out_path, torch_bytes(payload))
 
     reloaded = load_checkpoint(out_path).build_model("cpu")
     original_eff = effective_model(model).state_dict()

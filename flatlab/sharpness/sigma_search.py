@@ -494,6 +494,15 @@ def next_radius(probes: Sequence[NoiseProbe], target: float, radius_max: float, 
     if len(widths) >= 3 and width > 0.5 * widths[-3]:
         return math.exp(middle)  # interpolation stalls: bisect (in log sigma)
     y_low, y_high = log_drop(low), log_drop(high)
+    # Illinois: after c >= 2 probes in a row on the same side, the kept end's gap to the target is
+    # divided by 2^(c-1), so a curved drop curve cannot pin regula falsi to one end.
+    run = 0
+    while run < len(probes) and probes[-1 - run].decision == probes[-1].decision:
+        run += 1
+    if run >= 2 and probes[-1].decision == ABOVE:
+        y_low = log_target - (log_target - y_low) / 2.0 ** (run - 1)
+    elif run >= 2 and probes[-1].decision == BELOW:
+        y_high = log_target + (y_high - log_target) / 2.0 ** (run - 1)
     x = x_low + (log_target - y_low) * width / (y_high - y_low) if y_high > y_low else middle
     return math.exp(min(max(x, x_low + 0.05 * width), x_high - 0.05 * width))
 
@@ -568,7 +577,8 @@ def sigma_search(model: nn.Module, batches: Sequence[Batch], *, target_drop: flo
             evaluated in full; for measuring what the early decisions save).
         z_score: standard errors of margin for a statistical early decision (``math.inf``: only
             exact ones). Statistical decisions steer the search; they never decide the answer.
-        initial_sigma: where to probe first (default sigma_max / 2), e.g. a previous answer.
+        initial_sigma: where to probe first, e.g. a previous answer (default: the root mean square
+            of the parameters for plain noise, capped at sigma_max / 2; sigma_max / 2 for sigma').
 
     Returns:
         A :class:`SearchResult` whose ``radius`` is sigma (or sigma').
@@ -590,6 +600,11 @@ def sigma_search(model: nn.Module, batches: Sequence[Batch], *, target_drop: flo
     params = [p for p in work.parameters()]
     base = [p.detach().clone() for p in params]
     noise = NoiseBank(base, mc_samples, seed, stream)
+    if initial_sigma is None and magnitude_eps is None:
+        # Plain sigma scales with the weights (a bias-free ReLU net scaled by c has sigma scaled by c),
+        # so start at their root mean square: the whole search path then scales along.
+        total = sum(float(w.double().pow(2).sum()) for w in base)
+        initial_sigma = min(math.sqrt(total / max(1, sum(w.numel() for w in base))), 0.5 * sigma_max)
 
     def applier(radius: float) -> Callable[[int], None]:
         @torch.no_grad()

@@ -197,6 +197,30 @@ def train(config: TrainConfig) -> TrainResult:
     elif out.exists() and any((out / n).exists() for n in RUN_FILES):
         raise FlatlabError(f"{out} holds files of another run but no run.json: use another --out or --fresh")
     out.mkdir(parents=True, exist_ok=True)
+    lock = _lock_run_folder(out)
+    try:
+        return _train_locked(config, out, device, dataset, test_envs, trial_seed, model_name, opts, algo_cls,
+                             steps, eval_every, hparams, args, run_json)
+    finally:
+        lock.close()
+
+
+def _lock_run_folder(out: Path):
+    """An exclusive lock on OUT/.lock for the life of the run: two trainers never share a folder."""
+    import fcntl
+
+    handle = open(out / ".lock", "a+")  # noqa: SIM115 - held until the run ends
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise FlatlabError(f"another `flatlab train` is running in {out}: wait for it or use another --out") from None
+    return handle
+
+
+def _train_locked(config: TrainConfig, out: Path, device: torch.device, dataset: Any, test_envs: list[int],
+                  trial_seed: int, model_name: str, opts: dict[str, Any], algo_cls: Any, steps: int,
+                  eval_every: int, hparams: dict[str, Any], args: dict[str, Any], run_json: Path) -> TrainResult:
     atomic_write_text(run_json, json.dumps(args, indent=1, sort_keys=True))
 
     splits = DomainSplits(dataset, test_envs, trial_seed, config.holdout_fraction)
