@@ -228,3 +228,28 @@ def test_hessian_vector_product_through_quantized_model() -> None:
     v = [torch.randn_like(p) for p in params]
     hv = torch.autograd.grad(sum((g * u).sum() for g, u in zip(grads, v)), params, allow_unused=True)
     assert all(h is None or torch.isfinite(h).all() for h in hv)
+
+
+@pytest.mark.parametrize("per_channel", [True, False])
+def test_no_clipping_fast_path_matches_formulas_and_double_backward(per_channel: bool) -> None:
+    """When nothing is clipped (the usual 8-bit case) the quantizer takes a mask-free path; it must
+    give the same values and gradients as the case-by-case formulas and as the double-backward path."""
+    g = torch.Generator().manual_seed(3)
+    qn, qp = signed_range(8)
+    s = (torch.rand(4, 1, generator=g, dtype=DT) + 0.5) * 0.1 if per_channel else torch.tensor([0.07], dtype=DT)
+    x = ((torch.rand(4, 30, generator=g, dtype=DT) * 2 - 1) * 0.9 * qp * s).requires_grad_(True)
+    assert (x.detach() / s).abs().max() < qp, "the test data must not be clipped"
+    s_param = s.clone().requires_grad_(True)
+    upstream = torch.randn(4, 30, generator=g, dtype=DT)
+    y = lsq_quantize(x, s_param, qn, qp, 0.3)
+    (y * upstream).sum().backward()
+    out, dx, ds = _reference(x.detach(), s, qn, qp)
+    torch.testing.assert_close(y.detach(), out, rtol=0, atol=1e-15)
+    torch.testing.assert_close(x.grad, upstream, rtol=0, atol=0)
+    expected_s = (upstream * ds).sum(dim=1, keepdim=True) if per_channel else (upstream * ds).sum().reshape(1)
+    torch.testing.assert_close(s_param.grad, expected_s * 0.3, rtol=1e-12, atol=1e-15)
+    # The create_graph path (used by Hessian-vector products) gives the same first-order gradients.
+    gx, gs = torch.autograd.grad((lsq_quantize(x, s_param, qn, qp, 0.3) * upstream).sum(), [x, s_param],
+                                 create_graph=True)
+    torch.testing.assert_close(gx, x.grad, rtol=0, atol=0)
+    torch.testing.assert_close(gs, s_param.grad, rtol=1e-12, atol=1e-15)

@@ -10,7 +10,7 @@ import math
 import os
 import re
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -106,6 +106,28 @@ class FigureJob:
 
 # --- selection of data -------------------------------------------------------------------------
 
+def interpolation_marks(surface: SurfaceRecord, collection: Collection) -> list[tuple[float, str]]:
+    """For an interpolation line (kind ``line``): ``[(0, "model 1: ..."), (1, "model 2: ...")]``.
+
+    A model is named by the run of the same checkpoint (SHA-256) when the inputs hold it, else by
+    its file's folder name.
+    """
+    if str(surface.attrs.get("kind")) != "line":
+        return []
+    by_sha = {str(r.attrs.get("checkpoint_sha256")): r for r in collection.runs.values()
+              if r.attrs.get("checkpoint_sha256")}
+    marks = []
+    for x, key in ((0.0, "checkpoint"), (1.0, "checkpoint2")):
+        run = by_sha.get(str(surface.attrs.get(f"{key}_sha256")))
+        if run is not None:
+            name = " ".join(run.label.split(" test ")[0].split())
+        else:
+            path = Path(str(surface.attrs.get(key, "?")))
+            name = path.parent.name if path.name == "model.pt" else path.name
+        marks.append((x, f"model {int(x) + 1}: {name}"))
+    return marks
+
+
 def density_curves(collection: Collection) -> list[mplots.DensityCurve]:
     """Every run's stored spectral density (curvature/density_grid, density)."""
     out = []
@@ -182,8 +204,11 @@ def figure_jobs(collection: Collection, measures: Sequence[str] | None = None,
             by_name.setdefault(s.name, []).append(s)
     for name, curves in by_name.items():
         curves = sorted(curves, key=lambda c: (bool(c.quantized), c.label))
+        marks = interpolation_marks(curves[0], collection) if len(curves) == 1 else []
+        if marks:  # one line through two models: name it for what it is
+            curves = [replace(curves[0], run_label="interpolation, model 1 → model 2", quantized=None)]
         jobs.append(FigureJob("loss_curves_1d", f"loss_1d_{slug(name)}",
-                              build=lambda c=curves, n=name: splots.loss_curves_1d(c, f"1D loss: {n}"),
+                              build=lambda c=curves, n=name, m=marks: splots.loss_curves_1d(c, f"1D loss: {n}", m),
                               data={"surfaces": [c.label for c in curves]}))
 
     for s in collection.surfaces:

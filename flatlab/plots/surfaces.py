@@ -44,7 +44,8 @@ def _short(c: Any) -> str:
     return str(getattr(c, "run_label", None) or c.label)
 
 
-def loss_curves_1d(curves: Sequence[Any], title: str | None = None) -> Any:
+def loss_curves_1d(curves: Sequence[Any], title: str | None = None,
+                   marks: Sequence[tuple[float, str]] = ()) -> Any:
     """1D loss curves, source and target side by side, every curve on the same axes.
 
     Loss (solid, left axis) and accuracy (dashed, right twin axis, %) share a curve's colour, so FP
@@ -53,6 +54,7 @@ def loss_curves_1d(curves: Sequence[Any], title: str | None = None) -> Any:
     Args:
         curves: 1D :class:`~flatlab.report.SurfaceRecord` objects (``ycoordinates`` None).
         title: figure title.
+        marks: ``(x, text)`` vertical markers, e.g. the two models of an interpolation at 0 and 1.
     """
     if not curves:
         raise FlatlabError("no 1D surface to plot")
@@ -74,6 +76,11 @@ def loss_curves_1d(curves: Sequence[Any], title: str | None = None) -> Any:
                 if acc is not None:
                     twin.plot(c.xcoordinates, 100.0 * acc, color=color(i), linestyle="--", label=f"{label} accuracy",
                               gid="accuracy")
+            for x_mark, text in marks:
+                ax.axvline(x_mark, color="0.5", linestyle=":", linewidth=1.0, zorder=0)
+                ax.annotate(text, (x_mark, 0.03), xycoords=("data", "axes fraction"), xytext=(-2, 0),
+                            textcoords="offset points", ha="right", va="bottom", rotation=90, fontsize=7,
+                            color="0.3", bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.7, "pad": 0.5})
             ax.set_title(f"{split} ({'source domains' if split == 'source' else 'test domain'})")
             ax.set_xlabel(axis_labels(curves[0])[0])
             twin.set_ylim(0, 100)
