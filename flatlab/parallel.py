@@ -26,7 +26,6 @@ import concurrent.futures as cf
 import multiprocessing as mp
 import os
 import socket
-import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -84,28 +83,15 @@ def default_threads(workers: int) -> int:
     return max(1, (os.cpu_count() or 1) // max(1, workers))
 
 
-def _die_with_parent() -> None:
-    """Linux: have the kernel SIGKILL this worker when its driver dies (even by SIGKILL), so an
-    orphaned worker never keeps writing into a job that a rerun has taken over."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        import ctypes
-        import signal
-
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        pr_set_pdeathsig = 1
-        libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
-        if os.getppid() == 1:  # the driver died before prctl took effect
-            os._exit(1)
-    except OSError:
-        pass
-
-
 def _init_local_worker(setup: Callable[[Any], Any], setup_arg: Any, threads: int) -> None:
+    import copy
+
     import torch
 
-    _die_with_parent()
+    # torch's multiprocessing reductions hand tensors to spawned workers as *shared memory*:
+    # without a private copy, workers that write weights in place (surfaces) race each other.
+    setup_arg = copy.deepcopy(setup_arg)
+
     torch.set_num_threads(threads)
     _WORKER_STATE["state"] = setup(setup_arg)
 

@@ -36,7 +36,8 @@ def test_quick_demo_writes_every_group(demo_dir: Path):
     assert fp["train_loss"].shape == q4["train_loss"].shape == (5, 5)
     # Shared directions: the same raw draws under both surfaces.
     assert (fp["raw_directions"] == q4["raw_directions"]).all()
-    members = json.loads(by_algo[("eoq", 4)]["attrs"]["members"])
+    members = by_algo[("eoq", 4)]["attrs"]["members"]
+    members = json.loads(members) if isinstance(members, str) else members
     assert len(members) == 3
 
 

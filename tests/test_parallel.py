@@ -63,6 +63,9 @@ def test_local_processes_equal_in_process():
 def ray_cluster():
     """A local Ray instance on the loopback interface, started and stopped here (once)."""
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # node address 127.0.0.1, not the LAN's
+    # Ray's workers import this module's task functions: put the tests folder on their path.
+    here = str(Path(__file__).resolve().parent)
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p)
     import ray
 
     ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
