@@ -8,8 +8,6 @@ a rerun, training resumes from its own state, and surfaces from their journals.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import sys
 import time
@@ -22,6 +20,7 @@ from tqdm import tqdm
 from flatlab import __version__
 from flatlab.errors import FlatlabError
 from flatlab.io import atomic_write_text
+from flatlab.pipeline import run_flatlab
 
 
 @dataclass(frozen=True)
@@ -53,21 +52,6 @@ QUICK = DemoSettings(width=4, steps=120, eval_every=40, lr=3e-3, ensemble_seeds=
 
 #: (run name, algorithm, bits, seed)
 SINGLE_MODELS = [("erm", "erm", None), ("qat8", "qat", 8), ("qat4", "qat", 4)]
-
-
-def _cli(argv: list[str]) -> dict[str, Any] | None:
-    """Run one flatlab command in-process; return its --json payload (if asked), raise on error."""
-    from flatlab.cli import main
-
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(argv)
-    if code != 0:
-        last = [line for line in err.getvalue().splitlines() if line.startswith("flatlab: error:")]
-        raise FlatlabError(f"demo step `flatlab {' '.join(argv)}` failed: "
-                           f"{last[-1][len('flatlab: error: '):] if last else 'exit ' + str(code)}")
-    text = out.getvalue().strip()
-    return json.loads(text.splitlines()[-1]) if "--json" in argv and text else None
 
 
 def plan(directory: Path, s: DemoSettings) -> list[tuple[str, list[str]]]:
@@ -157,7 +141,7 @@ def run_demo(directory: str | Path = "flatlab-demo", quick: bool = False, force:
             continue
         bar.set_postfix_str(name)
         t0 = time.perf_counter()
-        payload = _cli(argv)
+        payload = run_flatlab(argv)
         state["done"][name] = {"seconds": round(time.perf_counter() - t0, 2),
                                "result": payload if name in ("ensemble eoq",) else None}
         atomic_write_text(state_path, json.dumps(state, indent=1))

@@ -791,3 +791,41 @@ __all__ = [
     "run_measures",
     "test_domain",
 ]
+
+
+def measure_checkpoints(paths: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str],
+                        sharpness_args: Sequence[str], quiet: bool = False) -> str | None:
+    """Measure every run folder or checkpoint among ``paths`` with ``flatlab sharpness`` into the
+    results file ``out`` (runs it already holds groups for are skipped); return ``out`` if any
+    run is in it, else None. This is ``flatlab report --measure``.
+
+    Raises:
+        FlatlabError: a checkpoint that cannot be measured (the sharpness command's own message).
+    """
+    import sys
+
+    from flatlab.checkpoint import load_checkpoint
+    from flatlab.pipeline import run_flatlab
+    from flatlab.results import is_results_file, read_results, run_id_for
+
+    checkpoints = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir() and (path / "model.pt").is_file():
+            checkpoints.append(path / "model.pt")
+        elif path.is_file() and not is_results_file(path) and path.suffix == ".pt":
+            load_checkpoint(path)  # a readable flatlab checkpoint, or a one-line error
+            checkpoints.append(path)
+    target = Path(out)
+    done: set[str] = set()
+    if target.exists():
+        if not is_results_file(target):
+            raise FlatlabError(f"--measure-out {target} exists and is not a flatlab results file")
+        done = {rid for rid, run in read_results(target).get("runs", {}).items() if len(run) > 1}
+    for ckpt in checkpoints:
+        if run_id_for(ckpt) in done:
+            continue
+        if not quiet:
+            sys.stderr.write(f"measuring {ckpt} ...\n")
+        run_flatlab(["sharpness", str(ckpt), *sharpness_args, "--out", str(target), "--quiet"])
+    return str(target) if target.exists() else None

@@ -281,3 +281,26 @@ def test_chosen_radii(results_file: tuple[Path, dict]) -> None:
     rid = next(iter(known))
     row = next(r for r in report["rows"] if r["run_id"] == rid)
     assert row["local_flatness_source@0.05rel"] == known[rid]["measures"]["lf_source"][1]
+
+
+def test_report_measure_runs_sharpness_once(erm_run, tmp_path, capsys):
+    """--measure measures run folders into --measure-out (the same numbers as flatlab sharpness),
+    and a second report does not measure them again."""
+    import json as _json
+
+    from flatlab.cli import main as cli_main
+
+    out = tmp_path / "m.h5"
+    flags = "--top-k 2 --trace --trace-products 9 --max-samples 200"
+    assert cli_main(["report", str(erm_run), "--measure", "--measure-out", str(out), "--measure-args", flags,
+                     "--json", "--quiet"]) == 0
+    report = _json.loads(capsys.readouterr().out)
+    (row,) = report["rows"]
+    assert cli_main(["sharpness", str(erm_run), *flags.split(), "--json", "--quiet"]) == 0
+    direct = _json.loads(capsys.readouterr().out)
+    assert row["top_eigenvalue"] == pytest.approx(direct["top_eigenvalues"][0], rel=1e-9)
+    stamp = out.stat().st_mtime_ns
+    assert cli_main(["report", str(erm_run), "--measure", "--measure-out", str(out), "--measure-args", flags,
+                     "--json", "--quiet"]) == 0
+    capsys.readouterr()
+    assert out.stat().st_mtime_ns == stamp

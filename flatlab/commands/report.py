@@ -15,9 +15,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "and every measure present (missing shown as '-', never 0). Per measure: Kendall's tau and "
                     "Spearman's rho with p-values against ood_acc and each gap, per test domain and pooled; "
                     "Jiang et al.'s granulated tau over algorithm, bits and seed; means +- standard error per "
-                    "(algorithm, bits). Nothing is measured here: run folders and checkpoints contribute their "
-                    "accuracies only; measure them first with `flatlab sharpness CKPT --out FILE` (curvature, "
-                    "--all for the bounds and local flatness) and pass FILE.")
+                    "(algorithm, bits). Run folders and checkpoints contribute their accuracies only, unless "
+                    "--measure: then each is measured first with `flatlab sharpness` into --measure-out.")
     p.add_argument("results", nargs="+", metavar="RESULTS",
                    help="results files (.h5), stand-alone surface files, run folders or checkpoints")
     p.add_argument("--csv", default=None, metavar="FILE", help="also write the per-run table as CSV (missing = empty cell)")
@@ -27,6 +26,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--radii", default=None, metavar="LIST",
                    help="local-flatness radii to show, as stored (relative or absolute); default: the largest "
                         "radius every measured run shares")
+    p.add_argument("--measure", action="store_true",
+                   help="measure the run folders and checkpoints among RESULTS first (flatlab sharpness with "
+                        "--measure-args) into --measure-out, then report on it too")
+    p.add_argument("--measure-out", default="measures.h5", metavar="FILE",
+                   help="results file the measurements go to (default measures.h5); runs already measured "
+                        "there are not measured again")
+    p.add_argument("--measure-args", default="--top-k 5 --trace --pacbayes", metavar="FLAGS",
+                   help="flatlab sharpness flags for --measure (default '--top-k 5 --trace --pacbayes')")
     add_output_options(p)
     p.set_defaults(func=run)
 
@@ -53,7 +60,16 @@ def run(args: argparse.Namespace) -> int:
     from flatlab.io import atomic_write_text
     from flatlab.report import build_report, report_text, rows_csv
 
-    report = build_report(args.results, parse_list(args.measures), parse_radii(args.radii))
+    inputs = list(args.results)
+    if args.measure:
+        import shlex
+
+        from flatlab.report import measure_checkpoints
+
+        measured = measure_checkpoints(inputs, args.measure_out, shlex.split(args.measure_args), quiet=args.quiet)
+        if measured is not None:
+            inputs.append(measured)
+    report = build_report(inputs, parse_list(args.measures), parse_radii(args.radii))
     if args.csv:
         atomic_write_text(args.csv, rows_csv(report))
         report["csv"] = str(args.csv)
