@@ -43,9 +43,9 @@ class DemoSettings:
     grid_line: str
 
 
-FULL = DemoSettings(width=8, steps=1000, eval_every=100, lr=3e-3, ensemble_seeds=(0, 1, 2), top_k=5,
-                    trace_products=60, density_steps=40, max_samples=1000, gammas_rel="0.02,0.04,0.06,0.08,0.1",
-                    flatness_samples=20, mc_samples=5, grid_2d="-1:1:21", grid_line="-0.5:1.5:41")
+FULL = DemoSettings(width=16, steps=1500, eval_every=100, lr=2e-3, ensemble_seeds=(0, 1, 2), top_k=5,
+                    trace_products=99, density_steps=40, max_samples=1200, gammas_rel="0.02,0.04,0.06,0.08,0.1",
+                    flatness_samples=20, mc_samples=10, grid_2d="-1:1:21", grid_line="-0.5:1.5:41")
 QUICK = DemoSettings(width=4, steps=120, eval_every=40, lr=3e-3, ensemble_seeds=(0, 1, 2), top_k=2,
                      trace_products=9, density_steps=10, max_samples=200, gammas_rel="0.02,0.05,0.1",
                      flatness_samples=4, mc_samples=2, grid_2d="-1:1:5", grid_line="-0.5:1.5:5")
