@@ -349,15 +349,8 @@ class ChunkedDropTest:
         base = self.base_correct / self.n
         return base - (sum(probe.correct) + sum(probe.remaining)) / total, base - sum(probe.correct) / total
 
-    def decide(self, low: float, high: float) -> str | None:
-        """ABOVE / BELOW / WITHIN if the drop bracket [low, high] decides, else None."""
-        if low >= self.target + self.tol:
-            return ABOVE
-        if high <= self.target - self.tol:
-            return BELOW
-        if low > self.target - self.tol and high < self.target + self.tol:
-            return WITHIN
-        return None
+    #: ABOVE / BELOW / WITHIN if the drop bracket [low, high] decides, else None (as DropTest).
+    decide = DropTest.decide
 
     def _statistical(self, probe: NoiseProbe) -> str | None:
         seen = probe.chunk_examples
