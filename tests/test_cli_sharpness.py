@@ -94,3 +94,16 @@ def test_quantized_checkpoint_effective_and_latent(qat_run, capsys):
     assert eff["wrt"] == "effective" and lat["wrt"] == "latent" and eff["quantized"]
     assert eff["num_params"] == lat["num_params"]  # scales are not curvature parameters
     assert eff["top_eigenvalues"][0] > 0 and lat["top_eigenvalues"][0] > 0
+
+
+def test_early_stopping_lanczos_matches_dense_with_fewer_products(mlp_run, capsys):
+    common = [str(mlp_run), "--max-samples", "300", "--top-k", "3", "--json", "--quiet"]
+    dense = _json(capsys, ["sharpness", *common, "--solver", "dense"])
+    arpack = _json(capsys, ["sharpness", *common])
+    early = _json(capsys, ["sharpness", *common, "--rtol", "1e-4"])
+    np.testing.assert_allclose(early["top_eigenvalues"], dense["top_eigenvalues"], rtol=1e-3)
+    assert all(r <= 1e-4 * abs(v) * 1.01 for r, v in zip(early["residuals"], early["top_eigenvalues"]))
+    assert early["eigen_hvps"] < arpack["eigen_hvps"]
+    assert main(["sharpness", str(mlp_run), "--rtol", "-1"]) == 2
+    err = capsys.readouterr().err
+    assert "--rtol must be positive" in err and err.count("\n") == 1

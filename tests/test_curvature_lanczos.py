@@ -54,3 +54,42 @@ def test_same_seed_same_numbers_and_k_limits():
         lanczos_top_eigenvalues(op, k=op.dim + 1)
     with pytest.raises(FlatlabError, match="outside"):
         lanczos_top_eigenvalues(op, k=0)
+
+
+@pytest.mark.parametrize("make_case", [tiny_mlp_case, tiny_cnn_bn_case])
+@pytest.mark.parametrize("rtol", [1e-3, 1e-8])
+def test_early_stopping_lanczos_top5_meets_its_tolerance(make_case, rtol):
+    case = make_case()
+    hessian = np.asarray(dense_hessian(case.model, case.batches, case.loss_fn))
+    exact = dense_spectrum(hessian).eigenvalues[:5]
+    op = HessianOperator(case.model, case.batches, case.loss_fn)
+    result = lanczos_top_eigenvalues(op, k=5, method="lanczos", rtol=rtol, seed=1)
+    assert result.converged
+    assert np.all(np.diff(result.eigenvalues) <= 0)  # largest first
+    # the stopping rule bounds each eigenvalue's error by rtol * |theta| (the residual)
+    assert np.all(np.abs(result.eigenvalues - exact) <= rtol * np.abs(exact))
+    # residuals come from the Lanczos relation, no extra products: they equal ||H u - theta u||
+    true = np.linalg.norm(hessian @ result.eigenvectors - result.eigenvectors * result.eigenvalues, axis=0)
+    np.testing.assert_allclose(result.residuals, true, rtol=1e-6, atol=1e-12 * abs(exact[0]))
+    assert np.all(result.residuals <= rtol * np.abs(result.eigenvalues) * (1 + 1e-6))
+    np.testing.assert_allclose(result.eigenvectors.T @ result.eigenvectors, np.eye(5), atol=1e-8)
+    # one product per Lanczos step, fewer than the ARPACK default path
+    assert result.products == op.num_products
+    arpack = lanczos_top_eigenvalues(HessianOperator(case.model, case.batches, case.loss_fn), k=5)
+    if rtol >= 1e-3:
+        assert result.products < arpack.products
+
+
+def test_unknown_method_and_bad_rtol():
+    matrix = np.diag(np.arange(1.0, 11.0))
+    with pytest.raises(FlatlabError, match="unknown eigenvalue method"):
+        lanczos_top_eigenvalues(matrix, k=2, method="power")
+    with pytest.raises(FlatlabError, match="rtol"):
+        lanczos_top_eigenvalues(matrix, k=2, method="lanczos", rtol=0.0)
+    # A Krylov space (dimension 2) smaller than k: Lanczos restarts from fresh orthogonal vectors and
+    # returns k exact eigenvalues with ~0 residuals. Single-vector Lanczos does not resolve
+    # multiplicities, so which copies of 5 and 1 it returns is not asserted.
+    result = lanczos_top_eigenvalues(np.diag([5.0] * 6 + [1.0] * 6), k=4, method="lanczos", rtol=1e-10)
+    assert len(result.eigenvalues) == 4 and result.eigenvalues[0] == pytest.approx(5.0)
+    assert np.all(np.min(np.abs(result.eigenvalues[:, None] - np.array([5.0, 1.0])), axis=1) < 1e-12)
+    assert np.all(result.residuals < 1e-12)
