@@ -154,6 +154,7 @@ def markdown(rows: list[list[str]], header: list[str]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    global EARLY_STOP_RTOL, SOLVERS
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3, help="seeds per solver (medians are reported)")
     parser.add_argument("--threads", type=int, default=2)
@@ -161,7 +162,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", default="cnn,resnet", help="comma-separated subset of cnn,resnet")
     parser.add_argument("--top-k", default="1,5", help="comma-separated k values")
     parser.add_argument("--no-hvp-cost", action="store_true", help="skip the HVP-vs-gradient cost table")
+    parser.add_argument("--rtol", type=float, default=None,
+                        help=f"stopping rule of the early-stopping Lanczos (default {EARLY_STOP_RTOL:g})")
     args = parser.parse_args(argv)
+    if args.rtol is not None:
+        EARLY_STOP_RTOL = args.rtol
+        SOLVERS = (SOLVERS[0], f"flatlab Lanczos (rtol {EARLY_STOP_RTOL:g})", SOLVERS[2])
     ks = tuple(int(k) for k in args.top_k.split(","))
     cases = {"cnn": digits_cnn_case, "resnet": lambda: resnet18_case(args.resnet_samples)}
     torch.set_num_threads(args.threads)

@@ -123,21 +123,23 @@ def _early_stopping_lanczos(counted: CountingOperator, k: int, rtol: float, max_
     rng = np.random.RandomState(seed)
     q = rng.standard_normal(n)
     # The basis grows by doubling; coefficients[:, j] holds H q_j on q_0..q_{j+1} (H V = V_{m+1} Hbar).
+    # One basis vector per *row*: the projections below then read contiguous memory (with one
+    # vector per column, a ResNet's 11M-long columns made every Gram-Schmidt pass crawl).
     capacity = min(steps + 1, max(2 * k + 2, 32))
-    basis = np.zeros((n, capacity))
+    basis = np.zeros((capacity, n))
     coefficients = np.zeros((steps + 1, steps))
-    basis[:, 0] = q / np.linalg.norm(q)
+    basis[0] = q / np.linalg.norm(q)
     scale = 0.0
     converged = False
     values = vectors_small = np.zeros(0)
     m = 0
     for j in range(steps):
-        w = counted.matvec(basis[:, j])
-        column = basis[:, : j + 1].T @ w
-        w = w - basis[:, : j + 1] @ column
+        w = counted.matvec(basis[j])
+        column = basis[: j + 1] @ w
+        w = w - column @ basis[: j + 1]
         # A second Gram-Schmidt pass (classical Gram-Schmidt twice is orthogonal to rounding).
-        again = basis[:, : j + 1].T @ w
-        w -= basis[:, : j + 1] @ again
+        again = basis[: j + 1] @ w
+        w -= again @ basis[: j + 1]
         column += again
         b = float(np.linalg.norm(w))
         coefficients[: j + 1, j] = column
@@ -157,22 +159,22 @@ def _early_stopping_lanczos(counted: CountingOperator, k: int, rtol: float, max_
                 break
         if m == steps:
             break
-        if m + 1 > basis.shape[1]:
-            basis = np.concatenate([basis, np.zeros((n, min(steps + 1, 2 * basis.shape[1]) - basis.shape[1]))],
-                                   axis=1)
+        if m + 1 > basis.shape[0]:
+            basis = np.concatenate([basis, np.zeros((min(steps + 1, 2 * basis.shape[0]) - basis.shape[0], n))],
+                                   axis=0)
         if b <= 1e-12 * max(scale, 1e-300):
             # Invariant subspace with fewer than k Ritz values: go on from a fresh orthogonal vector.
             w = rng.standard_normal(n)
             for _ in range(2):
-                w -= basis[:, :m] @ (basis[:, :m].T @ w)
+                w -= (basis[:m] @ w) @ basis[:m]
             coefficients[m, j] = 0.0
-            basis[:, m] = w / np.linalg.norm(w)
+            basis[m] = w / np.linalg.norm(w)
             continue
-        basis[:, m] = w / b
+        basis[m] = w / b
     top = min(k, m)
     order = np.arange(m - 1, m - 1 - top, -1)
     values, small = values[order], vectors_small[:, order]
-    vectors = basis[:, :m] @ small
+    vectors = basis[:m].T @ small
     # ||H u - theta u|| = ||Hbar s - theta [s; 0]|| because [V_m, q_{m+1}/beta_m] is orthonormal.
     hbar = coefficients[: m + 1, :m]
     padded = np.vstack([small, np.zeros((1, top))])
