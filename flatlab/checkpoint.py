@@ -202,10 +202,6 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     return Checkpoint(meta=payload["meta"], state_dict=payload["state_dict"], w0=payload["w0"], path=p, extra=extra)
 
 
-def checkpoint_file_size(path: str | os.PathLike[str]) -> int:
-    return Path(path).stat().st_size
-
-
 __all__ = [
     "FORMAT",
     "FORMAT_VERSION",

@@ -147,14 +147,14 @@ def run_demo(directory: str | Path = "flatlab-demo", quick: bool = False, force:
         atomic_write_text(state_path, json.dumps(state, indent=1))
         bar.update(1)
     bar.close()
-    summary = summarize(directory, state)
+    summary = summarize(directory)
     summary["seconds_this_run"] = round(time.perf_counter() - start, 1)
     summary["seconds_total"] = round(sum(v["seconds"] for v in state["done"].values()), 1)
     atomic_write_text(directory / "summary.json", json.dumps(summary, indent=1, sort_keys=True))
     return summary
 
 
-def summarize(directory: Path, state: dict[str, Any]) -> dict[str, Any]:
+def summarize(directory: Path) -> dict[str, Any]:
     """A short table of what the demo found, read back from the results file."""
     from flatlab.report import build_report
 

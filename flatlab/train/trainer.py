@@ -19,10 +19,9 @@ from __future__ import annotations
 import json
 import math
 import random
-import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -374,10 +373,4 @@ def _finished_result(out: Path, already_done: bool, resumed_from: int = 0) -> Tr
                        already_done=already_done)
 
 
-def remove_run(out: Path) -> None:
-    """Delete a run folder (used by ``--fresh`` callers that want a clean slate)."""
-    if out.exists():
-        shutil.rmtree(out)
-
-
-__all__ = ["TrainConfig", "TrainResult", "resolve_device", "seed_everything", "train", "asdict"]
+__all__ = ["TrainConfig", "TrainResult", "resolve_device", "seed_everything", "train"]
