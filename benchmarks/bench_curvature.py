@@ -4,17 +4,18 @@ For the digits CNN (flatlab's SmallCNN, trained briefly on rotated digits) and a
 ResNet-18 (reduced data: a few digits upsampled to 3x16x16, BatchNorm statistics from a few
 training steps), in eval mode and float32, this measures side by side in one run:
 
-* top-1 and top-5 Hessian eigenvalues by flatlab (scipy eigsh, which="LA", and the early-stopping
-  Lanczos, ``method="lanczos"``, rtol 1e-3) and by PyHessian 0.1 (power iteration with deflation,
-  tol 1e-3): Hessian-vector products used, wall time, and the largest relative error against a
-  converged float64 reference (Lanczos, tol 1e-9);
+* top-1 and top-5 Hessian eigenvalues by flatlab (the default early-stopping Lanczos at rtol 1e-3,
+  1e-2 and 1e-1, and ARPACK, scipy eigsh which="LA", tol 1e-4) and by PyHessian 0.1 (power iteration
+  with deflation, tol 1e-3): Hessian-vector products used, wall time, and the largest relative
+  error against a converged float64 reference (ARPACK, tol 1e-9);
 * the time of one full-data HVP by each method (double backward with the cached gradient graph,
-  double backward recomputing it, forward-over-reverse) divided by one full-data gradient.
+  double backward recomputing it, forward-over-reverse) divided by one full-data gradient
+  (medians of 9 interleaved rounds).
 
 Prints a markdown table (medians over --repeats seeds) and ratios. Usage::
 
     python benchmarks/bench_curvature.py [--repeats 3] [--threads 2] [--models cnn,resnet] [--top-k 1,5]
-        [--no-hvp-cost]
+        [--rtol 1e-3,1e-2,1e-1] [--no-hvp-cost]
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import torch
 from torch import nn
 
 from flatlab.curvature import HessianOperator, lanczos_top_eigenvalues
+from flatlab.curvature.lanczos import DEFAULT_RTOL
 from flatlab.curvature.power_iteration import pyhessian_top_eigenvalues
 
 
@@ -71,16 +73,13 @@ def resnet18_case(samples: int = 32) -> tuple[str, nn.Module, list]:
     return f"ResNet-18 ({samples} samples, 16x16)", model, [(x[:samples], y[:samples])]
 
 
-EARLY_STOP_RTOL = 1e-3
+COST_ROUNDS = 9
 
 
-def median_time(fn: Callable[[], object], repeats: int = 3) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def elapsed(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
 
 
 def reference_eigenvalues(model: nn.Module, batches: list, k: int) -> np.ndarray:
@@ -88,7 +87,7 @@ def reference_eigenvalues(model: nn.Module, batches: list, k: int) -> np.ndarray
     model64 = copy.deepcopy(model).double().eval()
     data64 = [(x.double(), y) for x, y in batches]
     op = HessianOperator(model64, data64)
-    result = lanczos_top_eigenvalues(op, k=k, tol=1e-9, ncv=max(2 * k + 1, 20))
+    result = lanczos_top_eigenvalues(op, k=k, tol=1e-9, ncv=max(2 * k + 1, 20), method="arpack")
     return result.eigenvalues
 
 
@@ -97,37 +96,54 @@ def relative_error(found: np.ndarray, reference: np.ndarray) -> float:
     return float(np.max(np.abs(found - reference[: len(found)]) / np.abs(reference[: len(found)])))
 
 
-SOLVERS = ("flatlab ARPACK (tol 1e-4)", f"flatlab Lanczos (rtol {EARLY_STOP_RTOL:g})", "PyHessian (tol 1e-3)")
+PYHESSIAN = "PyHessian (tol 1e-3)"
 ROW_HEADER = ["model", "k", "solver", "HVPs", "HVPs PyHessian / HVPs", "time (s)", "speed-up vs PyHessian",
               "rel. error"]
+Solver = Callable[[HessianOperator, int, int], object]
+
+
+def solvers(rtols: tuple[float, ...]) -> dict[str, Solver]:
+    """The solvers compared, by label: flatlab's early-stopping Lanczos at each rtol (the first is
+    the library default when it is 1e-3), flatlab's ARPACK, PyHessian."""
+    out: dict[str, Solver] = {}
+    for rtol in rtols:
+        label = f"flatlab Lanczos (rtol {rtol:g}{', default' if rtol == DEFAULT_RTOL else ''})"
+        out[label] = lambda op, k, seed, rtol=rtol: lanczos_top_eigenvalues(op, k=k, seed=seed, rtol=rtol)
+    out["flatlab ARPACK (tol 1e-4)"] = lambda op, k, seed: lanczos_top_eigenvalues(op, k=k, tol=1e-4, seed=seed,
+                                                                                   method="arpack")
+    out[PYHESSIAN] = lambda op, k, seed: pyhessian_top_eigenvalues(op, k=k, seed=seed, residuals=False)
+    return out
 
 
 def bench_case(name: str, model: nn.Module, batches: list, repeats: int, rows: list, cost_rows: list,
-               ks: tuple[int, ...] = (1, 5), hvp_cost: bool = True) -> None:
+               ks: tuple[int, ...] = (1, 5), hvp_cost: bool = True, rtols: tuple[float, ...] = (1e-3, 1e-2, 1e-1)) -> None:
     print(f"[{name}] reference ...", file=sys.stderr, flush=True)
     ref = reference_eigenvalues(model, batches, 5)
     if hvp_cost:
-        # cost of one HVP relative to one gradient, same data
+        # One HVP relative to one gradient over the same data. The methods and the gradient are
+        # timed interleaved (each round runs every one once), so all see the same machine load.
         op_grad = HessianOperator(model, batches, graph_cache_bytes=0)
         v = torch.randn(op_grad.dim, generator=torch.Generator().manual_seed(0))
-        t_grad = median_time(op_grad.gradient)
-        costs = {}
-        for label, method, cache in [("double backward, cached graph (default)", "double-backward", None),
-                                     ("double backward, recomputed graph", "double-backward", 0),
-                                     ("forward-over-reverse (torch.func)", "forward-over-reverse", 0)]:
-            op = HessianOperator(model, batches, method=method, graph_cache_bytes=cache)
+        methods = {"double backward, cached graph (default)": ("double-backward", None),
+                   "double backward, recomputed graph": ("double-backward", 0),
+                   "forward-over-reverse (torch.func)": ("forward-over-reverse", 0)}
+        ops = {label: HessianOperator(model, batches, method=method, graph_cache_bytes=cache)
+               for label, (method, cache) in methods.items()}
+        for op in ops.values():
             op.hvp(v)  # warm-up (and, when cached, the graph build)
-            costs[label] = median_time(lambda op=op: op.hvp(v))
-        for label, seconds in costs.items():
+        op_grad.gradient()
+        times: dict[str, list[float]] = {label: [] for label in [*ops, "gradient"]}
+        for _ in range(COST_ROUNDS):
+            for label, op in ops.items():
+                times[label].append(elapsed(lambda op=op: op.hvp(v)))
+            times["gradient"].append(elapsed(op_grad.gradient))
+        t_grad = statistics.median(times["gradient"])
+        for label in ops:
+            seconds = statistics.median(times[label])
             cost_rows.append([name, label, f"{seconds * 1000:.1f}", f"{t_grad * 1000:.1f}", f"{seconds / t_grad:.2f}"])
-    solve = {
-        SOLVERS[0]: lambda op, k, seed: lanczos_top_eigenvalues(op, k=k, tol=1e-4, seed=seed),
-        SOLVERS[1]: lambda op, k, seed: lanczos_top_eigenvalues(op, k=k, seed=seed, method="lanczos",
-                                                                rtol=EARLY_STOP_RTOL),
-        SOLVERS[2]: lambda op, k, seed: pyhessian_top_eigenvalues(op, k=k, seed=seed, residuals=False),
-    }
+    solve = solvers(rtols)
     for k in ks:
-        stats: dict[str, dict[str, list[float]]] = {s: {"hvps": [], "time": [], "err": []} for s in SOLVERS}
+        stats: dict[str, dict[str, list[float]]] = {s: {"hvps": [], "time": [], "err": []} for s in solve}
         for seed in range(repeats):
             for solver, run in solve.items():
                 print(f"[{name}] top-{k} seed {seed} {solver} ...", file=sys.stderr, flush=True)
@@ -140,8 +156,8 @@ def bench_case(name: str, model: nn.Module, batches: list, repeats: int, rows: l
                 print(f"    {found.products} HVPs, {stats[solver]['time'][-1]:.1f} s, "
                       f"rel. error {stats[solver]['err'][-1]:.1e}", file=sys.stderr, flush=True)
         med = {s: {m: statistics.median(v) for m, v in d.items()} for s, d in stats.items()}
-        theirs = med[SOLVERS[2]]
-        for solver in SOLVERS:
+        theirs = med[PYHESSIAN]
+        for solver in solve:
             ours = med[solver]
             rows.append([name, f"top-{k}", solver, f"{ours['hvps']:.0f}", f"{theirs['hvps'] / ours['hvps']:.1f}x",
                          f"{ours['time']:.2f}", f"{theirs['time'] / ours['time']:.1f}x", f"{ours['err']:.1e}"])
@@ -154,7 +170,6 @@ def markdown(rows: list[list[str]], header: list[str]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    global EARLY_STOP_RTOL, SOLVERS
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3, help="seeds per solver (medians are reported)")
     parser.add_argument("--threads", type=int, default=2)
@@ -162,12 +177,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", default="cnn,resnet", help="comma-separated subset of cnn,resnet")
     parser.add_argument("--top-k", default="1,5", help="comma-separated k values")
     parser.add_argument("--no-hvp-cost", action="store_true", help="skip the HVP-vs-gradient cost table")
-    parser.add_argument("--rtol", type=float, default=None,
-                        help=f"stopping rule of the early-stopping Lanczos (default {EARLY_STOP_RTOL:g})")
+    parser.add_argument("--rtol", default="1e-3,1e-2,1e-1",
+                        help="comma-separated stopping rules of the early-stopping Lanczos, one row each")
     args = parser.parse_args(argv)
-    if args.rtol is not None:
-        EARLY_STOP_RTOL = args.rtol
-        SOLVERS = (SOLVERS[0], f"flatlab Lanczos (rtol {EARLY_STOP_RTOL:g})", SOLVERS[2])
+    rtols = tuple(float(r) for r in args.rtol.split(","))
     ks = tuple(int(k) for k in args.top_k.split(","))
     cases = {"cnn": digits_cnn_case, "resnet": lambda: resnet18_case(args.resnet_samples)}
     torch.set_num_threads(args.threads)
@@ -177,13 +190,12 @@ def main(argv: list[str] | None = None) -> int:
     for model_name in args.models.split(","):
         name, model, batches = cases[model_name]()
         before = len(rows)
-        bench_case(name, model, batches, args.repeats, rows, cost_rows, ks, not args.no_hvp_cost)
+        bench_case(name, model, batches, args.repeats, rows, cost_rows, ks, not args.no_hvp_cost, rtols)
         print(markdown(rows[before:], ROW_HEADER), file=sys.stderr, flush=True)
     print(f"torch {torch.__version__}, {args.threads} threads, CPU, float32; medians over {args.repeats} seeds; "
-          f"relative error = max over the k eigenvalues vs a float64 Lanczos reference (tol 1e-9); "
-          f"flatlab ARPACK tol 1e-4 (residual checks included in its HVPs), flatlab early-stopping Lanczos "
-          f"rtol {EARLY_STOP_RTOL:g} (residuals from the Lanczos relation, no extra HVPs), "
-          f"PyHessian tol 1e-3, maxIter 100.\n")
+          f"relative error = max over the k eigenvalues vs a float64 ARPACK reference (tol 1e-9); "
+          f"flatlab early-stopping Lanczos (residuals from the Lanczos relation, no extra HVPs), "
+          f"flatlab ARPACK tol 1e-4 (residual checks included in its HVPs), PyHessian tol 1e-3, maxIter 100.\n")
     print(markdown(rows, ROW_HEADER))
     if cost_rows:
         print()

@@ -48,12 +48,14 @@ def test_default_measures_table_and_results_file(mlp_run, tmp_path, capsys):
     curv = view["runs"][run_id]["curvature"]
     np.testing.assert_array_equal(curv["top_eigenvalues"], first["top_eigenvalues"])
     assert curv["attrs"]["solver"] == "lanczos" and curv["attrs"]["hvps"] == first["hvps"]
+    assert curv["attrs"]["eigen_method"] == "lanczos" and curv["attrs"]["rtol"] == 1e-3
     assert curv["density"].shape == curv["density_grid"].shape
     assert view["runs"][run_id]["attrs"]["model"] == "mlp"
     # no measure flags: top-5 eigenvalues and the trace, as a table on stdout
     assert main(["sharpness", str(mlp_run), "--max-samples", "100", "--quiet"]) == 0
     table = capsys.readouterr().out
     assert "eigenvalue" in table and "trace" in table and table.count("\n") >= 9
+    assert "early-stopping Lanczos (rtol 0.001)" in table
 
 
 def test_pyhessian_solver_says_largest_magnitude(mlp_run, capsys):
@@ -96,14 +98,23 @@ def test_quantized_checkpoint_effective_and_latent(qat_run, capsys):
     assert eff["top_eigenvalues"][0] > 0 and lat["top_eigenvalues"][0] > 0
 
 
-def test_early_stopping_lanczos_matches_dense_with_fewer_products(mlp_run, capsys):
+def test_early_stopping_lanczos_matches_dense_with_fewer_products_than_arpack(mlp_run, capsys):
     common = [str(mlp_run), "--max-samples", "300", "--top-k", "3", "--json", "--quiet"]
     dense = _json(capsys, ["sharpness", *common, "--solver", "dense"])
-    arpack = _json(capsys, ["sharpness", *common])
-    early = _json(capsys, ["sharpness", *common, "--rtol", "1e-4"])
-    np.testing.assert_allclose(early["top_eigenvalues"], dense["top_eigenvalues"], rtol=1e-3)
-    assert all(r <= 1e-4 * abs(v) * 1.01 for r, v in zip(early["residuals"], early["top_eigenvalues"]))
-    assert early["eigen_hvps"] < arpack["eigen_hvps"]
+    arpack = _json(capsys, ["sharpness", *common, "--tol", "1e-5"])
+    early = _json(capsys, ["sharpness", *common])  # the default: early-stopping Lanczos, rtol 1e-3
+    tight = _json(capsys, ["sharpness", *common, "--rtol", "1e-6"])
+    assert arpack["eigen_method"] == "arpack" and arpack["tol"] == 1e-5 and "rtol" not in arpack
+    assert early["eigen_method"] == "lanczos" and early["rtol"] == 1e-3 and "tol" not in early
+    for result, rtol in [(early, 1e-3), (tight, 1e-6)]:
+        # the stopping rule: every residual below rtol |eigenvalue|, which bounds the error
+        assert all(r <= rtol * abs(v) * 1.01 for r, v in zip(result["residuals"], result["top_eigenvalues"]))
+        np.testing.assert_allclose(result["top_eigenvalues"], dense["top_eigenvalues"], rtol=rtol)
+    np.testing.assert_allclose(arpack["top_eigenvalues"], dense["top_eigenvalues"], rtol=1e-4)
+    assert early["eigen_hvps"] < tight["eigen_hvps"] and early["eigen_hvps"] < arpack["eigen_hvps"]
     assert main(["sharpness", str(mlp_run), "--rtol", "-1"]) == 2
     err = capsys.readouterr().err
     assert "--rtol must be positive" in err and err.count("\n") == 1
+    assert main(["sharpness", str(mlp_run), "--rtol", "1e-3", "--tol", "1e-6"]) == 2
+    err = capsys.readouterr().err
+    assert "give one" in err and err.count("\n") == 1

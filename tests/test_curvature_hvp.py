@@ -57,6 +57,12 @@ def test_hvp_equals_dense_hessian_times_v(make_case, method, cache):
     v = torch.from_numpy(block[:, 0])
     torch.testing.assert_close(hessian_vector_product(case.model, case.batches, v, case.loss_fn, method=method),
                                torch.from_numpy(dense @ block[:, 0]), rtol=1e-10, atol=1e-12)
+    # into a caller's buffer (stale contents must not leak into the product)
+    buffer = torch.full((op.dim,), 7.0, dtype=torch.float64)
+    assert op.hvp(v, out=buffer) is buffer
+    torch.testing.assert_close(buffer, torch.from_numpy(dense @ block[:, 0]), rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="out must be"):
+        op.hvp(v, out=torch.zeros(op.dim, dtype=torch.float32))
 
 
 def test_batches_weighted_by_size_not_count():
@@ -189,3 +195,25 @@ def test_auto_falls_back_when_torch_func_cannot_transform():
     explicit = HessianOperator(model, data, loss_fn, method="forward-over-reverse")
     with pytest.raises(FlatlabError, match="double-backward"):
         explicit @ v
+
+
+def test_affine_eval_batchnorm_is_the_same_function_and_is_undone():
+    from flatlab.curvature.hvp import affine_eval_batchnorm
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 4 * 4, 3),
+                          nn.BatchNorm1d(3, affine=False), nn.BatchNorm1d(3, track_running_stats=False)).double()
+    model.train()
+    x = torch.randn(8, 2, 6, 6, dtype=torch.float64)
+    model(x)  # some running statistics
+    model.eval()
+    reference = model(x)
+    with affine_eval_batchnorm(model):
+        patched = [m for m in model.modules() if "forward" in m.__dict__]
+        # eval-mode BatchNorm with running statistics only (the last one normalises by batch statistics)
+        assert patched == [model[1], model[4]]
+        torch.testing.assert_close(model(x), reference, rtol=1e-12, atol=1e-12)
+    assert not any("forward" in m.__dict__ for m in model.modules())
+    model.train()
+    with affine_eval_batchnorm(model):  # training mode uses batch statistics: nothing is patched
+        assert not any("forward" in m.__dict__ for m in model.modules())

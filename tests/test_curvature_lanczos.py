@@ -14,13 +14,18 @@ from flatlab.curvature import (
 )
 from flatlab.errors import FlatlabError
 
+# Both solvers at tight settings: ARPACK at its float64 default tolerance, the early-stopping
+# Lanczos with rtol 1e-9 (the default rtol 1e-3 is tested in test_early_stopping_lanczos_*).
+TIGHT = [{"method": "arpack"}, {"method": "lanczos", "rtol": 1e-9}]
 
+
+@pytest.mark.parametrize("settings", TIGHT, ids=["arpack", "lanczos"])
 @pytest.mark.parametrize("make_case", [tiny_mlp_case, tiny_cnn_bn_case])
-def test_top5_equals_dense_eigenvalues(make_case):
+def test_top5_equals_dense_eigenvalues(make_case, settings):
     case = make_case()
     exact = dense_spectrum(dense_hessian(case.model, case.batches, case.loss_fn)).eigenvalues[:5]
     op = HessianOperator(case.model, case.batches, case.loss_fn)
-    result = lanczos_top_eigenvalues(op, k=5)
+    result = lanczos_top_eigenvalues(op, k=5, **settings)
     np.testing.assert_allclose(result.eigenvalues, exact, rtol=1e-6)
     assert np.all(np.diff(result.eigenvalues) <= 0)  # largest first
     assert np.all(result.residuals < 1e-6 * abs(exact[0]))
@@ -30,24 +35,26 @@ def test_top5_equals_dense_eigenvalues(make_case):
     assert result.products == op.num_products > 5
 
 
-def test_largest_algebraic_not_magnitude():
+@pytest.mark.parametrize("settings", TIGHT, ids=["arpack", "lanczos"])
+def test_largest_algebraic_not_magnitude(settings):
     # A spectrum with a large negative eigenvalue: "LA" must return the positive ones.
     rng = np.random.default_rng(0)
     q, _ = np.linalg.qr(rng.standard_normal((60, 60)))
     values = np.concatenate([[-50.0], np.linspace(10, 0.1, 59)])
-    result = lanczos_top_eigenvalues(q @ np.diag(values) @ q.T, k=3)
+    result = lanczos_top_eigenvalues(q @ np.diag(values) @ q.T, k=3, **settings)
     np.testing.assert_allclose(result.eigenvalues, [10, values[2], values[3]], rtol=1e-8)
 
 
-def test_same_seed_same_numbers_and_k_limits():
+@pytest.mark.parametrize("method", ["arpack", "lanczos"])
+def test_same_seed_same_numbers_and_k_limits(method):
     case = tiny_mlp_case()
     op = HessianOperator(case.model, case.batches, case.loss_fn)
-    a = lanczos_top_eigenvalues(op, k=3, seed=4)
-    b = lanczos_top_eigenvalues(op, k=3, seed=4)
+    a = lanczos_top_eigenvalues(op, k=3, seed=4, method=method)
+    b = lanczos_top_eigenvalues(op, k=3, seed=4, method=method)
     np.testing.assert_array_equal(a.eigenvalues, b.eigenvalues)
     np.testing.assert_array_equal(a.residuals, b.residuals)
     assert a.products == b.products
-    full = lanczos_top_eigenvalues(op, k=op.dim)  # k = n: every eigenvalue
+    full = lanczos_top_eigenvalues(op, k=op.dim, method=method)  # k = n: every eigenvalue
     exact = dense_spectrum(dense_hessian(case.model, case.batches, case.loss_fn)).eigenvalues
     np.testing.assert_allclose(full.eigenvalues, exact, rtol=1e-8, atol=1e-12)
     with pytest.raises(FlatlabError, match="outside"):
@@ -75,7 +82,7 @@ def test_early_stopping_lanczos_top5_meets_its_tolerance(make_case, rtol):
     np.testing.assert_allclose(result.eigenvectors.T @ result.eigenvectors, np.eye(5), atol=1e-8)
     # one product per Lanczos step, fewer than the ARPACK default path
     assert result.products == op.num_products
-    arpack = lanczos_top_eigenvalues(HessianOperator(case.model, case.batches, case.loss_fn), k=5)
+    arpack = lanczos_top_eigenvalues(HessianOperator(case.model, case.batches, case.loss_fn), k=5, method="arpack")
     if rtol >= 1e-3:
         assert result.products < arpack.products
 
@@ -86,6 +93,8 @@ def test_unknown_method_and_bad_rtol():
         lanczos_top_eigenvalues(matrix, k=2, method="power")
     with pytest.raises(FlatlabError, match="rtol"):
         lanczos_top_eigenvalues(matrix, k=2, method="lanczos", rtol=0.0)
+    with pytest.raises(FlatlabError, match="method='arpack'"):
+        lanczos_top_eigenvalues(matrix, k=2, tol=1e-6)  # tol is ARPACK's setting, not the default solver's
     # A Krylov space (dimension 2) smaller than k: Lanczos restarts from fresh orthogonal vectors and
     # returns k exact eigenvalues with ~0 residuals. Single-vector Lanczos does not resolve
     # multiplicities, so which copies of 5 and 1 it returns is not asserted.
@@ -93,3 +102,20 @@ def test_unknown_method_and_bad_rtol():
     assert len(result.eigenvalues) == 4 and result.eigenvalues[0] == pytest.approx(5.0)
     assert np.all(np.min(np.abs(result.eigenvalues[:, None] - np.array([5.0, 1.0])), axis=1) < 1e-12)
     assert np.all(result.residuals < 1e-12)
+
+
+def test_float32_model_keeps_a_float32_basis_and_meets_rtol():
+    # A float32 model: the basis (and the returned eigenvectors) stay float32, products go straight
+    # into a reused buffer, and the stopping rule still bounds the error against the float64 truth.
+    case = tiny_cnn_bn_case()
+    exact = dense_spectrum(dense_hessian(case.model, case.batches, case.loss_fn)).eigenvalues[:3]
+    model32 = case.model.float()
+    batches32 = [(x.float(), y) for x, y in case.batches]
+    op = HessianOperator(model32, batches32, case.loss_fn)
+    result = lanczos_top_eigenvalues(op, k=3, rtol=1e-4, seed=2)
+    assert result.converged and result.eigenvectors.dtype == np.float32
+    assert np.all(np.abs(result.eigenvalues - exact) <= 1e-4 * np.abs(exact) + 1e-5 * abs(exact[0]))
+    hessian = np.asarray(dense_hessian(model32.double(), case.batches, case.loss_fn))
+    vectors = result.eigenvectors.astype(np.float64)
+    true = np.linalg.norm(hessian @ vectors - vectors * result.eigenvalues, axis=0)
+    np.testing.assert_allclose(result.residuals, true, rtol=1e-2, atol=1e-5 * abs(exact[0]))

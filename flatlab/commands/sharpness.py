@@ -63,8 +63,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--density", action="store_true", help="spectral density by stochastic Lanczos quadrature")
     p.add_argument("--per-layer", action="store_true", help="top eigenvalue and trace of every layer's Hessian block")
     p.add_argument("--solver", choices=SOLVERS, default="lanczos",
-                   help="lanczos (default; scipy eigsh), pyhessian (its power iteration, for comparison), "
-                        "dense (float64 validation, small models only)")
+                   help="lanczos (default; early-stopping Lanczos, or ARPACK with --tol), pyhessian (its power "
+                        "iteration, for comparison), dense (float64 validation, small models only)")
     p.add_argument("--wrt", choices=("effective", "latent"), default="effective",
                    help="quantized checkpoints: Hessian w.r.t. the de-quantized (deployed) weights (default) "
                         "or the latent weights through the straight-through estimator")
@@ -74,10 +74,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="measure on a seeded random subset of N samples (default: the whole split)")
     p.add_argument("--batch-size", type=int, default=256, help="samples per forward pass (no effect on the result)")
     p.add_argument("--rtol", type=float, default=None, metavar="R",
-                   help="use Lanczos with full reorthogonalisation that stops once every top-k Ritz value's "
-                        "residual is below R x |eigenvalue| (fewer products than ARPACK; e.g. 1e-3)")
-    p.add_argument("--tol", type=float, default=None,
-                   help="Lanczos relative accuracy (default 1e-5 for float32 models)")
+                   help="Lanczos stops once every top-k eigenvalue's residual ||Hu - lu|| is below R x |l| "
+                        "(default 1e-3; the error of each eigenvalue is below its residual)")
+    p.add_argument("--tol", type=float, default=None, metavar="T",
+                   help="use ARPACK (scipy eigsh, implicitly restarted Lanczos) to relative accuracy T instead "
+                        "of the early-stopping Lanczos: more products, tighter answers (e.g. 1e-6)")
     p.add_argument("--trace-products", type=int, default=99, metavar="M",
                    help="Hessian-vector products for the trace (default 99)")
     p.add_argument("--trace-method", choices=("hutch++", "hutchinson"), default="hutch++")
@@ -118,6 +119,8 @@ def _validate(args: argparse.Namespace) -> None:
         raise FlatlabError(f"--rtol must be positive, got {args.rtol}")
     if args.tol is not None and not args.tol >= 0:
         raise FlatlabError(f"--tol must be non-negative, got {args.tol}")
+    if args.tol is not None and args.rtol is not None:
+        raise FlatlabError("--tol (ARPACK) and --rtol (early-stopping Lanczos) pick different solvers: give one")
     if args.solver == "pyhessian":
         from flatlab.curvature.power_iteration import PYHESSIAN_DENSITY_REFUSAL, import_pyhessian
 
@@ -148,7 +151,7 @@ def measure_curvature(args: argparse.Namespace, model: Any, batches: list, progr
     """Run the requested curvature measures; return (JSON payload part, HDF5 arrays, HDF5 attrs)."""
     from flatlab.curvature import MAX_DENSE_PARAMS, HessianOperator
     from flatlab.curvature.density import gaussian_broadening, slq_density
-    from flatlab.curvature.lanczos import default_tolerance, lanczos_top_eigenvalues
+    from flatlab.curvature.lanczos import DEFAULT_RTOL, lanczos_top_eigenvalues
     from flatlab.curvature.per_layer import per_layer_curvature
     from flatlab.curvature.trace import estimate_trace
     from flatlab.errors import FlatlabError
@@ -166,6 +169,10 @@ def measure_curvature(args: argparse.Namespace, model: Any, batches: list, progr
                              "n_samples": op.num_samples, "seed": args.seed, "num_params": op.dim}
     hvps = 0
     dense = None
+    # Both are Lanczos: early-stopping with full reorthogonalisation (default), or ARPACK with --tol.
+    eigen_settings: dict[str, Any] = (
+        {"method": "arpack", "tol": args.tol} if args.tol is not None
+        else {"method": "lanczos", "rtol": DEFAULT_RTOL if args.rtol is None else args.rtol})
     if args.solver == "dense":
         from flatlab.curvature.dense import dense_hessian, dense_spectrum
 
@@ -185,14 +192,13 @@ def measure_curvature(args: argparse.Namespace, model: Any, batches: list, progr
             payload["note"] = PYHESSIAN_NOTE
             attrs["note"] = PYHESSIAN_NOTE
         else:
-            tol = default_tolerance(op) if args.tol is None else args.tol
-            if args.rtol is not None:
-                result = lanczos_top_eigenvalues(op, k, seed=args.seed, method="lanczos", rtol=args.rtol)
-            else:
-                result = lanczos_top_eigenvalues(op, k, tol=tol, seed=args.seed)
+            result = lanczos_top_eigenvalues(op, k, seed=args.seed, **eigen_settings)
             values, residuals, eig_products = result.eigenvalues, result.residuals, result.products
             payload["converged"] = result.converged
-            attrs["tol"] = tol
+            # "method" alone would be ambiguous next to hvp_method
+            recorded = {("eigen_method" if key == "method" else key): value for key, value in eigen_settings.items()}
+            payload.update(recorded)
+            attrs.update(recorded)
         hvps += eig_products
         payload.update(top_eigenvalues=[float(v) for v in values], residuals=[float(r) for r in residuals],
                        eigen_hvps=int(eig_products))
@@ -231,7 +237,8 @@ def measure_curvature(args: argparse.Namespace, model: Any, batches: list, progr
         attrs.update(density_sigma=sigma, density_steps=int(len(nodes[0])), density_runs=len(nodes),
                      density_hvps=int(products))
     if args.per_layer:
-        layers = per_layer_curvature(op, trace_products=min(args.trace_products, 30), seed=args.seed)
+        layers = per_layer_curvature(op, trace_products=min(args.trace_products, 30), seed=args.seed,
+                                     **eigen_settings)
         hvps += sum(layer.products for layer in layers)
         payload["per_layer"] = [{"layer": L.layer, "num_params": L.num_params, "top_eigenvalue": L.top_eigenvalue,
                                  "residual": L.residual, "trace": L.trace, "trace_stderr": L.trace_stderr,
@@ -253,6 +260,12 @@ def curvature_table(payload: dict[str, Any]) -> str:
     if "top_eigenvalues" in payload:
         rows = [[i + 1, v, r] for i, (v, r) in enumerate(zip(payload["top_eigenvalues"], payload["residuals"]))]
         lines += ["", table(rows, ["k", "eigenvalue", "residual ||Hv - lv||"])]
+        if "eigen_method" in payload:
+            lanczos = payload["eigen_method"] == "lanczos"
+            rule = f"rtol {payload['rtol']:g}" if lanczos else f"tol {payload['tol']:g}"
+            lines.append(f"eigenvalues: {'early-stopping Lanczos' if lanczos else 'ARPACK'} "
+                         f"({rule}), {payload['eigen_hvps']} products"
+                         + ("" if payload.get("converged", True) else ", NOT converged"))
     if "note" in payload:
         lines.append(f"note: {payload['note']}")
     if "trace" in payload:

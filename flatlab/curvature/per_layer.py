@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from flatlab.curvature.hvp import HessianOperator
-from flatlab.curvature.lanczos import lanczos_top_eigenvalues
+from flatlab.curvature.lanczos import DEFAULT_RTOL, lanczos_top_eigenvalues
 from flatlab.curvature.params import parameter_blocks
 from flatlab.curvature.trace import estimate_trace
 
@@ -35,7 +35,8 @@ class LayerCurvature:
 
 
 def per_layer_curvature(operator: HessianOperator, trace_products: int = 30, trace_method: str = "hutch++",
-                        tol: float | None = None, seed: int = 0) -> list[LayerCurvature]:
+                        tol: float | None = None, seed: int = 0, method: str = "lanczos",
+                        rtol: float = DEFAULT_RTOL) -> list[LayerCurvature]:
     """Top eigenvalue (Lanczos) and trace of every layer block of ``operator``'s parameters.
 
     Args:
@@ -43,13 +44,15 @@ def per_layer_curvature(operator: HessianOperator, trace_products: int = 30, tra
         trace_products: products per layer for the trace (capped at the block size for tiny
             blocks, where Hutch++ is then exact).
         trace_method: ``hutch++`` or ``hutchinson``.
-        tol: Lanczos accuracy (default by dtype).
+        tol: ARPACK's accuracy (``method="arpack"`` only; default by dtype).
         seed: seeds Lanczos and the trace probes.
+        method, rtol: the eigenvalue solver and its stopping rule, as in
+            :func:`~flatlab.curvature.lanczos.lanczos_top_eigenvalues`.
     """
     out = []
     for layer, names in parameter_blocks(operator.param_names).items():
         block = operator.restricted(names)
-        eig = lanczos_top_eigenvalues(block, k=1, tol=tol, seed=seed)
+        eig = lanczos_top_eigenvalues(block, k=1, tol=tol, seed=seed, method=method, rtol=rtol)
         products = trace_products
         if trace_method == "hutch++":
             products = max(3, min(trace_products, 3 * block.dim))
