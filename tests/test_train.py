@@ -109,6 +109,27 @@ def test_done_is_noop_and_other_args_refused(erm_run: Path, tmp_path: Path, caps
     assert (run / "model.pt").read_bytes() == before
 
 
+def test_busy_run_folder_is_refused_even_with_fresh(erm_run: Path, tmp_path: Path, capsys):
+    import fcntl
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(erm_run, run)
+    before = (run / "model.pt").read_bytes()
+    same = ["train", "--quiet", "--lr", "3e-3", "--steps", "400", "--eval-every", "100", "--model", "cnn", "--width", "8",
+            "--out", str(run)]
+    with open(run / ".lock", "a+") as held:  # another trainer holds the folder
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        for extra in ([], ["--fresh"]):
+            assert main([*same, *extra]) == 2
+            err = capsys.readouterr().err
+            assert "another `flatlab train` is running" in err and err.count("\n") == 1
+            # nothing deleted: --fresh waits for the lock before it touches the folder
+            assert (run / "model.pt").read_bytes() == before and (run / "done").exists()
+    assert main(same) == 0  # released: the finished run is recognised again
+    assert (run / "model.pt").read_bytes() == before
+
+
 def test_nan_loss_stops_with_error(tmp_path: Path, capsys):
     out = tmp_path / "nan"
     assert main(["train", "--quiet", "--lr", "1e30", "--steps", "40", "--eval-every", "1",

@@ -182,22 +182,23 @@ def train(config: TrainConfig) -> TrainResult:
         "hparams": hparams,
     }
     run_json = out / "run.json"
-    if config.fresh and out.exists():
-        for name in RUN_FILES:
-            (out / name).unlink(missing_ok=True)
-    if run_json.exists():
-        previous = json.loads(run_json.read_text())
-        if previous != args:
-            diff = sorted(k for k in set(previous) | set(args) if previous.get(k) != args.get(k))
-            raise FlatlabError(f"{out} holds a run with other arguments (differs in: {', '.join(diff)}): "
-                               "use another --out, or --fresh to start over")
-        if (out / "done").exists():
-            return _finished_result(out, already_done=True)
-    elif out.exists() and any((out / n).exists() for n in RUN_FILES):
-        raise FlatlabError(f"{out} holds files of another run but no run.json: use another --out or --fresh")
     out.mkdir(parents=True, exist_ok=True)
+    # The lock comes first: --fresh must not delete the files of a run another trainer is writing.
     lock = _lock_run_folder(out)
     try:
+        if config.fresh:
+            for name in RUN_FILES:
+                (out / name).unlink(missing_ok=True)
+        if run_json.exists():
+            previous = json.loads(run_json.read_text())
+            if previous != args:
+                diff = sorted(k for k in set(previous) | set(args) if previous.get(k) != args.get(k))
+                raise FlatlabError(f"{out} holds a run with other arguments (differs in: {', '.join(diff)}): "
+                                   "use another --out, or --fresh to start over")
+            if (out / "done").exists():
+                return _finished_result(out, already_done=True)
+        elif any((out / n).exists() for n in RUN_FILES):
+            raise FlatlabError(f"{out} holds files of another run but no run.json: use another --out or --fresh")
         return _train_locked(config, out, device, dataset, test_envs, trial_seed, model_name, opts, algo_cls,
                              steps, eval_every, hparams, args, run_json)
     finally:
