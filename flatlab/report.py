@@ -37,6 +37,7 @@ column over the runs where it is finite.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import math
 import os
@@ -205,6 +206,11 @@ def _surface_from_node(node: dict[str, Any], name: str, label: str, source: str,
                     raise FlatlabError(f"{source}: surface {name!r} array {key} has shape {arr.shape}, "
                                        f"expected {expected} (len(y), len(x))")
             values[key] = arr
+    if "raw_directions" in node:
+        # The same hash `flatlab surface --directions` records as directions_sha256 when it reuses
+        # these draws: surfaces on shared directions are found by it (plots.collect).
+        raw = np.ascontiguousarray(np.asarray(node["raw_directions"])[: 1 if y is None else 2])
+        attrs["raw_directions_sha256"] = hashlib.sha256(raw.tobytes()).hexdigest()
     return SurfaceRecord(name=name, label=label, xcoordinates=x, ycoordinates=y, values=values, attrs=attrs,
                          source=source, run_id=run_id, quantized=quantized, run_label=run_label or label)
 

@@ -47,6 +47,8 @@ def test_quick_demo_report_figures_summary(demo_dir: Path):
     for stem in ("spectral_density", "local_flatness", "bits_vs_ood_acc"):
         assert f"{stem}.png" in figures and f"{stem}.pdf" in figures
     assert any(name.startswith("contour_") for name in figures)
+    # the FP and 4-bit surfaces on shared draws: found by the hash `flatlab surface` records
+    assert any(name.startswith("contour_shared_") and name.endswith(".png") for name in figures)
     assert any(name.endswith(".html") for name in figures)
     summary = json.loads((demo_dir / "summary.json").read_text())
     assert len(summary["runs"]) == 4

@@ -283,3 +283,54 @@ def test_bad_inputs_exit_2_one_line(demo: tuple[Path, dict], tmp_path: Path, cap
     _expect_error(["figures", str(path), "--measures", "sharpness"], capsys, "unknown measure 'sharpness'")
     _expect_error(["figures", str(path), "--format", "pdf,gif"], capsys, "unknown figure format gif")
     assert not (tmp_path / "notes_figures").exists()
+
+
+def test_shared_direction_surfaces_are_compared_on_one_colour_scale(tmp_path: Path) -> None:
+    import hashlib
+
+    rng = np.random.default_rng(0)
+    raw = rng.standard_normal((2, 40)).astype(np.float32)
+    other = rng.standard_normal((2, 40)).astype(np.float32)
+    digest = hashlib.sha256(np.ascontiguousarray(raw).tobytes()).hexdigest()
+    xx, yy = np.meshgrid(XS, YS)
+    path = tmp_path / "results.h5"
+
+    def surface(run_id: str, name: str, scale: float, quantized: bool, draws: np.ndarray | None,
+                reused: bool = False, xs: np.ndarray = XS) -> np.ndarray:
+        gx, gy = np.meshgrid(xs, YS)
+        z = scale * f_lin(gx, gy)
+        arrays = {"xcoordinates": xs, "ycoordinates": YS, "train_loss": z, "test_loss": 2 * z,
+                  "train_acc": z / 10, "test_acc": z / 20}
+        attrs = {"format": "flatlab-surface", "kind": "reused2d-filter" if reused else "random2d-filter",
+                 "norm": "filter", "weights": "effective (de-quantized)" if quantized else "full precision"}
+        if draws is not None:
+            arrays["raw_directions"] = draws
+        if reused:
+            attrs["directions_sha256"] = digest
+        run_attrs = {"algorithm": "qat" if quantized else "erm", "seed": 0, "test_envs": [0], "domains": ["0", "15"],
+                     **({"bits": 4} if quantized else {})}
+        write_group(path, run_id, run_attrs, f"surfaces/{name}", arrays, attrs)
+        return z
+
+    z_fp = surface("a" * 16, "fp-2d", 1.0, False, raw)  # made the draws
+    z_q = surface("b" * 16, "q-2d", 3.0, True, raw, reused=True)  # reused them
+    surface("c" * 16, "other-2d", 2.0, True, other)  # its own draws: not comparable
+    surface("d" * 16, "q-2d-wide", 2.0, True, raw, reused=True, xs=2 * XS)  # same draws, another grid
+    collection = load_inputs([path])
+    (job,) = _figures(collection, "contour_2d_shared")
+    assert job.data["surfaces"][0].startswith("erm")  # full precision first
+    fig = job.build()
+    titled = [ax for ax in fig.axes if ax.get_title()]
+    assert [ax.get_title().split(": ")[1] for ax in titled] == ["source", "target", "source", "target"]
+    for col, scale in ((0, 1.0), (1, 2.0)):
+        rows = [titled[col], titled[2 + col]]
+        filled = [next(c for c in ax.collections if isinstance(c, ContourSet) and c.filled) for ax in rows]
+        # one set of log-spaced levels spanning both models' losses
+        np.testing.assert_array_equal(filled[0].levels, filled[1].levels)
+        both = scale * np.concatenate([z_fp.ravel(), z_q.ravel()])
+        np.testing.assert_allclose(filled[0].levels[[0, -1]], [both.min(), both.max()], rtol=1e-8)
+    # 2 colour bars (one per column) besides the 4 panels
+    assert len(fig.axes) == 6
+    with pytest.raises(Exception, match="different grids"):
+        wide = next(s for s in collection.surfaces if s.name == "q-2d-wide")
+        splots.contour_2d_shared([collection.surfaces[0], wide])

@@ -24,6 +24,7 @@ from flatlab.plots.measures import (
 from flatlab.plots.style import OKABE_ITO, save_figure
 from flatlab.plots.surfaces import (
     contour_2d,
+    contour_2d_shared,
     loss_curves_1d,
     surface_3d,
     surface_html,
@@ -37,6 +38,7 @@ __all__ = [
     "FlatnessSeries",
     "bits_sweep",
     "contour_2d",
+    "contour_2d_shared",
     "local_flatness",
     "loss_curves_1d",
     "measure_vs_ood",

@@ -189,6 +189,34 @@ def flatness_series(collection: Collection) -> tuple[list[mplots.FlatnessSeries]
     return series, relative
 
 
+def shared_direction_groups(collection: Collection) -> list[list[SurfaceRecord]]:
+    """2D surfaces computed on the same random draws and the same grid, two or more per group.
+
+    A surface that made its own draws is keyed by the hash of its ``raw_directions``; one that
+    reused draws (``flatlab surface --directions``) records that hash as ``directions_sha256``.
+    Within a group full-precision models come first, then by label.
+    """
+    groups: dict[tuple[str, tuple[float, ...], tuple[float, ...]], list[SurfaceRecord]] = {}
+    for s in collection.surfaces:
+        if s.dims != 2 or s.ycoordinates is None:
+            continue
+        key = s.attrs.get("directions_sha256") or s.attrs.get("raw_directions_sha256")
+        if not key:
+            continue
+        grid = (tuple(np.round(s.xcoordinates, 12)), tuple(np.round(s.ycoordinates, 12)))
+        groups.setdefault((str(key), *grid), []).append(s)
+    return [sorted(members, key=lambda c: (bool(c.quantized), c.label)) for members in groups.values()
+            if len(members) >= 2]
+
+
+def shared_group_slug(members: Sequence[SurfaceRecord], collection: Collection) -> str:
+    """A file-name stem for a shared-direction group: its models' run slugs joined by ``-vs-``, then
+    the first surface's name (two groups of the same models differ in it)."""
+    parts = [run_slug(collection.runs[m.run_id]) if m.run_id in collection.runs else slug(Path(m.source).stem)
+             for m in members]
+    return slug(f"{'-vs-'.join(parts)}-{members[0].name}")
+
+
 # --- jobs --------------------------------------------------------------------------------------
 
 def figure_jobs(collection: Collection, measures: Sequence[str] | None = None,
@@ -223,6 +251,13 @@ def figure_jobs(collection: Collection, measures: Sequence[str] | None = None,
                               vtp=lambda base, s=s: [splots.write_vtp(f"{base}_{split}.vtp", s, split)
                                                      for split, prefix in splots.SPLITS
                                                      if f"{prefix}_loss" in s.values]))
+
+    for members in shared_direction_groups(collection):
+        names = " vs ".join(m.run_label or m.label for m in members)
+        jobs.append(FigureJob("contour_2d_shared", f"contour_shared_{shared_group_slug(members, collection)}",
+                              build=lambda m=members, t=names: splots.contour_2d_shared(
+                                  m, f"{t}: loss contours on shared directions (one colour scale)"),
+                              data={"surfaces": [m.label for m in members]}))
 
     curves = density_curves(collection)
     if curves:

@@ -172,6 +172,70 @@ def contour_2d(surface: Any, title: str | None = None, levels: int = 25) -> Any:
     return fig
 
 
+def contour_2d_shared(surfaces: Sequence[Any], title: str | None = None, levels: int = 25) -> Any:
+    """Several models' 2D surfaces on the same directions and grid, one row per model, source and
+    target in columns, with one set of log-spaced levels and one colour bar per column.
+
+    With shared random directions (``flatlab surface --directions``) and a shared colour scale,
+    the area inside a contour is directly comparable between models (e.g. full precision vs
+    4-bit), which separate figures with their own scales are not.
+    """
+    from matplotlib.colors import LogNorm
+    from matplotlib.ticker import MaxNLocator
+
+    if len(surfaces) < 2:
+        raise FlatlabError("a shared-direction comparison needs at least two surfaces")
+    first = surfaces[0]
+    if any(s.ycoordinates is None for s in surfaces):
+        raise FlatlabError("a shared-direction comparison needs 2D surfaces")
+    for s in surfaces[1:]:
+        if not (np.array_equal(s.xcoordinates, first.xcoordinates) and np.array_equal(s.ycoordinates, first.ycoordinates)):
+            raise FlatlabError(f"surfaces {first.name!r} and {s.name!r} lie on different grids: compare them on one grid")
+    xlab, ylab = axis_labels(first)
+    with style():
+        fig = new_figure(7.0, 2.6 * len(surfaces) + 0.4)
+        axes = np.asarray(fig.subplots(len(surfaces), 2, squeeze=False))
+        for col, (split, prefix) in enumerate(SPLITS):
+            stored = [s.values.get(f"{prefix}_loss") for s in surfaces]
+            present = [z for z in stored if z is not None]
+            if not present:
+                for ax in axes[:, col]:
+                    ax.set_axis_off()
+                    ax.set_title(f"{split}: not stored")
+                continue
+            zl = _log_levels(np.concatenate([z.ravel() for z in present]), levels)
+            filled = None
+            for row, (s, z) in enumerate(zip(surfaces, stored)):
+                ax = axes[row, col]
+                name = s.run_label or s.label
+                if z is None:
+                    ax.set_axis_off()
+                    ax.set_title(f"{name}, {split}: not stored")
+                    continue
+                masked = np.ma.masked_invalid(z)
+                filled = ax.contourf(s.xcoordinates, s.ycoordinates, masked, levels=zl,
+                                     norm=LogNorm(vmin=zl[0], vmax=zl[-1]), cmap=SEQUENTIAL_CMAP)
+                ax.contour(s.xcoordinates, s.ycoordinates, masked, levels=zl[::3], colors="white",
+                           linewidths=0.4, alpha=0.6)
+                if s.xcoordinates.min() <= 0 <= s.xcoordinates.max() and s.ycoordinates.min() <= 0 <= s.ycoordinates.max():
+                    ax.plot([0], [0], marker="*", color="#D55E00", markersize=9, markeredgecolor="white",
+                            markeredgewidth=0.5, linestyle="none", gid="origin")
+                ax.set_title(f"{name}: {split}", fontsize=8)
+                ax.set_xlabel(xlab if row == len(surfaces) - 1 else "")  # same grid: label the bottom row
+                ax.set_ylabel(ylab)
+                ax.xaxis.set_major_locator(MaxNLocator(5))
+                ax.grid(False)
+            if filled is not None:
+                bar = fig.colorbar(filled, ax=list(axes[:, col]))
+                ticks = _nice_log_ticks(zl[0], zl[-1])
+                bar.set_ticks(ticks, labels=[f"{t:g}" for t in ticks])
+                bar.ax.minorticks_off()
+                bar.set_label(f"{LOSS_LABEL}, {split}")
+        if title:
+            fig.suptitle(title)
+    return fig
+
+
 def surface_3d(surface: Any, title: str | None = None) -> Any:
     """Static 3D view of the source and target loss over the 2D grid (matplotlib)."""
     import mpl_toolkits.mplot3d  # noqa: F401  (registers the 3d projection)
