@@ -92,14 +92,19 @@ def test_resume_after_sigkill_equals_uninterrupted(tmp_path: Path):
                 assert x[key] == y[key], key
 
 
-def test_done_is_noop_and_other_args_refused(erm_run: Path, tmp_path: Path, capsys):
+def _copy_of_erm_run(erm_run: Path, tmp_path: Path) -> tuple[Path, bytes, list[str]]:
+    """A writable copy of the erm_run fixture, its model bytes, and the command that trained it."""
     import shutil
 
     run = tmp_path / "run"
     shutil.copytree(erm_run, run)
-    before = (run / "model.pt").read_bytes()
     same = ["train", "--quiet", "--lr", "3e-3", "--steps", "400", "--eval-every", "100", "--model", "cnn", "--width", "8",
             "--out", str(run)]
+    return run, (run / "model.pt").read_bytes(), same
+
+
+def test_done_is_noop_and_other_args_refused(erm_run: Path, tmp_path: Path, capsys):
+    run, before, same = _copy_of_erm_run(erm_run, tmp_path)
     assert main(same) == 0
     assert (run / "model.pt").read_bytes() == before
     assert main(["train", "--lr", "3e-3", "--steps", "500", "--eval-every", "100", "--model", "cnn", "--width", "8",
@@ -111,13 +116,8 @@ def test_done_is_noop_and_other_args_refused(erm_run: Path, tmp_path: Path, caps
 
 def test_busy_run_folder_is_refused_even_with_fresh(erm_run: Path, tmp_path: Path, capsys):
     import fcntl
-    import shutil
 
-    run = tmp_path / "run"
-    shutil.copytree(erm_run, run)
-    before = (run / "model.pt").read_bytes()
-    same = ["train", "--quiet", "--lr", "3e-3", "--steps", "400", "--eval-every", "100", "--model", "cnn", "--width", "8",
-            "--out", str(run)]
+    run, before, same = _copy_of_erm_run(erm_run, tmp_path)
     with open(run / ".lock", "a+") as held:  # another trainer holds the folder
         fcntl.flock(held.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         for extra in ([], ["--fresh"]):
