@@ -118,3 +118,16 @@ def test_early_stopping_lanczos_matches_dense_with_fewer_products_than_arpack(ml
     assert main(["sharpness", str(mlp_run), "--rtol", "1e-3", "--tol", "1e-6"]) == 2
     err = capsys.readouterr().err
     assert "give one" in err and err.count("\n") == 1
+
+
+def test_lanczos_memory_cap_is_reported_not_hidden(mlp_run, capsys, monkeypatch):
+    import flatlab.curvature.lanczos as lanczos
+
+    monkeypatch.setattr(lanczos, "DEFAULT_MAX_BASIS_BYTES", 8 * 610 * 4)  # 8 float32 vectors of 610
+    args = ["sharpness", str(mlp_run), "--max-samples", "100", "--top-k", "3", "--rtol", "1e-9", "--quiet"]
+    result = _json(capsys, [*args, "--json"])
+    assert result["converged"] is False and result["eigen_hvps"] == 7
+    assert "memory cap (8 vectors" in result["eigen_note"]
+    assert main(args) == 0
+    table = capsys.readouterr().out
+    assert "NOT converged" in table and "note: Lanczos stopped at its basis memory cap" in table

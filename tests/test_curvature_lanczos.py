@@ -119,3 +119,19 @@ def test_float32_model_keeps_a_float32_basis_and_meets_rtol():
     vectors = result.eigenvectors.astype(np.float64)
     true = np.linalg.norm(hessian @ vectors - vectors * result.eigenvalues, axis=0)
     np.testing.assert_allclose(result.residuals, true, rtol=1e-2, atol=1e-5 * abs(exact[0]))
+
+
+def test_basis_memory_cap_stops_unconverged_with_a_note():
+    # 200 closely spaced eigenvalues: rtol 1e-12 needs many steps; a cap of 12 vectors stops it.
+    matrix = np.diag(np.linspace(1.0, 1.1, 200))
+    vector_bytes = 200 * 8  # a numpy operator: float64 basis
+    result = lanczos_top_eigenvalues(matrix, k=3, rtol=1e-12, max_basis_bytes=12 * vector_bytes)
+    assert not result.converged and result.products == 11  # 11 steps + the next vector = 12 stored
+    assert "memory cap (12 vectors" in result.note and "method='arpack'" in result.note
+    # still an honest answer: every residual bounds its Ritz value's distance to the spectrum
+    exact = np.linspace(1.0, 1.1, 200)
+    for value, residual in zip(result.eigenvalues, result.residuals):
+        assert np.min(np.abs(exact - value)) <= residual + 1e-12
+    with pytest.raises(FlatlabError, match="max_basis_bytes"):
+        lanczos_top_eigenvalues(matrix, k=3, max_basis_bytes=3 * vector_bytes)
+    assert lanczos_top_eigenvalues(matrix, k=3, rtol=1e-2).note == ""

@@ -195,6 +195,8 @@ def measure_curvature(args: argparse.Namespace, model: Any, batches: list, progr
             result = lanczos_top_eigenvalues(op, k, seed=args.seed, **eigen_settings)
             values, residuals, eig_products = result.eigenvalues, result.residuals, result.products
             payload["converged"] = result.converged
+            if result.note:
+                payload["eigen_note"] = result.note
             # "method" alone would be ambiguous next to hvp_method
             recorded = {("eigen_method" if key == "method" else key): value for key, value in eigen_settings.items()}
             payload.update(recorded)
@@ -266,6 +268,8 @@ def curvature_table(payload: dict[str, Any]) -> str:
             lines.append(f"eigenvalues: {'early-stopping Lanczos' if lanczos else 'ARPACK'} "
                          f"({rule}), {payload['eigen_hvps']} products"
                          + ("" if payload.get("converged", True) else ", NOT converged"))
+        if "eigen_note" in payload:
+            lines.append(f"note: {payload['eigen_note']}")
     if "note" in payload:
         lines.append(f"note: {payload['note']}")
     if "trace" in payload:

@@ -47,6 +47,7 @@ class EigenResult:
     residuals: np.ndarray
     products: int
     converged: bool = True
+    note: str = ""  # why it stopped before converging, and what to do about it
 
 
 def default_tolerance(operator: Any) -> float:
@@ -59,11 +60,14 @@ def default_tolerance(operator: Any) -> float:
 LANCZOS_METHODS = ("lanczos", "arpack")
 #: Default stopping rule of the early-stopping Lanczos (relative Ritz residual).
 DEFAULT_RTOL = 1e-3
+#: Default memory cap of the early-stopping Lanczos basis on CPU (8 GiB: 190 steps of ResNet-18
+#: in float32).
+DEFAULT_MAX_BASIS_BYTES = 8 * 1024**3
 
 
 def lanczos_top_eigenvalues(operator: Any, k: int = 1, tol: float | None = None, ncv: int | None = None,
                             maxiter: int | None = None, seed: int = 0, method: str = "lanczos",
-                            rtol: float = DEFAULT_RTOL) -> EigenResult:
+                            rtol: float = DEFAULT_RTOL, max_basis_bytes: int | None = None) -> EigenResult:
     r"""The ``k`` largest (algebraic) eigenvalues of a symmetric operator, with residuals.
 
     Args:
@@ -81,6 +85,10 @@ def lanczos_top_eigenvalues(operator: Any, k: int = 1, tol: float | None = None,
         rtol: ``method="lanczos"``: stop when every top-``k`` residual estimate
             :math:`|\beta_m s_{m,i}| \le \text{rtol}\,|\theta_i|` (default 1e-3: each eigenvalue
             is then within 1e-3 relative of the spectrum, and in practice far closer).
+        max_basis_bytes: ``method="lanczos"``: the most memory its basis may take (default
+            :data:`DEFAULT_MAX_BASIS_BYTES` on CPU, half the free memory on CUDA). Each step
+            stores one vector of the operator's size; at the cap it stops, unconverged, with a
+            note (ARPACK restarts and needs ``ncv`` vectors only).
 
     Returns:
         :class:`EigenResult` with eigenvalues largest first. Eigenvectors are columns, in the
@@ -104,7 +112,7 @@ def lanczos_top_eigenvalues(operator: Any, k: int = 1, tol: float | None = None,
         if not rtol > 0:
             raise FlatlabError(f"rtol must be positive, got {rtol}")
         if k < n - 1 and n > 3:
-            return _early_stopping_lanczos(counted, k, rtol, maxiter, seed)
+            return _early_stopping_lanczos(counted, k, rtol, maxiter, seed, max_basis_bytes)
     tol = default_tolerance(operator) if tol is None else tol
     rng = np.random.RandomState(seed)
     converged = True
@@ -208,8 +216,15 @@ class _RowBasis:
         return out
 
 
+def _basis_budget(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free // 2)
+    return DEFAULT_MAX_BASIS_BYTES
+
+
 def _early_stopping_lanczos(counted: CountingOperator, k: int, rtol: float, max_steps: int | None,
-                            seed: int) -> EigenResult:
+                            seed: int, max_basis_bytes: int | None = None) -> EigenResult:
     """Lanczos with full reorthogonalisation from a seeded Gaussian start, stopped on the top-``k``
     Ritz residual estimates (see the module docstring).
 
@@ -223,6 +238,15 @@ def _early_stopping_lanczos(counted: CountingOperator, k: int, rtol: float, max_
     n = counted.shape[0]
     steps = min(n, max(300, 20 * k)) if max_steps is None else max(k, min(n, max_steps))
     apply, dtype, device = _torch_product(counted)
+    budget = _basis_budget(device) if max_basis_bytes is None else int(max_basis_bytes)
+    vector_bytes = n * torch.finfo(dtype).bits // 8
+    affordable = budget // vector_bytes - 1  # the basis holds steps + 1 vectors
+    capped = affordable < steps
+    if capped:
+        if affordable < k + 1:
+            raise FlatlabError(f"the Lanczos basis for top-{k} of {n} parameters needs more than {budget} bytes "
+                               f"({vector_bytes} per vector): raise max_basis_bytes, or use ARPACK (method='arpack', CLI --tol)")
+        steps = affordable
     # Start (and restart) vectors come from a seeded CPU generator in float64, so a run gives the
     # same numbers whatever the dtype or device.
     generator = torch.Generator().manual_seed(seed)
@@ -291,7 +315,12 @@ def _early_stopping_lanczos(counted: CountingOperator, k: int, rtol: float, max_
     hbar = coefficients[: m + 1, :m]
     padded = np.vstack([small, np.zeros((1, top))])
     residuals = np.linalg.norm(hbar @ small - values * padded, axis=0)
-    return EigenResult(values, vectors, residuals, counted.count, converged)
+    note = ""
+    if not converged:
+        limit = f"its basis memory cap ({m + 1} vectors, {budget} bytes)" if capped and m == steps else f"{m} steps"
+        note = (f"Lanczos stopped at {limit} before every top-{k} residual met rtol {rtol:g}: "
+                "raise rtol, or use ARPACK (method='arpack', CLI --tol: it restarts, so its memory stays bounded)")
+    return EigenResult(values, vectors, residuals, counted.count, converged, note)
 
 
 def as_operator(operator: Any) -> LinearOperator:
@@ -301,4 +330,4 @@ def as_operator(operator: Any) -> LinearOperator:
     return operator if isinstance(operator, LinearOperator) else aslinearoperator(operator)
 
 
-__all__ = ["DEFAULT_RTOL", "LANCZOS_METHODS", "EigenResult", "as_operator", "default_tolerance", "lanczos_top_eigenvalues"]
+__all__ = ["DEFAULT_MAX_BASIS_BYTES", "DEFAULT_RTOL", "LANCZOS_METHODS", "EigenResult", "as_operator", "default_tolerance", "lanczos_top_eigenvalues"]
