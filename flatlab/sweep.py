@@ -57,7 +57,8 @@ CURVATURE_KEYS: dict[str, tuple[str, str]] = {
     "trace_method": (STR, "--trace-method"), "density": (BOOL, "--density"),
     "density_steps": (INT, "--density-steps"), "density_runs": (INT, "--density-runs"),
     "per_layer": (BOOL, "--per-layer"), "solver": (STR, "--solver"), "wrt": (STR, "--wrt"),
-    "params": (STR, "--params"), "split": (STR, "--split"), "tol": (FLOAT, "--tol"), "hvp": (STR, "--hvp"),
+    "params": (STR, "--params"), "split": (STR, "--split"), "rtol": (FLOAT, "--rtol"), "tol": (FLOAT, "--tol"),
+    "hvp": (STR, "--hvp"),
 }
 #: ``[measure.bounds]`` key -> (kind, flag); ``measures`` picks the bounds.
 BOUND_KEYS: dict[str, tuple[str, str]] = {
@@ -446,6 +447,10 @@ def _validate_measure(measure: dict[str, Any], path: Path) -> None:
                 except FlatlabError as exc:
                     raise FlatlabError(f"{path}: [measure.local_flatness] {exc}") from None
     curv = measure.get("curvature")
+    if curv is not None and "rtol" in curv and "tol" in curv:
+        raise FlatlabError(f"{path}: [measure.curvature] give rtol (early-stopping Lanczos) or tol (ARPACK), not both")
+    if curv is not None and curv.get("rtol", 1.0) <= 0:
+        raise FlatlabError(f"{path}: [measure.curvature] rtol must be positive, got {curv['rtol']}")
     if curv is not None and not any(curv.get(k) for k in ("top_k", "trace", "density", "per_layer")):
         raise FlatlabError(f"{path}: [measure.curvature] asks for nothing: set top_k, trace, density or per_layer")
 

@@ -103,6 +103,8 @@ def _one_error_line(capsys: pytest.CaptureFixture[str]) -> str:
     (('dataset = "rotated-digits"', 'dataset = "MNIST-C"'), "unknown data set 'MNIST-C'"),
     (('variant = "qat4"', 'variant = "qat8"'), "unknown variant 'qat8'"),
     (("test_envs = [0]", "test_envs = [9]"), "unknown domain '9'"),
+    (("[measure.curvature]", "[measure.curvature]\nrtol = 1e-2\ntol = 1e-6"), "give rtol"),
+    (("[measure.curvature]", "[measure.curvature]\nrtol = 0.0"), "rtol must be positive"),
 ])
 def test_bad_study_exits_2_with_one_line(tmp_path, capsys, change, expected):
     path = _study(tmp_path, TINY.replace(*change))
