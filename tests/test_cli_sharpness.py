@@ -131,3 +131,55 @@ def test_lanczos_memory_cap_is_reported_not_hidden(mlp_run, capsys, monkeypatch)
     assert main(args) == 0
     table = capsys.readouterr().out
     assert "NOT converged" in table and "note: Lanczos stopped at its basis memory cap" in table
+
+
+class _Killed(Exception):
+    """Stands in for a crash in the middle of a measurement."""
+
+
+def test_interrupted_measurement_resumes_from_its_results_file(mlp_run, tmp_path, capsys, monkeypatch):
+    import flatlab.curvature.lanczos as lanczos
+    import flatlab.curvature.trace as trace
+    import flatlab.sharpness as sharpness
+
+    out = tmp_path / "results.h5"
+    args = ["sharpness", str(mlp_run), "--max-samples", "200", "--top-k", "2", "--trace", "--trace-products", "12",
+            "--pacbayes", "--local-flatness", "--gammas-rel", "0,0.05", "--mc-samples", "3",
+            "--flatness-samples", "4", "--bisection-depth", "6", "--json", "--quiet"]
+    reference = _json(capsys, args)  # no --out: computed whole, nothing stored
+    assert "resumed" not in reference and "bounds_resumed" not in reference
+
+    def killed(*_args, **_kwargs):
+        raise _Killed
+
+    # 1. killed during the trace: the eigenvalues are already in the file, marked incomplete
+    with monkeypatch.context() as m:
+        m.setattr(trace, "estimate_trace", killed)
+        with pytest.raises(_Killed):
+            main([*args, "--out", str(out)])
+    capsys.readouterr()
+    curv = read_results(out)["runs"][run_id_for(mlp_run)]["curvature"]
+    assert not curv["attrs"]["complete"] and "top_eigenvalues" in curv and "trace" not in curv
+    # 2. rerun, killed in local flatness: eigenvalues reused (Lanczos must not run), trace and
+    #    PAC-Bayes computed and stored
+    with monkeypatch.context() as m:
+        m.setattr(lanczos, "lanczos_top_eigenvalues", killed)
+        m.setattr(sharpness, "local_flatness", killed)
+        with pytest.raises(_Killed):
+            main([*args, "--out", str(out)])
+    capsys.readouterr()
+    # 3. rerun: only local flatness is left to compute
+    with monkeypatch.context() as m:
+        m.setattr(lanczos, "lanczos_top_eigenvalues", killed)
+        m.setattr(trace, "estimate_trace", killed)
+        m.setattr(sharpness, "pacbayes_bounds", killed)
+        resumed = _json(capsys, [*args, "--out", str(out)])
+    assert resumed["resumed"] == ["eigen", "trace"] and resumed["bounds_resumed"] == ["pacbayes"]
+    for key in ("top_eigenvalues", "residuals", "trace", "trace_stderr", "hvps", "pacbayes", "local_flatness"):
+        assert resumed[key] == reference[key], key  # the same numbers as one uninterrupted run
+    view = read_results(out)["runs"][run_id_for(mlp_run)]
+    assert view["curvature"]["attrs"]["complete"]
+    assert set(view["bounds"]) >= {"pacbayes"} and "local_flatness" in view
+    # 4. other settings are computed again, not taken from the file
+    changed = _json(capsys, [*args, "--out", str(out), "--rtol", "1e-6", "--seed", "1"])
+    assert "resumed" not in changed and "bounds_resumed" not in changed

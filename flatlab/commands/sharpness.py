@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -147,14 +149,41 @@ class _Progress:
         self.bar.close()
 
 
-def measure_curvature(args: argparse.Namespace, model: Any, batches: list, progress: Any) -> tuple[dict, dict, dict]:
-    """Run the requested curvature measures; return (JSON payload part, HDF5 arrays, HDF5 attrs)."""
+CURVATURE_STEPS = ("eigen", "trace", "density", "per_layer")
+
+
+def curvature_step_settings(args: argparse.Namespace, device_type: str) -> dict[str, dict[str, Any]]:
+    """What each curvature step's numbers depend on (besides the checkpoint), for its fingerprint."""
+    common = {"split": args.split, "max_samples": args.max_samples, "seed": args.seed, "params": args.params,
+              "wrt": args.wrt, "solver": args.solver, "hvp": args.hvp, "batch_size": args.batch_size,
+              "device": device_type}
+    eigen = {"tol": args.tol, "rtol": args.rtol}
+    return {"eigen": {**common, **eigen, "top_k": args.top_k},
+            "trace": {**common, "trace_products": args.trace_products, "trace_method": args.trace_method},
+            "density": {**common, "density_steps": args.density_steps, "density_runs": args.density_runs},
+            "per_layer": {**common, **eigen, "trace_products": min(args.trace_products, 30)}}
+
+
+def requested_curvature_steps(args: argparse.Namespace) -> list[str]:
+    flags = {"eigen": args.top_k is not None, "trace": args.trace, "density": args.density,
+             "per_layer": args.per_layer}
+    return [step for step in CURVATURE_STEPS if flags[step]]
+
+
+def measure_curvature(args: argparse.Namespace, model: Any, batches: list, progress: Any,
+                      stored: dict[str, Any] | None = None,
+                      save: Callable[[dict[str, Any]], None] | None = None) -> tuple[dict, dict, dict]:
+    """Run the requested curvature measures; return (JSON payload part, HDF5 arrays, HDF5 attrs).
+
+    Args:
+        stored: step records of an earlier, interrupted run with ``--out`` (``{step: {"fingerprint",
+            "payload", "arrays", "attrs", "products"}}``); a step whose fingerprint matches is
+            taken from there instead of being computed again.
+        save: called with the step records after every computed step (writes them to ``--out``).
+    """
     from flatlab.curvature import MAX_DENSE_PARAMS, HessianOperator
-    from flatlab.curvature.density import gaussian_broadening, slq_density
-    from flatlab.curvature.lanczos import DEFAULT_RTOL, lanczos_top_eigenvalues
-    from flatlab.curvature.per_layer import per_layer_curvature
-    from flatlab.curvature.trace import estimate_trace
     from flatlab.errors import FlatlabError
+    from flatlab.resume import fingerprint, from_jsonable, to_jsonable
 
     op = HessianOperator(model, batches, params=args.params, method=args.hvp, progress=progress)
     k = args.top_k
@@ -167,22 +196,66 @@ def measure_curvature(args: argparse.Namespace, model: Any, batches: list, progr
     arrays: dict[str, Any] = {}
     attrs: dict[str, Any] = {"solver": args.solver, "wrt": args.wrt, "params": args.params, "split": args.split,
                              "n_samples": op.num_samples, "seed": args.seed, "num_params": op.dim}
+    fingerprints = {step: fingerprint(settings)
+                    for step, settings in curvature_step_settings(args, str(op.device.type)).items()}
+    records: dict[str, Any] = {}
+    resumed: list[str] = []
     hvps = 0
-    dense = None
+    dense: list[Any] = []  # the dense spectrum, computed once if a step needs it
+    for step in requested_curvature_steps(args):
+        record = (stored or {}).get(step)
+        if record is not None and record.get("fingerprint") == fingerprints[step]:
+            resumed.append(step)
+        else:
+            part, part_arrays, part_attrs, products = _curvature_step(step, args, model, batches, op, dense)
+            record = {"fingerprint": fingerprints[step], "payload": part, "arrays": to_jsonable(part_arrays),
+                      "attrs": part_attrs, "products": int(products)}
+        records[step] = record
+        payload.update(record["payload"])
+        arrays.update(from_jsonable(record["arrays"]))
+        attrs.update(record["attrs"])
+        hvps += int(record["products"])
+        if save is not None and step not in resumed:
+            save(records)
+    payload["hvps"] = int(hvps)
+    attrs["hvps"] = int(hvps)
+    attrs["hvp_method"] = op.method
+    if "density" in records:
+        payload["density_stored"] = bool(args.out)
+    if resumed:
+        payload["resumed"] = resumed
+    attrs["steps_json"] = json.dumps(records)
+    return payload, arrays, attrs
+
+
+def _curvature_step(step: str, args: argparse.Namespace, model: Any, batches: list, op: Any,
+                    dense: list[Any]) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any], int]:
+    """One curvature measure: (payload part, arrays, attrs, Hessian-vector products used)."""
+    from flatlab.curvature.density import gaussian_broadening, slq_density
+    from flatlab.curvature.lanczos import DEFAULT_RTOL, lanczos_top_eigenvalues
+    from flatlab.curvature.per_layer import per_layer_curvature
+    from flatlab.curvature.trace import estimate_trace
+
+    products = 0
+    if args.solver == "dense" and not dense:
+        from flatlab.curvature.dense import dense_hessian, dense_spectrum
+
+        dense.append(dense_spectrum(dense_hessian(model, batches, params=args.params)))
+        products += op.dim  # one column per parameter
+    spectrum = dense[0] if dense else None
     # Both are Lanczos: early-stopping with full reorthogonalisation (default), or ARPACK with --tol.
     eigen_settings: dict[str, Any] = (
         {"method": "arpack", "tol": args.tol} if args.tol is not None
         else {"method": "lanczos", "rtol": DEFAULT_RTOL if args.rtol is None else args.rtol})
-    if args.solver == "dense":
-        from flatlab.curvature.dense import dense_hessian, dense_spectrum
-
-        dense = dense_spectrum(dense_hessian(model, batches, params=args.params))
-        hvps += op.dim  # one column per parameter
-    if k is not None:
-        if dense is not None:
-            values = dense.eigenvalues[:k]
-            vectors = dense.eigenvectors[:, :k]
-            residuals = np.linalg.norm(dense.hessian @ vectors - vectors * values, axis=0)
+    payload: dict[str, Any] = {}
+    arrays: dict[str, Any] = {}
+    attrs: dict[str, Any] = {}
+    if step == "eigen":
+        k = args.top_k
+        if spectrum is not None:
+            values = spectrum.eigenvalues[:k]
+            vectors = spectrum.eigenvectors[:, :k]
+            residuals = np.linalg.norm(spectrum.hessian @ vectors - vectors * values, axis=0)
             eig_products = 0
         elif args.solver == "pyhessian":
             from flatlab.curvature.power_iteration import pyhessian_top_eigenvalues
@@ -201,57 +274,54 @@ def measure_curvature(args: argparse.Namespace, model: Any, batches: list, progr
             recorded = {("eigen_method" if key == "method" else key): value for key, value in eigen_settings.items()}
             payload.update(recorded)
             attrs.update(recorded)
-        hvps += eig_products
+        products += eig_products
         payload.update(top_eigenvalues=[float(v) for v in values], residuals=[float(r) for r in residuals],
                        eigen_hvps=int(eig_products))
         arrays.update(top_eigenvalues=np.asarray(values, dtype=np.float64),
                       residuals=np.asarray(residuals, dtype=np.float64))
         attrs["eigen_hvps"] = int(eig_products)
-    if args.trace:
-        if dense is not None:
-            trace, stderr, products, method = float(np.trace(dense.hessian)), 0.0, 0, "exact"
+    elif step == "trace":
+        if spectrum is not None:
+            trace, stderr, used, method = float(np.trace(spectrum.hessian)), 0.0, 0, "exact"
         elif args.solver == "pyhessian":
             from flatlab.curvature.power_iteration import pyhessian_trace
 
             est = pyhessian_trace(op, seed=args.seed)
-            trace, stderr, products, method = est.trace, est.stderr, est.products, est.method
+            trace, stderr, used, method = est.trace, est.stderr, est.products, est.method
         else:
             est = estimate_trace(op, args.trace_products, args.trace_method, args.seed)
-            trace, stderr, products, method = est.trace, est.stderr, est.products, est.method
-        hvps += products
-        payload.update(trace=trace, trace_stderr=stderr, trace_method=method, trace_hvps=int(products))
+            trace, stderr, used, method = est.trace, est.stderr, est.products, est.method
+        products += used
+        payload.update(trace=trace, trace_stderr=stderr, trace_method=method, trace_hvps=int(used))
         arrays.update(trace=np.float64(trace), trace_stderr=np.float64(stderr))
-        attrs.update(trace_method=method, trace_hvps=int(products))
-    if args.density:
-        if dense is not None:
-            n = len(dense.eigenvalues)
-            nodes, weights = [dense.eigenvalues[::-1].copy()], [np.full(n, 1.0 / n)]
+        attrs.update(trace_method=method, trace_hvps=int(used))
+    elif step == "density":
+        if spectrum is not None:
+            n = len(spectrum.eigenvalues)
+            nodes, weights = [spectrum.eigenvalues[::-1].copy()], [np.full(n, 1.0 / n)]
             grid, density, sigma = gaussian_broadening(nodes, weights)
-            products = 0
+            used = 0
         else:
             slq = slq_density(op, args.density_steps, args.density_runs, args.seed)
-            nodes, weights, grid, density, sigma, products = slq.nodes, slq.weights, slq.grid, slq.density, slq.sigma, slq.products
-        hvps += products
+            nodes, weights, grid, density, sigma, used = slq.nodes, slq.weights, slq.grid, slq.density, slq.sigma, slq.products
+        products += used
         payload.update(density_grid=grid.tolist(), density=density.tolist(), density_sigma=sigma,
-                       density_hvps=int(products), density_stored=bool(args.out))
+                       density_hvps=int(used))
         arrays.update(density_grid=grid, density=density, density_nodes=np.stack(nodes),
                       density_weights=np.stack(weights))
         attrs.update(density_sigma=sigma, density_steps=int(len(nodes[0])), density_runs=len(nodes),
-                     density_hvps=int(products))
-    if args.per_layer:
+                     density_hvps=int(used))
+    else:
         layers = per_layer_curvature(op, trace_products=min(args.trace_products, 30), seed=args.seed,
                                      **eigen_settings)
-        hvps += sum(layer.products for layer in layers)
+        products += sum(layer.products for layer in layers)
         payload["per_layer"] = [{"layer": L.layer, "num_params": L.num_params, "top_eigenvalue": L.top_eigenvalue,
                                  "residual": L.residual, "trace": L.trace, "trace_stderr": L.trace_stderr,
                                  "hvps": L.products} for L in layers]
         arrays["per_layer"] = {L.layer: {"num_params": np.int64(L.num_params), "top_eigenvalue": np.float64(L.top_eigenvalue),
                                          "residual": np.float64(L.residual), "trace": np.float64(L.trace),
                                          "trace_stderr": np.float64(L.trace_stderr)} for L in layers}
-    payload["hvps"] = int(hvps)
-    attrs["hvps"] = int(hvps)
-    attrs["hvp_method"] = op.method
-    return payload, arrays, attrs
+    return payload, arrays, attrs, products
 
 
 def curvature_table(payload: dict[str, Any]) -> str:
@@ -259,6 +329,9 @@ def curvature_table(payload: dict[str, Any]) -> str:
              f"split {payload['split']} ({payload['n_samples']} samples), wrt {payload['wrt']}, "
              f"params {payload['params']} ({payload.get('num_params', '-')}), solver {payload['solver']}, "
              f"{payload.get('hvps', 0)} Hessian-vector products"]
+    if payload.get("resumed"):
+        lines.append(f"taken from {payload.get('out', '--out')} (computed earlier with these settings): "
+                     f"{', '.join(payload['resumed'])}")
     if "top_eigenvalues" in payload:
         rows = [[i + 1, v, r] for i, (v, r) in enumerate(zip(payload["top_eigenvalues"], payload["residuals"]))]
         lines += ["", table(rows, ["k", "eigenvalue", "residual ||Hv - lv||"])]
@@ -298,6 +371,31 @@ def bounds_table(results: dict[str, Any]) -> str:
     return table(rows, ["measure", "quantity", "value"]) if rows else ""
 
 
+def _curvature_journal(args: argparse.Namespace, ckpt: Any, run_id: str, wrt: str
+                       ) -> tuple[dict[str, Any], Callable[[dict[str, Any]], None] | None]:
+    """With ``--out``: the step records an earlier run left in the file, and a function that
+    writes the records (and what they hold) after each step, marked ``complete = False``."""
+    if not args.out:
+        return {}, None
+    from flatlab.results import run_attrs_from_checkpoint, write_group
+    from flatlab.resume import from_jsonable, stored_attr
+
+    text = stored_attr(args.out, run_id, "curvature", "steps_json")
+    stored = json.loads(text) if text else {}
+    run_attrs = run_attrs_from_checkpoint(ckpt)
+
+    def save(records: dict[str, Any]) -> None:
+        arrays: dict[str, Any] = {}
+        attrs: dict[str, Any] = {"solver": args.solver, "wrt": wrt, "params": args.params, "split": args.split,
+                                 "seed": args.seed, "complete": False, "steps_json": json.dumps(records)}
+        for record in records.values():
+            arrays.update(from_jsonable(record["arrays"]))
+            attrs.update(record["attrs"])
+        write_group(args.out, run_id, run_attrs, "curvature", arrays, attrs)
+
+    return stored, save
+
+
 def run(args: argparse.Namespace) -> int:
     from flatlab.checkpoint import load_checkpoint
     from flatlab.results import run_attrs_from_checkpoint, run_id_for, write_group
@@ -322,20 +420,25 @@ def run(args: argparse.Namespace) -> int:
         batches = splits.split_batches(args.split, args.batch_size, args.max_samples, args.seed, device)
         payload["n_samples"] = int(sum(len(y) for _, y in batches))
         progress = _Progress(args.quiet)
+        stored, save = _curvature_journal(args, ckpt, payload["run_id"], payload["wrt"])
         try:
-            part, arrays, attrs = measure_curvature(args, model, batches, progress)
+            part, arrays, attrs = measure_curvature(args, model, batches, progress, stored, save)
         finally:
             progress.close()
         payload.update(part)
         attrs["wrt"] = payload["wrt"]
         if args.out:
-            write_group(args.out, payload["run_id"], run_attrs_from_checkpoint(ckpt), "curvature", arrays, attrs)
+            write_group(args.out, payload["run_id"], run_attrs_from_checkpoint(ckpt), "curvature", arrays,
+                        {**attrs, "complete": True})
             payload["out"] = str(args.out)
         text_parts.append(curvature_table(payload))
     if bounds_wanted:
         results = sharpness_bounds.run_bounds(args, ckpt, device, splits)
         payload.update(results)
         text = bounds_table(results)
+        if results.get("bounds_resumed"):
+            text += (f"\ntaken from {args.out} (computed earlier with these settings): "
+                     f"{', '.join(results['bounds_resumed'])}")
         if text:
             text_parts.append(text)
     emit(args, payload, "\n\n".join(text_parts))

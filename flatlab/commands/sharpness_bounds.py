@@ -18,10 +18,12 @@ is, on ``source`` and ``target``. The flags ``--seed``, ``--batch-size``, ``--ma
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from typing import Any
 
 from flatlab.errors import FlatlabError
+from flatlab.resume import fingerprint, from_jsonable, stored_attr, to_jsonable
 
 MEASURES = ("pacbayes", "magnitude", "worst_case", "local_flatness")
 
@@ -113,8 +115,10 @@ def run_bounds(args: argparse.Namespace, ckpt: Any, device: Any, splits: Any) ->
         ``{"pacbayes": {...}, "magnitude": {...}, "worst_case": {...}, "local_flatness": {...}}``
         with the requested keys only; every value and input named.
     """
+    import torch
     from tqdm import tqdm
 
+    from flatlab.results import run_id_for
     from flatlab.sharpness import (
         DEFAULT_RELATIVE_RADII,
         local_flatness,
@@ -142,10 +146,30 @@ def run_bounds(args: argparse.Namespace, ckpt: Any, device: Any, splits: Any) ->
     source = splits.split_batches("source", batch_size, max_samples, seed, device)
     search = {"target_drop": args.target_drop, "tolerance": args.drop_tolerance, "depth": args.bisection_depth}
     results: dict[str, Any] = {}
+    out_path = getattr(args, "out", None)
+    run_id = run_id_for(ckpt.path)
+    common = {"seed": seed, "batch_size": batch_size, "max_samples": max_samples, "device": torch.device(device).type}
+    noise = {"target_drop": args.target_drop, "drop_tolerance": args.drop_tolerance,
+             "bisection_depth": args.bisection_depth, "sigma_max": args.sigma_max}
+    settings = {"pacbayes": {**common, **noise, "mc_samples": args.mc_samples},
+                "magnitude": {**common, **noise, "mc_samples": args.mc_samples},
+                "worst_case": {**common, **noise, "ascent_steps": args.ascent_steps, "keskar_eps": args.keskar_eps},
+                "local_flatness": {**common, "radii": list(radii), "relative": relative,
+                                   "samples": args.flatness_samples}}
+    resumed: list[str] = []
     bar = tqdm(total=len(wanted), desc="sharpness bounds", unit="measure", disable=quiet, file=sys.stderr, leave=False)
     try:
         for name in wanted:
             bar.set_postfix_str(name)
+            # A measure already in --out with these settings (an earlier or interrupted run) is reused.
+            stamp = fingerprint({"measure": name, **settings[name]})
+            if stored_attr(out_path, run_id, GROUPS[name], "settings_fingerprint") == stamp:
+                text = stored_attr(out_path, run_id, GROUPS[name], "result_json")
+                if text:
+                    results[name] = from_jsonable(json.loads(text))
+                    resumed.append(name)
+                    bar.update(1)
+                    continue
             if name == "pacbayes":
                 results[name] = pacbayes_bounds(model, source, initial, m=m, mc_samples=args.mc_samples,
                                                 sigma_max=args.sigma_max, seed=seed, **search)
@@ -169,34 +193,37 @@ def run_bounds(args: argparse.Namespace, ckpt: Any, device: Any, splits: Any) ->
                     "source_loss": out["splits"]["source"]["loss"], "target_loss": out["splits"]["target"]["loss"],
                     "source_n": out["splits"]["source"]["n_eval"], "target_n": out["splits"]["target"]["n_eval"],
                 }
+            if name != "local_flatness":
+                results[name]["quantized"] = bool(ckpt.is_quantized)
+            if out_path:
+                _write(out_path, ckpt, name, results[name], stamp)
             bar.update(1)
     finally:
         bar.close()
-    for name in ("pacbayes", "magnitude", "worst_case"):
-        if name in results:
-            results[name]["quantized"] = bool(ckpt.is_quantized)
-    if getattr(args, "out", None):
-        _write(args.out, ckpt, results)
+    if resumed:
+        results["bounds_resumed"] = resumed
     return results
 
 
-def _write(path: str, ckpt: Any, results: dict[str, Any]) -> None:
+#: Where each measure lives under /runs/<run_id>/ in a results file.
+GROUPS = {"pacbayes": "bounds/pacbayes", "magnitude": "bounds/magnitude", "worst_case": "bounds/worst_case",
+          "local_flatness": "local_flatness"}
+
+
+def _write(path: str, ckpt: Any, name: str, result: dict[str, Any], stamp: str) -> None:
+    """Write one measure's group as soon as it is done, with what a rerun needs to reuse it."""
     import numpy as np
 
     from flatlab.results import run_attrs_from_checkpoint, run_id_for, write_group
 
-    run_id = run_id_for(ckpt.path)
-    run_attrs = run_attrs_from_checkpoint(ckpt)
-    for name in ("pacbayes", "magnitude", "worst_case"):
-        if name in results:
-            write_group(path, run_id, run_attrs, f"bounds/{name}", {}, _flat_attrs(results[name]))
-    if "local_flatness" in results:
-        lf = results["local_flatness"]
-        arrays = {key: np.asarray(lf[key], dtype=np.float64)
+    arrays: dict[str, Any] = {}
+    attrs = _flat_attrs(result)
+    if name == "local_flatness":
+        arrays = {key: np.asarray(result[key], dtype=np.float64)
                   for key in ("gammas", "source", "source_stderr", "target", "target_stderr")}
-        attrs = _flat_attrs(lf)
-        attrs["radii"] = list(lf["radii"])
-        write_group(path, run_id, run_attrs, "local_flatness", arrays, attrs)
+        attrs["radii"] = list(result["radii"])
+    attrs.update(settings_fingerprint=stamp, result_json=json.dumps(to_jsonable(result)))
+    write_group(path, run_id_for(ckpt.path), run_attrs_from_checkpoint(ckpt), GROUPS[name], arrays, attrs)
 
 
 def bounds_text(results: dict[str, Any]) -> str:
