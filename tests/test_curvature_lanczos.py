@@ -121,17 +121,37 @@ def test_float32_model_keeps_a_float32_basis_and_meets_rtol():
     np.testing.assert_allclose(result.residuals, true, rtol=1e-2, atol=1e-5 * abs(exact[0]))
 
 
-def test_basis_memory_cap_stops_unconverged_with_a_note():
-    # 200 closely spaced eigenvalues: rtol 1e-12 needs many steps; a cap of 12 vectors stops it.
-    matrix = np.diag(np.linspace(1.0, 1.1, 200))
+def test_thick_restart_under_a_basis_memory_cap_still_meets_rtol():
+    # A separated top-3 over a bulk; the basis may hold 12 vectors of 200, so it restarts (keeping
+    # the best Ritz vectors) several times and must still deliver the exact top-3 with true residuals.
+    rng = np.random.default_rng(3)
+    q, _ = np.linalg.qr(rng.standard_normal((200, 200)))
+    spectrum = np.concatenate([[10.0, 9.0, 8.0], np.linspace(0.0, 7.0, 197)])
+    matrix = q @ np.diag(spectrum) @ q.T
     vector_bytes = 200 * 8  # a numpy operator: float64 basis
-    result = lanczos_top_eigenvalues(matrix, k=3, rtol=1e-12, max_basis_bytes=12 * vector_bytes)
-    assert not result.converged and result.products == 11  # 11 steps + the next vector = 12 stored
-    assert "memory cap (12 vectors" in result.note and "method='arpack'" in result.note
-    # still an honest answer: every residual bounds its Ritz value's distance to the spectrum
+    free = lanczos_top_eigenvalues(matrix, k=3, rtol=1e-10)
+    capped = lanczos_top_eigenvalues(matrix, k=3, rtol=1e-10, max_basis_bytes=12 * vector_bytes)
+    assert capped.converged and capped.note == ""
+    assert capped.products > 8  # more products than the 8-vector working basis: it restarted
+    for result in (free, capped):
+        np.testing.assert_allclose(result.eigenvalues, [10.0, 9.0, 8.0], rtol=1e-9)
+        true = np.linalg.norm(matrix @ result.eigenvectors - result.eigenvectors * result.eigenvalues, axis=0)
+        np.testing.assert_allclose(result.residuals, true, rtol=1e-5, atol=1e-12)
+        assert np.all(result.residuals <= 1e-10 * np.abs(result.eigenvalues) * (1 + 1e-6))
+        np.testing.assert_allclose(result.eigenvectors.T @ result.eigenvectors, np.eye(3), atol=1e-8)
+
+
+def test_basis_memory_cap_and_step_limit_are_reported():
+    # 200 closely spaced eigenvalues and rtol 1e-12: 40 products are not enough; with a 12-vector
+    # cap the note says it restarted, and every residual still bounds its Ritz value's error.
+    matrix = np.diag(np.linspace(1.0, 1.1, 200))
+    vector_bytes = 200 * 8
+    result = lanczos_top_eigenvalues(matrix, k=3, rtol=1e-12, maxiter=40, max_basis_bytes=12 * vector_bytes)
+    assert not result.converged and result.products == 40
+    assert "thick restarts" in result.note and "method='arpack'" in result.note
     exact = np.linspace(1.0, 1.1, 200)
     for value, residual in zip(result.eigenvalues, result.residuals):
         assert np.min(np.abs(exact - value)) <= residual + 1e-12
     with pytest.raises(FlatlabError, match="max_basis_bytes"):
-        lanczos_top_eigenvalues(matrix, k=3, max_basis_bytes=3 * vector_bytes)
+        lanczos_top_eigenvalues(matrix, k=3, max_basis_bytes=6 * vector_bytes)
     assert lanczos_top_eigenvalues(matrix, k=3, rtol=1e-2).note == ""

@@ -60,8 +60,8 @@ def default_tolerance(operator: Any) -> float:
 LANCZOS_METHODS = ("lanczos", "arpack")
 #: Default stopping rule of the early-stopping Lanczos (relative Ritz residual).
 DEFAULT_RTOL = 1e-3
-#: Default memory cap of the early-stopping Lanczos basis on CPU (8 GiB: 190 steps of ResNet-18
-#: in float32).
+#: Default memory cap of the early-stopping Lanczos basis on CPU (8 GiB: 190 float32 vectors of
+#: ResNet-18; a larger basis is thick-restarted).
 DEFAULT_MAX_BASIS_BYTES = 8 * 1024**3
 
 
@@ -87,8 +87,8 @@ def lanczos_top_eigenvalues(operator: Any, k: int = 1, tol: float | None = None,
             is then within 1e-3 relative of the spectrum, and in practice far closer).
         max_basis_bytes: ``method="lanczos"``: the most memory its basis may take (default
             :data:`DEFAULT_MAX_BASIS_BYTES` on CPU, half the free memory on CUDA). Each step
-            stores one vector of the operator's size; at the cap it stops, unconverged, with a
-            note (ARPACK restarts and needs ``ncv`` vectors only).
+            stores one vector of the operator's size; a basis that would outgrow the cap is
+            thick-restarted (see :func:`_early_stopping_lanczos`).
 
     Returns:
         :class:`EigenResult` with eigenvalues largest first. Eigenvectors are columns, in the
@@ -225,7 +225,7 @@ def _basis_budget(device: torch.device) -> int:
 
 def _early_stopping_lanczos(counted: CountingOperator, k: int, rtol: float, max_steps: int | None,
                             seed: int, max_basis_bytes: int | None = None) -> EigenResult:
-    """Lanczos with full reorthogonalisation from a seeded Gaussian start, stopped on the top-``k``
+    r"""Lanczos with full reorthogonalisation from a seeded Gaussian start, stopped on the top-``k``
     Ritz residual estimates (see the module docstring).
 
     The basis lives in the operator's dtype and device (float32 for a float32 model: its products
@@ -234,33 +234,46 @@ def _early_stopping_lanczos(counted: CountingOperator, k: int, rtol: float, max_
     makes one classical Gram-Schmidt pass over the whole basis; a second pass runs only when the
     first removed a noticeable part of the vector (the "twice is enough" criterion of Daniel,
     Gragg, Kaufman and Stewart), which after the recurrence is rare.
+
+    When the basis would outgrow ``max_basis_bytes`` it is thick-restarted (Wu and Simon 2000):
+    the best Ritz vectors :math:`y_i = V s_i` are kept together with the next Lanczos vector
+    :math:`q`, and since :math:`H y_i = \theta_i y_i + \beta_m s_{m,i}\, q` the projected matrix
+    restarts as :math:`\mathrm{diag}(\theta)` bordered by :math:`\beta_m s_{m,i}`; the iteration
+    goes on from :math:`q`. The projected matrix is then no longer tridiagonal, so its
+    eigenpairs are taken from the symmetrised coefficient matrix.
     """
     n = counted.shape[0]
     steps = min(n, max(300, 20 * k)) if max_steps is None else max(k, min(n, max_steps))
     apply, dtype, device = _torch_product(counted)
     budget = _basis_budget(device) if max_basis_bytes is None else int(max_basis_bytes)
     vector_bytes = n * torch.finfo(dtype).bits // 8
-    affordable = budget // vector_bytes - 1  # the basis holds steps + 1 vectors
-    capped = affordable < steps
-    if capped:
-        if affordable < k + 1:
+    affordable = budget // vector_bytes
+    if affordable >= steps + 1:
+        capacity = steps + 1  # the whole run fits: never restarts
+    else:
+        # A restart briefly holds the old basis and the kept Ritz vectors (up to half of it).
+        capacity = (2 * affordable) // 3
+        if capacity < k + 3:
             raise FlatlabError(f"the Lanczos basis for top-{k} of {n} parameters needs more than {budget} bytes "
-                               f"({vector_bytes} per vector): raise max_basis_bytes, or use ARPACK (method='arpack', CLI --tol)")
-        steps = affordable
+                               f"({vector_bytes} per vector): raise max_basis_bytes, or use ARPACK (method='arpack', "
+                               "CLI --tol)")
+    keep = min(capacity - 2, max(k + 1, capacity // 2))  # Ritz vectors kept at a restart
     # Start (and restart) vectors come from a seeded CPU generator in float64, so a run gives the
     # same numbers whatever the dtype or device.
     generator = torch.Generator().manual_seed(seed)
     q = torch.randn(n, generator=generator, dtype=torch.float64).to(device=device, dtype=dtype)
     # coefficients[:, j] holds H q_j on q_0..q_{j+1} (H V = V_{m+1} Hbar).
-    basis = _RowBasis(n, dtype, device, block_rows=min(steps + 1, 16))
-    coefficients = np.zeros((steps + 1, steps))
+    basis = _RowBasis(n, dtype, device, block_rows=min(capacity, 16))
+    coefficients = np.zeros((capacity, capacity - 1))
     basis.append(q, 1.0 / float(torch.linalg.vector_norm(q)))
     w = torch.empty(n, dtype=dtype, device=device)  # the one work vector, reused by every product
     scale = 0.0
     converged = False
+    restarts = 0
     values = vectors_small = np.zeros(0)
     m = 0
-    for j in range(steps):
+    j = 0  # index of the basis vector the next product is applied to
+    for _ in range(steps):
         apply(basis.row(j), w)
         column = np.zeros(j + 1)
         # Three-term recurrence: alpha_j on q_j and beta_{j-1} on q_{j-1}.
@@ -283,28 +296,50 @@ def _early_stopping_lanczos(counted: CountingOperator, k: int, rtol: float, max_
         coefficients[j + 1, j] = b
         m = j + 1
         scale = max(scale, float(np.max(np.abs(column))), b)
-        # T_m: the symmetric tridiagonal part (the rest are reorthogonalisation corrections ~ rounding).
-        alpha = np.diag(coefficients[:m, :m])
-        beta = np.diag(coefficients[1:m, : m - 1])
-        tri = np.diag(alpha) + np.diag(beta, 1) + np.diag(beta, -1)
-        values, vectors_small = np.linalg.eigh(tri)
+        if restarts == 0:
+            # T_m: the symmetric tridiagonal part (the rest are reorthogonalisation corrections ~ rounding).
+            alpha = np.diag(coefficients[:m, :m])
+            beta = np.diag(coefficients[1:m, : m - 1])
+            projected = np.diag(alpha) + np.diag(beta, 1) + np.diag(beta, -1)
+        else:
+            projected = 0.5 * (coefficients[:m, :m] + coefficients[:m, :m].T)
+        values, vectors_small = np.linalg.eigh(projected)
         if m >= k:
             top_values = values[-k:]
             estimates = np.abs(b * vectors_small[-1, -k:])
             if np.all(estimates <= rtol * np.abs(top_values)) or b <= 1e-12 * max(scale, 1e-300):
                 converged = True
                 break
-        if m == steps:
+        if counted.count >= steps:
             break
+        norm_next, coupled = b, b  # the next vector is w / norm_next; H couples it to the basis by b
         if b <= 1e-12 * max(scale, 1e-300):
             # Invariant subspace with fewer than k Ritz values: go on from a fresh orthogonal vector.
             w.copy_(torch.randn(n, generator=generator, dtype=torch.float64))
             for _ in range(2):
                 basis.subtract(w, basis.project(w))
+            norm_next, coupled = float(torch.linalg.vector_norm(w)), 0.0
             coefficients[m, j] = 0.0
-            basis.append(w, 1.0 / float(torch.linalg.vector_norm(w)))
+        if m + 1 == capacity:
+            # Thick restart: keep the top Ritz vectors and the next Lanczos vector w / b.
+            kept = vectors_small[:, -keep:][:, ::-1]
+            ritz = torch.from_numpy(np.ascontiguousarray(kept)).to(device=device, dtype=dtype)
+            restarted = _RowBasis(n, dtype, device, block_rows=min(capacity, 16))
+            rows = basis.combine(ritz)
+            for i in range(keep):
+                restarted.append(rows[i])
+            del rows
+            coupling = coupled * kept[-1, :]
+            restarted.append(w, 1.0 / norm_next)
+            basis = restarted
+            coefficients = np.zeros_like(coefficients)
+            coefficients[:keep, :keep] = np.diag(values[-keep:][::-1])
+            coefficients[keep, :keep] = coupling
+            restarts += 1
+            j = keep
             continue
-        basis.append(w, 1.0 / b)
+        basis.append(w, 1.0 / norm_next)
+        j = m
     top = min(k, m)
     order = np.arange(m - 1, m - 1 - top, -1)
     values, small = values[order], vectors_small[:, order]
@@ -317,9 +352,9 @@ def _early_stopping_lanczos(counted: CountingOperator, k: int, rtol: float, max_
     residuals = np.linalg.norm(hbar @ small - values * padded, axis=0)
     note = ""
     if not converged:
-        limit = f"its basis memory cap ({m + 1} vectors, {budget} bytes)" if capped and m == steps else f"{m} steps"
-        note = (f"Lanczos stopped at {limit} before every top-{k} residual met rtol {rtol:g}: "
-                "raise rtol, or use ARPACK (method='arpack', CLI --tol: it restarts, so its memory stays bounded)")
+        memory = f" ({restarts} thick restarts at the {budget}-byte basis cap)" if restarts else ""
+        note = (f"Lanczos stopped after {counted.count} products{memory} before every top-{k} residual met "
+                f"rtol {rtol:g}: raise rtol or maxiter, or use ARPACK (method='arpack', CLI --tol)")
     return EigenResult(values, vectors, residuals, counted.count, converged, note)
 
 
