@@ -11,9 +11,11 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 
 @contextlib.contextmanager
@@ -53,12 +55,6 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def atomic_write_with(path: str | os.PathLike[str], writer: Callable[[Path], None]) -> None:
-    """Call ``writer(tmp_path)`` and move the file it wrote onto ``path`` atomically."""
-    with atomic_path(path, suffix=Path(path).suffix) as tmp:
-        writer(tmp)
-
-
 def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
     """Hex SHA-256 of a file's bytes."""
     digest = hashlib.sha256()
@@ -66,6 +62,22 @@ def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
         while block := fh.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+def settings_fingerprint(settings: dict[str, Any], *arrays: np.ndarray) -> str:
+    """SHA-256 over the canonical JSON of the settings and the bytes of the given arrays (what a
+    result was computed with: a rerun with the same fingerprint may reuse it)."""
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode("utf-8"))
+    for arr in arrays:
+        a = np.ascontiguousarray(arr)
+        digest.update(str((a.dtype.str, a.shape)).encode())
+        digest.update(a.tobytes())
+    return digest.hexdigest()
+
+
+def array_sha256(array: np.ndarray) -> str:
+    """Hex SHA-256 of an array's bytes in C order (e.g. the raw random draws of a surface)."""
+    return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
 
 
 def dumps_json(obj: Any) -> str:

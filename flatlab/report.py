@@ -37,7 +37,6 @@ column over the runs where it is finite.
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import math
 import os
@@ -51,6 +50,7 @@ from typing import Any
 import numpy as np
 
 from flatlab.errors import FlatlabError
+from flatlab.io import array_sha256
 
 #: Correlation targets: what a measure is compared with.
 TARGETS = ("ood_acc", "generalization_gap", "domain_gap")
@@ -209,8 +209,7 @@ def _surface_from_node(node: dict[str, Any], name: str, label: str, source: str,
     if "raw_directions" in node:
         # The same hash `flatlab surface --directions` records as directions_sha256 when it reuses
         # these draws: surfaces on shared directions are found by it (plots.collect).
-        raw = np.ascontiguousarray(np.asarray(node["raw_directions"])[: 1 if y is None else 2])
-        attrs["raw_directions_sha256"] = hashlib.sha256(raw.tobytes()).hexdigest()
+        attrs["raw_directions_sha256"] = array_sha256(np.asarray(node["raw_directions"])[: 1 if y is None else 2])
     return SurfaceRecord(name=name, label=label, xcoordinates=x, ycoordinates=y, values=values, attrs=attrs,
                          source=source, run_id=run_id, quantized=quantized, run_label=run_label or label)
 

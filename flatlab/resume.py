@@ -1,7 +1,7 @@
 """Resuming a measurement from what its results file already holds.
 
 ``flatlab sharpness --out RESULTS.h5`` writes each measure to the file as soon as it is done,
-with a fingerprint of the settings it was computed with and its result in JSON. A rerun of the
+with a fingerprint of the settings it was computed with (:func:`flatlab.io.settings_fingerprint`) and its result in JSON. A rerun of the
 same command (after a crash or a kill) reads those back and computes only what is missing; a
 measure whose settings changed is computed again. Fingerprints cover everything that changes
 the numbers (split, subset, seed, solver, tolerances, device type, ...); the checkpoint itself is
@@ -10,18 +10,11 @@ covered by the run id (the first 16 hex digits of its SHA-256).
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-
-def fingerprint(settings: dict[str, Any]) -> str:
-    """SHA-256 of the settings as canonical JSON."""
-    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def to_jsonable(value: Any) -> Any:
@@ -66,4 +59,4 @@ def stored_attr(path: str | os.PathLike[str] | None, run_id: str, group: str, ke
     return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
-__all__ = ["fingerprint", "from_jsonable", "stored_attr", "to_jsonable"]
+__all__ = ["from_jsonable", "stored_attr", "to_jsonable"]

@@ -183,6 +183,9 @@ def test_interrupted_measurement_resumes_from_its_results_file(mlp_run, tmp_path
     view = read_results(out)["runs"][run_id_for(mlp_run)]
     assert view["curvature"]["attrs"]["complete"]
     assert set(view["bounds"]) >= {"pacbayes"} and "local_flatness" in view
+    # the default spelled out is the same setting (fingerprints hold what ran, not how it was asked)
+    explicit = _json(capsys, [*args, "--out", str(out), "--rtol", "1e-3"])
+    assert explicit["resumed"] == ["eigen", "trace"]
     # 4. other settings are computed again, not taken from the file
     changed = _json(capsys, [*args, "--out", str(out), "--rtol", "1e-6", "--seed", "1"])
     assert "resumed" not in changed and "bounds_resumed" not in changed

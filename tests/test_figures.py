@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from matplotlib.contour import ContourSet
 from scipy import stats
-from test_report import RADII, make_results
+from test_report import RADII, _expect_error, make_results
 
 from flatlab.cli import main
 from flatlab.plots import surfaces as splots
@@ -258,13 +258,6 @@ def test_figure_scripts(demo: tuple[Path, dict], tmp_path: Path, monkeypatch: py
             runpy.run_path(str(script), run_name="__main__")
         assert exit_info.value.code == 0, script.name
         assert list(out.glob("*.png")), script.name
-
-
-def _expect_error(argv: list[str], capsys: pytest.CaptureFixture, needle: str) -> None:
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("flatlab: error:"), err
-    assert needle in err[0]
 
 
 def test_bad_inputs_exit_2_one_line(demo: tuple[Path, dict], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

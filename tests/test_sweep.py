@@ -19,12 +19,8 @@ from flatlab.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 
-#: A tiny study: 4-bit QAT MLP on 8x8 digits, 1 test domain x 2 seeds, every kind of measurement
-#: on a small budget, and an EoQ ensemble over the seeds (3 jobs).
-TINY = """
-[study]
-name = "tiny"
-
+#: The data and model of the test studies: an MLP on 8x8 digits, test domain 0.
+DATA_MODEL = """
 [data]
 dataset = "rotated-digits"
 test_envs = [0]
@@ -33,7 +29,15 @@ options = { resolution = 8 }
 [model]
 name = "mlp"
 options = { width = 16, depth = 1 }
+"""
 
+#: A tiny study: 4-bit QAT MLP on 8x8 digits, 1 test domain x 2 seeds, every kind of measurement
+#: on a small budget, and an EoQ ensemble over the seeds (3 jobs).
+TINY = """
+[study]
+name = "tiny"
+
+""" + DATA_MODEL + """
 [train]
 steps = 30
 eval_every = 15
@@ -283,15 +287,7 @@ def test_sigkill_then_rerun_continues(reference, tmp_path):
 
 
 FAILING = """
-[data]
-dataset = "rotated-digits"
-test_envs = [0]
-options = { resolution = 8 }
-
-[model]
-name = "mlp"
-options = { width = 16, depth = 1 }
-
+""" + DATA_MODEL + """
 [train]
 steps = 20
 eval_every = 10

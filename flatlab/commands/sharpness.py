@@ -152,12 +152,22 @@ class _Progress:
 CURVATURE_STEPS = ("eigen", "trace", "density", "per_layer")
 
 
+def eigen_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The Lanczos variant and its tolerance: early-stopping with ``--rtol`` (default), or ARPACK
+    with ``--tol`` (keyword arguments of :func:`~flatlab.curvature.lanczos.lanczos_top_eigenvalues`)."""
+    from flatlab.curvature.lanczos import DEFAULT_RTOL
+
+    if args.tol is not None:
+        return {"method": "arpack", "tol": args.tol}
+    return {"method": "lanczos", "rtol": DEFAULT_RTOL if args.rtol is None else args.rtol}
+
+
 def curvature_step_settings(args: argparse.Namespace, device_type: str) -> dict[str, dict[str, Any]]:
     """What each curvature step's numbers depend on (besides the checkpoint), for its fingerprint."""
     common = {"split": args.split, "max_samples": args.max_samples, "seed": args.seed, "params": args.params,
               "wrt": args.wrt, "solver": args.solver, "hvp": args.hvp, "batch_size": args.batch_size,
               "device": device_type}
-    eigen = {"tol": args.tol, "rtol": args.rtol}
+    eigen = eigen_settings(args)
     return {"eigen": {**common, **eigen, "top_k": args.top_k},
             "trace": {**common, "trace_products": args.trace_products, "trace_method": args.trace_method},
             "density": {**common, "density_steps": args.density_steps, "density_runs": args.density_runs},
@@ -172,18 +182,20 @@ def requested_curvature_steps(args: argparse.Namespace) -> list[str]:
 
 def measure_curvature(args: argparse.Namespace, model: Any, batches: list, progress: Any,
                       stored: dict[str, Any] | None = None,
-                      save: Callable[[dict[str, Any]], None] | None = None) -> tuple[dict, dict, dict]:
+                      save: Callable[[dict[str, Any], dict[str, Any]], None] | None = None) -> tuple[dict, dict, dict]:
     """Run the requested curvature measures; return (JSON payload part, HDF5 arrays, HDF5 attrs).
 
     Args:
         stored: step records of an earlier, interrupted run with ``--out`` (``{step: {"fingerprint",
-            "payload", "arrays", "attrs", "products"}}``); a step whose fingerprint matches is
-            taken from there instead of being computed again.
-        save: called with the step records after every computed step (writes them to ``--out``).
+            "payload", "arrays", "attrs", "products"}}``, the attribute ``steps_json``); a step
+            whose fingerprint matches is taken from there instead of being computed again.
+        save: called with (arrays, attrs) so far after every computed step (writes them to
+            ``--out``, marked incomplete).
     """
     from flatlab.curvature import MAX_DENSE_PARAMS, HessianOperator
     from flatlab.errors import FlatlabError
-    from flatlab.resume import fingerprint, from_jsonable, to_jsonable
+    from flatlab.io import settings_fingerprint
+    from flatlab.resume import from_jsonable, to_jsonable
 
     op = HessianOperator(model, batches, params=args.params, method=args.hvp, progress=progress)
     k = args.top_k
@@ -196,7 +208,7 @@ def measure_curvature(args: argparse.Namespace, model: Any, batches: list, progr
     arrays: dict[str, Any] = {}
     attrs: dict[str, Any] = {"solver": args.solver, "wrt": args.wrt, "params": args.params, "split": args.split,
                              "n_samples": op.num_samples, "seed": args.seed, "num_params": op.dim}
-    fingerprints = {step: fingerprint(settings)
+    fingerprints = {step: settings_fingerprint(settings)
                     for step, settings in curvature_step_settings(args, str(op.device.type)).items()}
     records: dict[str, Any] = {}
     resumed: list[str] = []
@@ -215,16 +227,14 @@ def measure_curvature(args: argparse.Namespace, model: Any, batches: list, progr
         arrays.update(from_jsonable(record["arrays"]))
         attrs.update(record["attrs"])
         hvps += int(record["products"])
+        attrs.update(hvps=int(hvps), hvp_method=op.method, steps_json=json.dumps(records))
         if save is not None and step not in resumed:
-            save(records)
+            save(arrays, attrs)
     payload["hvps"] = int(hvps)
-    attrs["hvps"] = int(hvps)
-    attrs["hvp_method"] = op.method
     if "density" in records:
         payload["density_stored"] = bool(args.out)
     if resumed:
         payload["resumed"] = resumed
-    attrs["steps_json"] = json.dumps(records)
     return payload, arrays, attrs
 
 
@@ -232,7 +242,7 @@ def _curvature_step(step: str, args: argparse.Namespace, model: Any, batches: li
                     dense: list[Any]) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any], int]:
     """One curvature measure: (payload part, arrays, attrs, Hessian-vector products used)."""
     from flatlab.curvature.density import gaussian_broadening, slq_density
-    from flatlab.curvature.lanczos import DEFAULT_RTOL, lanczos_top_eigenvalues
+    from flatlab.curvature.lanczos import lanczos_top_eigenvalues
     from flatlab.curvature.per_layer import per_layer_curvature
     from flatlab.curvature.trace import estimate_trace
 
@@ -243,10 +253,7 @@ def _curvature_step(step: str, args: argparse.Namespace, model: Any, batches: li
         dense.append(dense_spectrum(dense_hessian(model, batches, params=args.params)))
         products += op.dim  # one column per parameter
     spectrum = dense[0] if dense else None
-    # Both are Lanczos: early-stopping with full reorthogonalisation (default), or ARPACK with --tol.
-    eigen_settings: dict[str, Any] = (
-        {"method": "arpack", "tol": args.tol} if args.tol is not None
-        else {"method": "lanczos", "rtol": DEFAULT_RTOL if args.rtol is None else args.rtol})
+    solver = eigen_settings(args)
     payload: dict[str, Any] = {}
     arrays: dict[str, Any] = {}
     attrs: dict[str, Any] = {}
@@ -265,13 +272,13 @@ def _curvature_step(step: str, args: argparse.Namespace, model: Any, batches: li
             payload["note"] = PYHESSIAN_NOTE
             attrs["note"] = PYHESSIAN_NOTE
         else:
-            result = lanczos_top_eigenvalues(op, k, seed=args.seed, **eigen_settings)
+            result = lanczos_top_eigenvalues(op, k, seed=args.seed, **solver)
             values, residuals, eig_products = result.eigenvalues, result.residuals, result.products
             payload["converged"] = result.converged
             if result.note:
                 payload["eigen_note"] = result.note
             # "method" alone would be ambiguous next to hvp_method
-            recorded = {("eigen_method" if key == "method" else key): value for key, value in eigen_settings.items()}
+            recorded = {("eigen_method" if key == "method" else key): value for key, value in solver.items()}
             payload.update(recorded)
             attrs.update(recorded)
         products += eig_products
@@ -312,8 +319,7 @@ def _curvature_step(step: str, args: argparse.Namespace, model: Any, batches: li
         attrs.update(density_sigma=sigma, density_steps=int(len(nodes[0])), density_runs=len(nodes),
                      density_hvps=int(used))
     else:
-        layers = per_layer_curvature(op, trace_products=min(args.trace_products, 30), seed=args.seed,
-                                     **eigen_settings)
+        layers = per_layer_curvature(op, trace_products=min(args.trace_products, 30), seed=args.seed, **solver)
         products += sum(layer.products for layer in layers)
         payload["per_layer"] = [{"layer": L.layer, "num_params": L.num_params, "top_eigenvalue": L.top_eigenvalue,
                                  "residual": L.residual, "trace": L.trace, "trace_stderr": L.trace_stderr,
@@ -372,28 +378,21 @@ def bounds_table(results: dict[str, Any]) -> str:
 
 
 def _curvature_journal(args: argparse.Namespace, ckpt: Any, run_id: str, wrt: str
-                       ) -> tuple[dict[str, Any], Callable[[dict[str, Any]], None] | None]:
+                       ) -> tuple[dict[str, Any], Callable[[dict[str, Any], dict[str, Any]], None] | None]:
     """With ``--out``: the step records an earlier run left in the file, and a function that
-    writes the records (and what they hold) after each step, marked ``complete = False``."""
+    writes what is measured so far after each step, marked ``complete = False``."""
     if not args.out:
         return {}, None
     from flatlab.results import run_attrs_from_checkpoint, write_group
-    from flatlab.resume import from_jsonable, stored_attr
+    from flatlab.resume import stored_attr
 
     text = stored_attr(args.out, run_id, "curvature", "steps_json")
-    stored = json.loads(text) if text else {}
     run_attrs = run_attrs_from_checkpoint(ckpt)
 
-    def save(records: dict[str, Any]) -> None:
-        arrays: dict[str, Any] = {}
-        attrs: dict[str, Any] = {"solver": args.solver, "wrt": wrt, "params": args.params, "split": args.split,
-                                 "seed": args.seed, "complete": False, "steps_json": json.dumps(records)}
-        for record in records.values():
-            arrays.update(from_jsonable(record["arrays"]))
-            attrs.update(record["attrs"])
-        write_group(args.out, run_id, run_attrs, "curvature", arrays, attrs)
+    def save(arrays: dict[str, Any], attrs: dict[str, Any]) -> None:
+        write_group(args.out, run_id, run_attrs, "curvature", arrays, {**attrs, "wrt": wrt, "complete": False})
 
-    return stored, save
+    return (json.loads(text) if text else {}), save
 
 
 def run(args: argparse.Namespace) -> int:

@@ -23,7 +23,8 @@ import sys
 from typing import Any
 
 from flatlab.errors import FlatlabError
-from flatlab.resume import fingerprint, from_jsonable, stored_attr, to_jsonable
+from flatlab.io import settings_fingerprint
+from flatlab.resume import from_jsonable, stored_attr, to_jsonable
 
 MEASURES = ("pacbayes", "magnitude", "worst_case", "local_flatness")
 
@@ -162,7 +163,7 @@ def run_bounds(args: argparse.Namespace, ckpt: Any, device: Any, splits: Any) ->
         for name in wanted:
             bar.set_postfix_str(name)
             # A measure already in --out with these settings (an earlier or interrupted run) is reused.
-            stamp = fingerprint({"measure": name, **settings[name]})
+            stamp = settings_fingerprint({"measure": name, **settings[name]})
             if stored_attr(out_path, run_id, GROUPS[name], "settings_fingerprint") == stamp:
                 text = stored_attr(out_path, run_id, GROUPS[name], "result_json")
                 if text:

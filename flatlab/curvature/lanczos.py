@@ -239,8 +239,8 @@ def _early_stopping_lanczos(counted: CountingOperator, k: int, rtol: float, max_
     the best Ritz vectors :math:`y_i = V s_i` are kept together with the next Lanczos vector
     :math:`q`, and since :math:`H y_i = \theta_i y_i + \beta_m s_{m,i}\, q` the projected matrix
     restarts as :math:`\mathrm{diag}(\theta)` bordered by :math:`\beta_m s_{m,i}`; the iteration
-    goes on from :math:`q`. The projected matrix is then no longer tridiagonal, so its
-    eigenpairs are taken from the symmetrised coefficient matrix.
+    goes on from :math:`q`. Ritz pairs come from the symmetrised coefficient matrix, which covers
+    both the tridiagonal and the restarted (arrowhead) case.
     """
     n = counted.shape[0]
     steps = min(n, max(300, 20 * k)) if max_steps is None else max(k, min(n, max_steps))
@@ -296,14 +296,9 @@ def _early_stopping_lanczos(counted: CountingOperator, k: int, rtol: float, max_
         coefficients[j + 1, j] = b
         m = j + 1
         scale = max(scale, float(np.max(np.abs(column))), b)
-        if restarts == 0:
-            # T_m: the symmetric tridiagonal part (the rest are reorthogonalisation corrections ~ rounding).
-            alpha = np.diag(coefficients[:m, :m])
-            beta = np.diag(coefficients[1:m, : m - 1])
-            projected = np.diag(alpha) + np.diag(beta, 1) + np.diag(beta, -1)
-        else:
-            projected = 0.5 * (coefficients[:m, :m] + coefficients[:m, :m].T)
-        values, vectors_small = np.linalg.eigh(projected)
+        # V^T H V, symmetrised: tridiagonal up to reorthogonalisation corrections (~ rounding) until a
+        # thick restart, then an arrowhead block on top of the tridiagonal part.
+        values, vectors_small = np.linalg.eigh(0.5 * (coefficients[:m, :m] + coefficients[:m, :m].T))
         if m >= k:
             top_values = values[-k:]
             estimates = np.abs(b * vectors_small[-1, -k:])

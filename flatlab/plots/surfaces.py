@@ -125,6 +125,36 @@ def _nice_log_ticks(lo: float, hi: float) -> list[float]:
     return ticks[:: max(1, len(ticks) // 8)]
 
 
+def _contour_panel(ax: Any, surface: Any, z: np.ndarray, levels: np.ndarray, xlabel: str, ylabel: str) -> Any:
+    """Filled log-level contours of ``z`` on ``surface``'s grid, white lines every third level,
+    and a star at the origin (the trained model) for direction surfaces. Returns the filled set."""
+    from matplotlib.colors import LogNorm
+    from matplotlib.ticker import MaxNLocator
+
+    x0, y0 = surface.xcoordinates, surface.ycoordinates
+    masked = np.ma.masked_invalid(z)
+    filled = ax.contourf(x0, y0, masked, levels=levels, norm=LogNorm(vmin=levels[0], vmax=levels[-1]),
+                         cmap=SEQUENTIAL_CMAP)
+    ax.contour(x0, y0, masked, levels=levels[::3], colors="white", linewidths=0.4, alpha=0.6)
+    if str(surface.attrs.get("kind", "")) not in ("line", "plane") and x0.min() <= 0 <= x0.max() \
+            and y0.min() <= 0 <= y0.max():
+        ax.plot([0], [0], marker="*", color="#D55E00", markersize=9, markeredgecolor="white",
+                markeredgewidth=0.5, linestyle="none", gid="origin")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.xaxis.set_major_locator(MaxNLocator(5))
+    ax.grid(False)
+    return filled
+
+
+def _log_colorbar(fig: Any, filled: Any, axes: Any, levels: np.ndarray, label: str) -> None:
+    bar = fig.colorbar(filled, ax=axes)
+    ticks = _nice_log_ticks(levels[0], levels[-1])
+    bar.set_ticks(ticks, labels=[f"{t:g}" for t in ticks])
+    bar.ax.minorticks_off()
+    bar.set_label(label)
+
+
 def contour_2d(surface: Any, title: str | None = None, levels: int = 25) -> Any:
     """Source and target loss contours side by side, with log-spaced levels.
 
@@ -132,9 +162,6 @@ def contour_2d(surface: Any, title: str | None = None, levels: int = 25) -> Any:
     exactly the stored orientation (no transpose). The origin (the trained model, for direction
     surfaces) is marked with a star.
     """
-    from matplotlib.colors import LogNorm
-    from matplotlib.ticker import MaxNLocator
-
     if surface.ycoordinates is None:
         raise FlatlabError(f"surface {surface.name!r} is 1D: contours need a 2D surface")
     xlab, ylab = axis_labels(surface)
@@ -148,25 +175,9 @@ def contour_2d(surface: Any, title: str | None = None, levels: int = 25) -> Any:
                 ax.set_title(f"{split}: not stored")
                 continue
             zl = _log_levels(z, levels)
-            masked = np.ma.masked_invalid(z)
-            filled = ax.contourf(surface.xcoordinates, surface.ycoordinates, masked, levels=zl,
-                                 norm=LogNorm(vmin=zl[0], vmax=zl[-1]), cmap=SEQUENTIAL_CMAP)
-            ax.contour(surface.xcoordinates, surface.ycoordinates, masked, levels=zl[::3], colors="white",
-                       linewidths=0.4, alpha=0.6)
-            x0, y0 = surface.xcoordinates, surface.ycoordinates
-            if str(surface.attrs.get("kind", "")) not in ("line", "plane") and x0.min() <= 0 <= x0.max() \
-                    and y0.min() <= 0 <= y0.max():
-                ax.plot([0], [0], marker="*", color="#D55E00", markersize=9, markeredgecolor="white",
-                        markeredgewidth=0.5, linestyle="none", gid="origin")
-            bar = fig.colorbar(filled, ax=ax)
-            bar.set_ticks(_nice_log_ticks(zl[0], zl[-1]), labels=[f"{t:g}" for t in _nice_log_ticks(zl[0], zl[-1])])
-            bar.ax.minorticks_off()
-            bar.set_label(LOSS_LABEL)
+            filled = _contour_panel(ax, surface, z, zl, xlab, ylab)
+            _log_colorbar(fig, filled, ax, zl, LOSS_LABEL)
             ax.set_title(f"{split} ({'source domains' if split == 'source' else 'test domain'})")
-            ax.set_xlabel(xlab)
-            ax.set_ylabel(ylab)
-            ax.xaxis.set_major_locator(MaxNLocator(5))
-            ax.grid(False)
         if title:
             fig.suptitle(title)
     return fig
@@ -180,9 +191,6 @@ def contour_2d_shared(surfaces: Sequence[Any], title: str | None = None, levels:
     the area inside a contour is directly comparable between models (e.g. full precision vs
     4-bit), which separate figures with their own scales are not.
     """
-    from matplotlib.colors import LogNorm
-    from matplotlib.ticker import MaxNLocator
-
     if len(surfaces) < 2:
         raise FlatlabError("a shared-direction comparison needs at least two surfaces")
     first = surfaces[0]
@@ -198,39 +206,20 @@ def contour_2d_shared(surfaces: Sequence[Any], title: str | None = None, levels:
         for col, (split, prefix) in enumerate(SPLITS):
             stored = [s.values.get(f"{prefix}_loss") for s in surfaces]
             present = [z for z in stored if z is not None]
-            if not present:
-                for ax in axes[:, col]:
-                    ax.set_axis_off()
-                    ax.set_title(f"{split}: not stored")
-                continue
-            zl = _log_levels(np.concatenate([z.ravel() for z in present]), levels)
+            zl = _log_levels(np.concatenate([z.ravel() for z in present]), levels) if present else None
             filled = None
             for row, (s, z) in enumerate(zip(surfaces, stored)):
                 ax = axes[row, col]
                 name = s.run_label or s.label
-                if z is None:
+                if z is None or zl is None:
                     ax.set_axis_off()
                     ax.set_title(f"{name}, {split}: not stored")
                     continue
-                masked = np.ma.masked_invalid(z)
-                filled = ax.contourf(s.xcoordinates, s.ycoordinates, masked, levels=zl,
-                                     norm=LogNorm(vmin=zl[0], vmax=zl[-1]), cmap=SEQUENTIAL_CMAP)
-                ax.contour(s.xcoordinates, s.ycoordinates, masked, levels=zl[::3], colors="white",
-                           linewidths=0.4, alpha=0.6)
-                if s.xcoordinates.min() <= 0 <= s.xcoordinates.max() and s.ycoordinates.min() <= 0 <= s.ycoordinates.max():
-                    ax.plot([0], [0], marker="*", color="#D55E00", markersize=9, markeredgecolor="white",
-                            markeredgewidth=0.5, linestyle="none", gid="origin")
+                # same grid for every row: the x label only under the bottom row
+                filled = _contour_panel(ax, s, z, zl, xlab if row == len(surfaces) - 1 else "", ylab)
                 ax.set_title(f"{name}: {split}", fontsize=8)
-                ax.set_xlabel(xlab if row == len(surfaces) - 1 else "")  # same grid: label the bottom row
-                ax.set_ylabel(ylab)
-                ax.xaxis.set_major_locator(MaxNLocator(5))
-                ax.grid(False)
-            if filled is not None:
-                bar = fig.colorbar(filled, ax=list(axes[:, col]))
-                ticks = _nice_log_ticks(zl[0], zl[-1])
-                bar.set_ticks(ticks, labels=[f"{t:g}" for t in ticks])
-                bar.ax.minorticks_off()
-                bar.set_label(f"{LOSS_LABEL}, {split}")
+            if filled is not None and zl is not None:
+                _log_colorbar(fig, filled, list(axes[:, col]), zl, f"{LOSS_LABEL}, {split}")
         if title:
             fig.suptitle(title)
     return fig

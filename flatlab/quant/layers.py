@@ -39,6 +39,18 @@ class QuantLayerMixin:
     grad_scale_n: str
     act_bits: int | None
 
+    @classmethod
+    def _wrapping(cls, layer: nn.Conv2d | nn.Linear, kwargs: dict[str, Any], config: QuantConfig) -> Any:
+        """A quantized twin of ``layer`` that reuses its weight/bias Parameter objects (no copy, no
+        RNG use): built on the meta device, so construction allocates nothing and draws no random
+        numbers."""
+        new = cls(**kwargs, device="meta", dtype=layer.weight.dtype)  # type: ignore[call-arg]
+        new.weight = layer.weight
+        new.bias = layer.bias
+        new._setup_quant(config)
+        new.train(layer.training)
+        return new
+
     def _setup_quant(self, config: QuantConfig) -> None:
         self.bits = config.bits
         self.per_channel = config.per_channel
@@ -123,13 +135,7 @@ class QuantConv2d(QuantLayerMixin, nn.Conv2d):
     @classmethod
     def from_float(cls, conv: nn.Conv2d, config: QuantConfig) -> QuantConv2d:
         """Wrap an existing conv, reusing its weight/bias Parameter objects (no copy, no RNG use)."""
-        # Built on the meta device so construction allocates nothing and draws no random numbers.
-        new = cls(**_conv_kwargs(conv), device="meta", dtype=conv.weight.dtype)
-        new.weight = conv.weight
-        new.bias = conv.bias
-        new._setup_quant(config)
-        new.train(conv.training)
-        return new
+        return cls._wrapping(conv, _conv_kwargs(conv), config)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._conv_forward(self.quantize_input(x), self.quantized_weight(), self.bias)
@@ -141,12 +147,7 @@ class QuantLinear(QuantLayerMixin, nn.Linear):
     @classmethod
     def from_float(cls, linear: nn.Linear, config: QuantConfig) -> QuantLinear:
         """Wrap an existing linear layer, reusing its Parameter objects."""
-        new = cls(**_linear_kwargs(linear), device="meta", dtype=linear.weight.dtype)
-        new.weight = linear.weight
-        new.bias = linear.bias
-        new._setup_quant(config)
-        new.train(linear.training)
-        return new
+        return cls._wrapping(linear, _linear_kwargs(linear), config)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(self.quantize_input(x), self.quantized_weight(), self.bias)

@@ -272,7 +272,6 @@ class NoiseProbe(Probe):
     exact: bool = False
     statistical: bool = False
     estimate: float = math.nan
-    estimate_stderr: float = math.inf
     seen_drop: int = 0
     seen_predictions: int = 0
     chunk_examples: int = 0
@@ -361,7 +360,6 @@ class ChunkedDropTest:
         # looking certain.
         var = max((probe.chunk_drop_sumsq - seen * mean * mean) / (seen - 1), 1.0 / seen)
         se = math.sqrt(var / seen * (1.0 - seen / self.n))
-        probe.estimate_stderr = se
         if mean - self.target >= self.tol + self.z * se:
             return ABOVE
         if self.target - mean >= self.tol + self.z * se:
@@ -426,7 +424,6 @@ class ChunkedDropTest:
         probe.decision = self.decide(probe.drop_low, probe.drop_high)
         probe.exact, probe.statistical = True, False
         probe.estimate = probe.drop
-        probe.estimate_stderr = 0.0
         return probe
 
 

@@ -18,7 +18,6 @@ through :func:`flatlab.results.write_group`.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -35,16 +34,6 @@ FORMAT = "flatlab-surface"
 FORMAT_VERSION = 1
 ARRAY_NAMES = ("xcoordinates", "ycoordinates", "train_loss", "train_acc", "test_loss", "test_acc",
                "directions", "raw_directions")
-
-
-def settings_fingerprint(settings: dict[str, Any], *arrays: np.ndarray) -> str:
-    """SHA-256 over the canonical JSON of the settings and the bytes of the given arrays."""
-    digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode("utf-8"))
-    for arr in arrays:
-        a = np.ascontiguousarray(arr)
-        digest.update(str((a.dtype.str, a.shape)).encode())
-        digest.update(a.tobytes())
-    return digest.hexdigest()
 
 
 def _attr_value(value: Any) -> Any:

@@ -10,7 +10,6 @@ processes or Ray), and writes the final file by temp + rename: a standalone loss
 from __future__ import annotations
 
 import functools
-import hashlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from flatlab.errors import FlatlabError
-from flatlab.io import sha256_file
+from flatlab.io import array_sha256, settings_fingerprint, sha256_file
 from flatlab.surface.compute import Surface, assemble_surface, compute_surface
 from flatlab.surface.directions import (
     IGNORES,
@@ -40,7 +39,6 @@ from flatlab.surface.evaluate import SurfaceProblem
 from flatlab.surface.grid import DEFAULT_AXIS, Axis, parse_axis
 from flatlab.surface.io import (
     load_raw_directions,
-    settings_fingerprint,
     stored_fingerprint,
     surface_payload,
 )
@@ -271,7 +269,7 @@ def run_surface(req: SurfaceRequest, progress_factory: Callable[[int, int], Any]
                 raw_dirs = [unflatten_direction(raw[i], weights) for i in range(req.dims)]
                 kind = f"reused{req.dims}d-{req.norm}"
                 # The draws themselves, not the file: a results file changes as groups are added.
-                extra_settings["directions_sha256"] = hashlib.sha256(np.ascontiguousarray(raw[:req.dims]).tobytes()).hexdigest()
+                extra_settings["directions_sha256"] = array_sha256(raw[: req.dims])
                 extra_settings["directions_seed"] = stored.get("seed")
             dirs = [normalize_direction(r, weights, req.norm, req.ignore) for r in raw_dirs]
             norm_used = req.norm
