@@ -18,8 +18,8 @@ from flatlab import __version__
 from flatlab.errors import FlatlabError
 
 #: Sub-command modules, in the order ``flatlab --help`` lists them.
-COMMANDS = ["train", "evaluate", "info"]
-OPTIONAL_COMMANDS = ["export", "ensemble", "sharpness", "surface", "report", "figures", "demo", "sweep"]
+COMMANDS = ["train", "evaluate", "info", "export", "ensemble", "sharpness", "surface", "report", "figures", "demo",
+            "sweep"]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -37,14 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"flatlab {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
-    for name in COMMANDS + OPTIONAL_COMMANDS:
-        try:
-            module = importlib.import_module(f"flatlab.commands.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name == f"flatlab.commands.{name}":
-                continue  # not built yet
-            raise
-        module.register(sub)
+    for name in COMMANDS:
+        importlib.import_module(f"flatlab.commands.{name}").register(sub)
     return parser
 
 

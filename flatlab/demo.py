@@ -1,9 +1,9 @@
 """``flatlab demo``: the whole study in one command on the built-in RotatedDigits data.
 
-The demo is a fixed pipeline of flatlab commands (train -> sharpness -> surface -> ensemble ->
-report -> figures) run in-process, each exactly as a user would type it, so the demo also shows
-how to run the study by hand. Progress lives in ``DIR/demo.json``: finished steps are skipped on
-a rerun, training resumes from its own state, and surfaces from their journals.
+The demo is a fixed chain of library calls (train -> measure -> surfaces -> ensemble -> report
+-> figures), each the call the matching command makes, so the README shows the same study by
+hand as commands. Progress lives in ``DIR/demo.json``: finished steps are skipped on a rerun,
+training resumes from its own state, and surfaces from their journals.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,6 @@ from tqdm import tqdm
 from flatlab import __version__
 from flatlab.errors import FlatlabError
 from flatlab.io import atomic_write_text
-from flatlab.pipeline import run_flatlab
 
 
 @dataclass(frozen=True)
@@ -54,46 +54,97 @@ QUICK = DemoSettings(width=4, steps=120, eval_every=40, lr=3e-3, ensemble_seeds=
 SINGLE_MODELS = [("erm", "erm", None), ("qat8", "qat", 8), ("qat4", "qat", 4)]
 
 
-def plan(directory: Path, s: DemoSettings) -> list[tuple[str, list[str]]]:
-    """The demo's steps as (name, argv) in order."""
+Step = tuple[str, Callable[[], dict[str, Any] | None]]
+
+
+def plan(directory: Path, s: DemoSettings) -> list[Step]:
+    """The demo's steps as (name, call) in order; each call is what the matching command does."""
+    from flatlab.ensemble import (
+        evaluate_ensemble,
+        load_members,
+        write_ensemble_record,
+        write_ensemble_results,
+    )
+    from flatlab.measures import (
+        DensityConfig,
+        LocalFlatnessConfig,
+        MeasurementSettings,
+        PacBayesConfig,
+        TopEigenvaluesConfig,
+        TraceConfig,
+    )
+    from flatlab.pipeline import measure_checkpoint
+    from flatlab.surface.runner import SurfaceRequest, run_surface
+    from flatlab.train import TrainConfig, train
+
     runs = directory / "runs"
     results = str(directory / "results.h5")
-    common = ["--dataset", "rotated-digits", "--test-env", "0", "--model", "cnn", "--width", str(s.width),
-              "--steps", str(s.steps), "--eval-every", str(s.eval_every), "--lr", str(s.lr), "--quiet"]
-    steps: list[tuple[str, list[str]]] = []
+    provenance = {"command_line": f"flatlab demo --out {directory}{' --quick' if s is QUICK else ''}"}
+
+    def trainer(algorithm: str, bits: int | None, seed: int, out: Path, trial_seed: int | None = None) -> Callable[[], None]:
+        flags: dict[str, Any] = {"lr": s.lr, **({"bits": bits} if bits else {})}
+
+        def call() -> None:
+            train(TrainConfig(dataset="rotated-digits", test_envs=["0"], algorithm=algorithm, model="cnn",
+                              model_options={"width": s.width}, steps=s.steps, eval_every=s.eval_every, seed=seed,
+                              trial_seed=trial_seed, hparam_flags=flags, out=str(out), device="cpu", quiet=True))
+        return call
+
+    steps: list[Step] = []
     for name, algorithm, bits in SINGLE_MODELS:
-        extra = ["--bits", str(bits)] if bits else []
-        steps.append((f"train {name}", ["train", *common, "--algorithm", algorithm, *extra, "--seed", "0",
-                                        "--out", str(runs / name)]))
-    members = [str(runs / "qat4")]
+        steps.append((f"train {name}", trainer(algorithm, bits, 0, runs / name)))
+    members = [runs / "qat4"]
     for seed in s.ensemble_seeds[1:]:
         out = runs / f"qat4-s{seed}"
-        members.append(str(out))
+        members.append(out)
         # EoQ members: independently seeded, on the same in/out split (trial seed 0).
-        steps.append((f"train qat4 seed {seed}", ["train", *common, "--algorithm", "qat", "--bits", "4",
-                                                  "--seed", str(seed), "--trial-seed", "0", "--out", str(out)]))
+        steps.append((f"train qat4 seed {seed}", trainer("qat", 4, seed, out, trial_seed=0)))
+    settings = MeasurementSettings(max_samples=s.max_samples, device="cpu")
+    measures = [TopEigenvaluesConfig(top_k=s.top_k), TraceConfig(trace_products=s.trace_products),
+                DensityConfig(density_steps=s.density_steps), PacBayesConfig(mc_samples=s.mc_samples),
+                LocalFlatnessConfig(gammas_rel=tuple(float(r) for r in s.gammas_rel.split(",")),
+                                    samples=s.flatness_samples)]
     for name, _, _ in SINGLE_MODELS:
-        steps.append((f"sharpness {name}", [
-            "sharpness", str(runs / name / "model.pt"), "--top-k", str(s.top_k), "--trace",
-            "--trace-products", str(s.trace_products), "--density", "--density-steps", str(s.density_steps),
-            "--pacbayes", "--mc-samples", str(s.mc_samples), "--local-flatness", "--gammas-rel", s.gammas_rel,
-            "--flatness-samples", str(s.flatness_samples), "--max-samples", str(s.max_samples),
-            "--device", "cpu", "--out", results, "--quiet", "--json"]))
-    surface_common = ["--max-samples", str(s.max_samples), "--results", results, "--quiet", "--json"]
-    steps.append(("surface erm 2d", ["surface", str(runs / "erm" / "model.pt"), "--2d", "--x", s.grid_2d,
-                                     "--y", s.grid_2d, "--name", "fp-2d", *surface_common]))
+        def measure(checkpoint: Path = runs / name / "model.pt") -> None:
+            measure_checkpoint(checkpoint, measures, settings=settings, results=results, provenance=provenance)
+        steps.append((f"sharpness {name}", measure))
+
+    def surface(checkpoint: Path, name: str, **options: Any) -> Callable[[], None]:
+        def call() -> None:
+            run_surface(SurfaceRequest(checkpoint=str(checkpoint), max_samples=s.max_samples, results=results,
+                                       name=name, device="cpu", **options), None, provenance=provenance)
+        return call
+
+    steps.append(("surface erm 2d", surface(runs / "erm" / "model.pt", "fp-2d", dims=2, x=s.grid_2d, y=s.grid_2d)))
     # The 4-bit model on the same random draws, re-normalized to its own filters.
-    steps.append(("surface qat4 2d", ["surface", str(runs / "qat4" / "model.pt"), "--2d", "--x", s.grid_2d,
-                                      "--y", s.grid_2d, "--directions", f"{results}#fp-2d",
-                                      "--name", "q4-2d-shared", *surface_common]))
-    steps.append(("interpolation erm -> qat4", [
-        "surface", str(runs / "erm" / "model.pt"), "--1d", "--model2", str(runs / "qat4" / "model.pt"),
-        "--x", s.grid_line, "--name", "interp-fp-q4", *surface_common]))
-    steps.append(("ensemble eoq", ["ensemble", *members, "--out", str(directory / "eoq"), "--results", results,
-                                   "--device", "cpu", "--quiet", "--json"]))
-    steps.append(("report", ["report", results, "--csv", str(directory / "report.csv"), "--quiet", "--json"]))
-    steps.append(("figures", ["figures", results, "--out", str(directory / "figures"), "--format", "pdf,png,html",
-                              "--quiet", "--json"]))
+    steps.append(("surface qat4 2d", surface(runs / "qat4" / "model.pt", "q4-2d-shared", dims=2, x=s.grid_2d,
+                                             y=s.grid_2d, directions=f"{results}#fp-2d")))
+    steps.append(("interpolation erm -> qat4", surface(runs / "erm" / "model.pt", "interp-fp-q4", dims=1,
+                                                       model2=str(runs / "qat4" / "model.pt"), x=s.grid_line)))
+
+    def ensemble() -> dict[str, Any]:
+        loaded = load_members(members)
+        result = evaluate_ensemble(loaded, "cpu", 512)
+        result["record"] = str(write_ensemble_record(directory / "eoq", result))
+        result["run_id"] = write_ensemble_results(results, loaded, result, provenance=provenance)
+        return result
+
+    steps.append(("ensemble eoq", ensemble))
+
+    def report() -> None:
+        from flatlab.report import build_report, rows_csv
+
+        atomic_write_text(directory / "report.csv", rows_csv(build_report([results])))
+
+    steps.append(("report", report))
+
+    def figures() -> None:
+        from flatlab.plots.collect import write_figures
+        from flatlab.report import load_inputs
+
+        write_figures(load_inputs([results]), directory / "figures", ["pdf", "png", "html"])
+
+    steps.append(("figures", figures))
     return steps
 
 
@@ -135,13 +186,13 @@ def run_demo(directory: str | Path = "flatlab-demo", quick: bool = False, force:
     steps = plan(directory, settings)
     start = time.perf_counter()
     bar = tqdm(total=len(steps), disable=quiet, file=sys.stderr, desc="flatlab demo", unit="step")
-    for name, argv in steps:
+    for name, call in steps:
         if name in state["done"]:
             bar.update(1)
             continue
         bar.set_postfix_str(name)
         t0 = time.perf_counter()
-        payload = run_flatlab(argv)
+        payload = call()
         state["done"][name] = {"seconds": round(time.perf_counter() - t0, 2),
                                "result": payload if name in ("ensemble eoq",) else None}
         atomic_write_text(state_path, json.dumps(state, indent=1))

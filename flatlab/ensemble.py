@@ -109,17 +109,18 @@ def write_ensemble_record(out_dir: str | os.PathLike[str], result: dict[str, Any
 
 
 def write_ensemble_results(path: str | os.PathLike[str], members: Sequence[Checkpoint],
-                           result: dict[str, Any]) -> str:
+                           result: dict[str, Any], provenance: dict[str, Any] | None = None) -> str:
     """Add the ensemble as a run of a results file (DESIGN.md schema) so reports list EoQ rows.
 
     The run id is :func:`ensemble_id`; run attributes are the first member's provenance with
     ``algorithm = "eoq"`` (``"ensemble"`` if a member is full precision), ``members`` (JSON list of
     paths and SHA-256s) and the ensemble's own accuracies. The group ``ensemble`` holds each
-    member's recorded id/ood accuracy and size.
+    member's recorded id/ood accuracy and size. ``provenance`` (e.g. ``{"command_line": ...}``) is
+    recorded with the run.
     """
     from flatlab import results
 
-    run_attrs = results.run_attrs_from_checkpoint(members[0])
+    run_attrs = {**results.run_attrs_from_checkpoint(members[0]), **(provenance or {})}
     for key in ("checkpoint", "checkpoint_sha256", "seed", "step", "val_acc", "source_acc"):
         run_attrs.pop(key, None)
     quantized = all(ckpt.is_quantized for ckpt in members)

@@ -1,42 +1,285 @@
-"""Run flatlab commands in-process, as a user would type them (the demo, sweeps and
-``report --measure`` chain commands this way, so each step is a command a user can rerun)."""
+"""The library pipeline: measure a checkpoint (or any model and data) with a list of measures.
+
+:func:`measure_checkpoint` and :func:`measure_model` are what ``flatlab sharpness``, ``flatlab
+sweep``, ``flatlab demo`` and ``flatlab report --measure`` call. Given measure configs (see
+:mod:`flatlab.measures`), they
+
+1. check that every measure writing to one results group shares that group's settings (one
+   curvature group holds one split, one parameter set, one solver);
+2. with ``results``: read back what an earlier, possibly interrupted run stored there with the
+   same fingerprint (every setting, the subset, batch size, seed, device type; the checkpoint is
+   covered by the run id) and reuse it instead of computing it again;
+3. compute the rest in registry order, writing each measure's group as soon as it is done
+   (atomically, through :mod:`flatlab.results`), so a kill loses at most the measure in progress;
+4. return a :class:`Measurement` holding one typed
+   :class:`~flatlab.measures.base.MeasureResult` per measure.
+
+What a result depends on besides its settings is recorded with it: every group written gets
+``torch_threads`` and ``device`` attributes and the run the flatlab/torch versions; a resume
+under another thread count says so on stderr (floating-point sums, hence the last digits, depend
+on it). The provenance a result records (the command that made it) is passed in by the caller.
+"""
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
+import os
 import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import torch
+from torch import nn
+
 from flatlab.errors import FlatlabError
+from flatlab.measures import MEASURES, MeasureConfig, MeasurementSettings, MeasureResult
+from flatlab.measures.context import (
+    CheckpointContext,
+    MeasureContext,
+    ModelContext,
+    checkpoint_path,
+)
+from flatlab.measures.registry import fingerprint, get_measure
+from flatlab.resume import from_jsonable, stored_attr, to_jsonable
+
+#: Group attribute holding each measure's resume record: {measure: {fingerprint, payload, arrays, attrs, products}}.
+RECORDS_ATTR = "measures_json"
+#: Attribute of a group that sums the operator products of its measures (curvature: Hessian-vector products).
+PRODUCTS_ATTR = {"curvature": "hvps"}
 
 
-def run_flatlab(argv: list[str]) -> dict[str, Any] | None:
-    """Run one flatlab command in this process; return its ``--json`` payload, raise on failure.
+@dataclass
+class Measurement:
+    """The results of one :func:`measure_checkpoint` / :func:`measure_model` call.
 
-    ``sys.argv`` is set to the command for its duration, so the provenance a command records
-    (the results file's ``command_line``) is the flatlab command that made the result.
+    ``results`` maps measure names to their :class:`MeasureResult` in registry order;
+    ``resumed`` lists the measures taken from the results file.
+    """
+
+    results: dict[str, MeasureResult]
+    settings: MeasurementSettings
+    device: str
+    run_id: str | None = None
+    path: Path | None = None
+    resumed: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    group_attrs: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def __getitem__(self, name: str) -> MeasureResult:
+        return self.results[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.results
+
+    def estimates(self) -> dict[str, Any]:
+        """Every report column of these results, with its standard error (read back from the
+        groups as they would be stored)."""
+        run: dict[str, Any] = {}
+        for name, result in self.results.items():
+            group = get_measure(name).group
+            node = run
+            for part in group.split("/"):
+                node = node.setdefault(part, {"attrs": {}})
+            node.update(result.arrays)
+            node["attrs"].update(result.attrs)
+        from flatlab.measures.registry import read_columns
+
+        return read_columns(run)
+
+
+def _check_groups(configs: Sequence[MeasureConfig]) -> None:
+    """Measures that share a results group must agree on the settings they share."""
+    by_group: dict[str, MeasureConfig] = {}
+    for config in configs:
+        measure = get_measure(config.measure)
+        first = by_group.setdefault(measure.group, config)
+        if first is config:
+            continue
+        shared = {s.name for s in config.setting_specs() if s.shared} & {s.name for s in first.setting_specs() if s.shared}
+        for name in sorted(shared):
+            a, b = getattr(first, name), getattr(config, name)
+            if a != b:
+                raise FlatlabError(f"{first.measure} and {config.measure} write one results group ({measure.group}) "
+                                   f"but differ in {name} ({a!r} vs {b!r}): measure them in separate calls")
+    names = [c.measure for c in configs]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise FlatlabError(f"measure {twice[0]} is asked for twice: give each measure once")
+
+
+def _stored_records(path: Path | None, run_id: str | None, group: str) -> dict[str, Any]:
+    if path is None or run_id is None:
+        return {}
+    text = stored_attr(path, run_id, group, RECORDS_ATTR)
+    if not text:
+        return {}
+    try:
+        records = json.loads(text)
+    except json.JSONDecodeError:
+        return {}
+    return records if isinstance(records, dict) else {}
+
+
+def _threads_note(path: Path | None, run_id: str | None, group: str) -> str | None:
+    text = stored_attr(path, run_id, group, "torch_threads") if run_id else None
+    threads = torch.get_num_threads()
+    if text is not None and text.isdigit() and int(text) != threads:
+        return (f"{group}: measured earlier with {text} torch threads, now {threads}: resumed values keep the "
+                "earlier thread count's rounding; new ones get this one's")
+    return None
+
+
+def _run(ctx: MeasureContext, configs: Sequence[MeasureConfig], results: str | os.PathLike[str] | None,
+         run_id: str | None, run_attrs: Mapping[str, Any] | None, progress: bool) -> Measurement:
+    from tqdm import tqdm
+
+    from flatlab.results import write_group
+
+    _check_groups(configs)
+    order = {name: i for i, name in enumerate(MEASURES)}
+    configs = sorted(configs, key=lambda c: order[c.measure])
+    path = Path(results) if results is not None else None
+    context_part = ctx.settings.fingerprint_part(ctx.device)
+    threads = torch.get_num_threads()
+    groups: dict[str, list[MeasureConfig]] = {}
+    for config in configs:
+        groups.setdefault(get_measure(config.measure).group, []).append(config)
+    stored = {group: _stored_records(path, run_id, group) for group in groups}
+    done: dict[str, dict[str, Any]] = {group: {} for group in groups}  # group -> measure -> record
+    out = Measurement({}, ctx.settings, ctx.device.type, run_id, path)
+    notes = {g: _threads_note(path, run_id, g) for g in groups}
+
+    bar = tqdm(total=len(configs), desc="measures", unit="measure", disable=not progress, file=sys.stderr,
+               dynamic_ncols=True, leave=False)
+    status = {"measure": "", "products": 0}
+
+    def tick() -> None:  # one operator product (Hessian-vector, ...) done
+        status["products"] += 1
+        if progress and status["products"] % 5 == 0:
+            bar.set_postfix_str(f"{status['measure']}, {status['products']} products")
+
+    ctx.progress = tick
+    try:
+        for config in configs:
+            measure = get_measure(config.measure)
+            status["measure"] = measure.name
+            bar.set_postfix_str(measure.name)
+            stamp = fingerprint(config, context_part)
+            record = stored[measure.group].get(measure.name)
+            if isinstance(record, dict) and record.get("fingerprint") == stamp:
+                result = MeasureResult(measure.name, config, from_jsonable(record["payload"]),
+                                       from_jsonable(record["arrays"]), dict(record["attrs"]),
+                                       int(record.get("products", 0)), resumed=True)
+                out.resumed.append(measure.name)
+                if notes.get(measure.group):
+                    out.notes.append(notes[measure.group])  # type: ignore[arg-type]
+                    notes[measure.group] = None
+            else:
+                result = measure.compute(ctx, config)
+                record = {"fingerprint": stamp, "payload": to_jsonable(result.payload),
+                          "arrays": to_jsonable(result.arrays), "attrs": to_jsonable(result.attrs),
+                          "products": int(result.products)}
+            out.results[measure.name] = result
+            done[measure.group][measure.name] = record
+            attrs = _group_attrs(measure.family, [out.results[n] for n in done[measure.group]], threads, ctx)
+            attrs["complete"] = len(done[measure.group]) == len(groups[measure.group])
+            out.group_attrs[measure.group] = attrs
+            if path is not None and run_id is not None and not result.resumed:
+                arrays: dict[str, Any] = {}
+                for name in done[measure.group]:
+                    arrays.update(out.results[name].arrays)
+                write_group(path, run_id, run_attrs or {}, measure.group, arrays,
+                            {**attrs, RECORDS_ATTR: json.dumps(done[measure.group])})
+            bar.update(1)
+        # A group whose measures were all resumed is rewritten only if its completeness changed.
+        if path is not None and run_id is not None:
+            for group, names in done.items():
+                if all(out.results[n].resumed for n in names) and stored_attr(path, run_id, group, "complete") != "True":
+                    arrays = {}
+                    for name in names:
+                        arrays.update(out.results[name].arrays)
+                    write_group(path, run_id, run_attrs or {}, group, arrays,
+                                {**out.group_attrs[group], RECORDS_ATTR: json.dumps(done[group])})
+    finally:
+        bar.close()
+        ctx.progress = None
+    return out
+
+
+def _group_attrs(family: str, results: Sequence[MeasureResult], threads: int, ctx: MeasureContext) -> dict[str, Any]:
+    attrs: dict[str, Any] = {}
+    if family == "curvature":
+        from flatlab.measures.curvature import common_attrs
+
+        attrs.update(common_attrs(ctx, results[0].config))  # type: ignore[arg-type]
+    for result in results:
+        attrs.update(result.attrs)
+    if family in PRODUCTS_ATTR:
+        attrs[PRODUCTS_ATTR[family]] = int(sum(r.products for r in results))
+    attrs.update(torch_threads=threads, device=ctx.device.type)
+    return attrs
+
+
+def resolve_device(name: str) -> torch.device:
+    """``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (CUDA when available)."""
+    from flatlab.train import resolve_device as _resolve
+
+    return _resolve(name)
+
+
+def measure_checkpoint(checkpoint: str | os.PathLike[str] | Any, measures: Sequence[MeasureConfig], *,
+                       settings: MeasurementSettings | None = None, results: str | os.PathLike[str] | None = None,
+                       data_dir: str | None = None, provenance: Mapping[str, Any] | None = None,
+                       progress: bool = False) -> Measurement:
+    """Measure a flatlab checkpoint on its own data splits.
+
+    Args:
+        checkpoint: a ``model.pt`` path, a run folder, or a loaded
+            :class:`~flatlab.checkpoint.Checkpoint`.
+        measures: configs of the measures to compute (each at most once).
+        settings: subset, batch size, seed and device shared by the measures.
+        results: an HDF5 results file to write ``/runs/<run_id>/...`` into (created if absent)
+            and to resume from.
+        data_dir: where a folder data set lives now, if it moved since training.
+        provenance: attributes recorded with the run (e.g. ``{"command_line": ...}``).
+        progress: show a progress bar on stderr.
 
     Raises:
-        FlatlabError: the command's own error line, or its exit status.
+        FlatlabError: a checkpoint that cannot be read, data that are not there, settings the
+            model cannot take (e.g. ``top_k`` above the number of parameters).
     """
-    from flatlab.cli import main
+    from flatlab.checkpoint import Checkpoint, load_checkpoint
+    from flatlab.results import run_attrs_from_checkpoint, run_id_for
 
-    out, err = io.StringIO(), io.StringIO()
-    saved = sys.argv
-    sys.argv = ["flatlab", *argv]
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            try:
-                code = main(argv)
-            except SystemExit as exc:  # argparse usage errors
-                code = int(exc.code or 0) if not isinstance(exc.code, str) else 2
-    finally:
-        sys.argv = saved
-    if code != 0:
-        last = [line for line in err.getvalue().splitlines() if line.startswith("flatlab: error:")]
-        reason = last[-1][len("flatlab: error: "):] if last else f"exit status {code}"
-        raise FlatlabError(f"`flatlab {' '.join(argv)}` failed: {reason}")
-    text = out.getvalue().strip()
-    return json.loads(text.splitlines()[-1]) if "--json" in argv and text else None
+    settings = settings or MeasurementSettings()
+    ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint_path(checkpoint))
+    device = resolve_device(settings.device)
+    ctx = CheckpointContext(ckpt, settings, device, data_dir)
+    run_id = run_id_for(ckpt.path) if ckpt.path is not None else None
+    run_attrs = {**run_attrs_from_checkpoint(ckpt), **dict(provenance or {})} if results is not None else None
+    if results is not None and run_id is None:
+        raise FlatlabError("a checkpoint held in memory has no run id: save it to a file to write results")
+    return _run(ctx, measures, results, run_id, run_attrs, progress)
+
+
+def measure_model(model: nn.Module, data: Mapping[str, Sequence[Any]], measures: Sequence[MeasureConfig], *,
+                  initial_model: nn.Module | None = None, train_size: int | None = None,
+                  loss_fn: Callable[..., torch.Tensor] | None = None, settings: MeasurementSettings | None = None,
+                  results: str | os.PathLike[str] | None = None, run_id: str | None = None,
+                  provenance: Mapping[str, Any] | None = None, progress: bool = False) -> Measurement:
+    """Measure any model on named lists of ``(x, y)`` batches (``{"source": ..., "target": ...}``).
+
+    ``initial_model`` (w0) enables the PAC-Bayes "init" bounds; ``train_size`` is m (default:
+    the number of samples in ``data["source"]``). With ``results``, ``run_id`` names the run
+    (letters, digits, - and _) and ``provenance`` its attributes.
+    """
+    ctx = ModelContext(model, data, settings=settings, initial_model=initial_model, train_size=train_size,
+                       loss_fn=loss_fn)
+    if results is not None and not run_id:
+        raise FlatlabError("results needs a run_id naming the run, e.g. run_id='my-resnet'")
+    return _run(ctx, measures, results, run_id, dict(provenance or {}), progress)
+
+
+__all__ = ["Measurement", "measure_checkpoint", "measure_model"]

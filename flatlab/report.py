@@ -11,7 +11,8 @@ Per run (ensembles included) a row holds
   of their out-split accuracy (unweighted means over domains, as DomainBed's ``val_acc``), from
   the run's per-domain accuracies;
 * ``domain_gap`` = id_acc - ood_acc;
-* every measure present (see :data:`MEASURES`); a measure a run lacks is ``NaN`` (printed "-"),
+* every measure column present (declared by the registered measures, :mod:`flatlab.measures`);
+  a measure a run lacks is ``NaN`` (printed "-"),
   never zero. Every measure is oriented "larger = sharper".
 
 Per measure and target (ood_acc and both gaps), Kendall's tau-b and Spearman's rho with their
@@ -51,6 +52,11 @@ import numpy as np
 
 from flatlab.errors import FlatlabError
 from flatlab.io import array_sha256
+from flatlab.measures import MEASURES as REGISTERED_MEASURES
+from flatlab.measures.local_flatness import NAME_PATTERN as LF_NAME_PATTERN
+from flatlab.measures.local_flatness import radius_key as _radius_key
+from flatlab.measures.local_flatness import read_local_flatness
+from flatlab.measures.registry import column_order, describe_column, find_column, read_columns
 
 #: Correlation targets: what a measure is compared with.
 TARGETS = ("ood_acc", "generalization_gap", "domain_gap")
@@ -58,20 +64,8 @@ TARGETS = ("ood_acc", "generalization_gap", "domain_gap")
 #: Axes of Jiang et al.'s granulated tau (the test domain is never one of them).
 GRANULATED_AXES = ("algorithm", "bits", "seed")
 
-#: Scalar measures: name -> (group path, how to read it, description). Larger = sharper, always.
-MEASURES: dict[str, tuple[str, str, str]] = {
-    "top_eigenvalue": ("curvature", "top_eigenvalues:max", "largest Hessian eigenvalue lambda_max"),
-    "trace": ("curvature", "trace", "Hessian trace tr(H) (Hutchinson / Hutch++ / exact)"),
-    "pacbayes_inv_sigma_sq": ("bounds/pacbayes", "@inv_sigma_sq", "PAC-Bayes flatness 1/sigma^2"),
-    "magnitude_inv_sigma_sq": ("bounds/magnitude", "@inv_sigma_sq", "magnitude-aware PAC-Bayes flatness 1/sigma'^2"),
-    "worst_case_inv_alpha_sq": ("bounds/worst_case", "@inv_alpha_sq", "worst-case sharpness 1/alpha'^2"),
-    "worst_case_magnitude_inv_alpha_sq": ("bounds/worst_case", "@magnitude_inv_alpha_sq",
-                                          "magnitude-aware worst-case sharpness 1/alpha'^2"),
-    "keskar": ("bounds/worst_case", "@keskar", "Keskar epsilon-sharpness (%)"),
-}
-
-#: Local-flatness measure names: local_flatness_<split>@<radius>[rel].
-_LF_NAME = re.compile(r"^local_flatness_(source|target)@([0-9.eE+-]+?)(rel)?$")
+#: Local-flatness column names: local_flatness_<split>@<radius>[rel] (declared by the measure).
+_LF_NAME = LF_NAME_PATTERN
 
 #: Columns that are not measures, in table order.
 BASE_COLUMNS = ("run_id", "algorithm", "bits", "seed", "test_domain", "id_acc", "ood_acc",
@@ -327,83 +321,38 @@ def load_inputs(paths: Iterable[str | os.PathLike[str]]) -> Collection:
 
 # --- measures ----------------------------------------------------------------------------------
 
-def _group(run: RunRecord, path: str) -> dict[str, Any] | None:
-    node: Any = run.groups
-    for part in path.split("/"):
-        if not isinstance(node, dict) or part not in node:
-            return None
-        node = node[part]
-    return node if isinstance(node, dict) else None
-
-
-def _scalar(value: Any) -> float:
-    if value is None:
-        return math.nan
-    arr = np.asarray(value, dtype=np.float64)
-    if arr.size != 1:
-        return math.nan
-    return float(arr.ravel()[0])
-
-
-def _radius_key(radius: float, relative: bool) -> str:
-    return f"{float(radius):g}{'rel' if relative else ''}"
+def static_columns() -> list[str]:
+    """Every single-name column the registered measures declare, in registry order (larger =
+    sharper, always)."""
+    return [c.name for m in REGISTERED_MEASURES.values() for c in m.columns if c.pattern is None]
 
 
 def local_flatness_values(run: RunRecord) -> dict[str, float]:
-    """``{local_flatness_<split>@<radius>[rel]: F_gamma}`` for every stored radius of a run.
+    """``{local_flatness_<split>@<radius>[rel]: F_gamma}`` for every stored radius of a run."""
+    return {k: e.value for k, e in read_local_flatness(run.groups).items()}
 
-    The radius is the value the user gave (``radii`` attribute: relative to ||w|| when
-    ``relative``; the absolute gammas of relative radii differ between models).
-    """
-    node = _group(run, "local_flatness")
-    if node is None:
-        return {}
-    attrs = node.get("attrs", {})
-    gammas = np.asarray(node.get("gammas", []), dtype=np.float64).ravel()
-    radii = attrs.get("radii")
-    relative = bool(attrs.get("relative", False))
-    radii_arr = np.asarray(radii, dtype=np.float64).ravel() if radii is not None else gammas
-    if len(radii_arr) != len(gammas):
-        radii_arr, relative = gammas, False
-    out = {}
-    for split in ("source", "target"):
-        if split not in node:
-            continue
-        values = np.asarray(node[split], dtype=np.float64).ravel()
-        for r, v in zip(radii_arr, values):
-            out[f"local_flatness_{split}@{_radius_key(r, relative)}"] = float(v)
-    return out
+
+def run_estimates(run: RunRecord) -> dict[str, Any]:
+    """Every column a run holds as :class:`~flatlab.measures.base.Estimate` (value and, where
+    the estimator has one, its standard error), read through the measure registry."""
+    return {k: e for k, e in read_columns(run.groups).items() if not math.isnan(e.value)}
 
 
 def run_measures(run: RunRecord) -> dict[str, float]:
-    """Every scalar measure a run holds (see :data:`MEASURES`), plus local flatness per radius."""
-    out: dict[str, float] = {}
-    for name, (group, how, _) in MEASURES.items():
-        node = _group(run, group)
-        if node is None:
-            continue
-        if how.startswith("@"):
-            value = _scalar(node.get("attrs", {}).get(how[1:]))
-        elif how.endswith(":max"):
-            arr = np.asarray(node.get(how[:-4], []), dtype=np.float64).ravel()
-            value = float(np.nanmax(arr)) if arr.size and np.isfinite(arr).any() else math.nan
-        else:
-            value = _scalar(node.get(how))
-        if not math.isnan(value):
-            out[name] = value
-    out.update(local_flatness_values(run))
-    return out
+    """Every scalar measure a run holds (the registered measures' columns, local flatness per radius)."""
+    return {k: e.value for k, e in run_estimates(run).items()}
 
 
 def check_measure_names(names: Sequence[str]) -> list[str]:
     """Validate measure names given by a user.
 
     Raises:
-        FlatlabError: a name that is neither in :data:`MEASURES` nor ``local_flatness_<source|target>@<radius>[rel]``.
+        FlatlabError: a name that no registered measure declares as a column (local flatness:
+            ``local_flatness_<source|target>@<radius>[rel]``).
     """
     for name in names:
-        if name not in MEASURES and not _LF_NAME.match(name):
-            known = ", ".join(MEASURES)
+        if find_column(name) is None:
+            known = ", ".join(static_columns())
             raise FlatlabError(f"unknown measure {name!r}: use one of {known}, or local_flatness_source@R / "
                                "local_flatness_target@R (R a radius; append 'rel' for radii relative to ||w||)")
     return list(names)
@@ -497,7 +446,7 @@ def build_rows(collection: Collection, measures: Sequence[str] | None = None,
         names = check_measure_names(measures)
     else:
         present = {k for v in values.values() for k in v}
-        names = [m for m in MEASURES if m in present]
+        names = [m for m in static_columns() if m in present]
         if radii is not None:
             for r in radii:
                 found = [m for m in local_flatness_at([r]) if m in present]
@@ -507,7 +456,7 @@ def build_rows(collection: Collection, measures: Sequence[str] | None = None,
                     raise FlatlabError(f"no run holds local flatness at radius {r:g}: the stored radii are "
                                        f"{', '.join(stored) if stored else 'none'} ('rel' = relative to ||w||)")
                 names += found
-            names.sort(key=lambda m: (0, list(MEASURES).index(m), "", 0.0) if m in MEASURES else (1, *_lf_sort_key(m)))
+            names.sort(key=lambda m: (0, column_order(m), "", 0.0) if not _LF_NAME.match(m) else (1, *_lf_sort_key(m)))
         else:
             names += default_local_flatness_measures(runs)
     rows = []
@@ -685,15 +634,8 @@ def build_report(paths: Sequence[str | os.PathLike[str]], measures: Sequence[str
 
 
 def describe_measure(name: str) -> str:
-    """What a measure name means, in words."""
-    if name in MEASURES:
-        return MEASURES[name][2]
-    m = _LF_NAME.match(name)
-    if m:
-        where = "source domains" if m.group(1) == "source" else "target domain"
-        radius = f"gamma = {m.group(2)} x ||w||" if m.group(3) else f"gamma = {m.group(2)}"
-        return f"local flatness F_gamma on the {where}, {radius}"
-    return name
+    """What a measure column means, in words (from its declaration)."""
+    return describe_column(name)
 
 
 def _cell(value: Any) -> Any:
@@ -774,7 +716,6 @@ def rows_csv(report: dict[str, Any]) -> str:
 __all__ = [
     "BASE_COLUMNS",
     "GRANULATED_AXES",
-    "MEASURES",
     "TARGETS",
     "Collection",
     "RunRecord",
@@ -793,24 +734,27 @@ __all__ = [
     "rank_correlations",
     "report_text",
     "rows_csv",
+    "run_estimates",
     "run_measures",
+    "static_columns",
     "test_domain",
 ]
 
 
 def measure_checkpoints(paths: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str],
-                        sharpness_args: Sequence[str], quiet: bool = False) -> str | None:
-    """Measure every run folder or checkpoint among ``paths`` with ``flatlab sharpness`` into the
-    results file ``out`` (runs it already holds groups for are skipped); return ``out`` if any
-    run is in it, else None. This is ``flatlab report --measure``.
+                        measures: Sequence[Any], settings: Any = None, quiet: bool = False,
+                        provenance: dict[str, Any] | None = None) -> str | None:
+    """Measure every run folder or checkpoint among ``paths`` into the results file ``out``
+    with :func:`flatlab.pipeline.measure_checkpoint` (runs it already holds groups for are
+    skipped); return ``out`` if any run is in it, else None. This is ``flatlab report --measure``.
 
     Raises:
-        FlatlabError: a checkpoint that cannot be measured (the sharpness command's own message).
+        FlatlabError: a checkpoint that cannot be measured.
     """
     import sys
 
     from flatlab.checkpoint import load_checkpoint
-    from flatlab.pipeline import run_flatlab
+    from flatlab.pipeline import measure_checkpoint
     from flatlab.results import is_results_file, read_results, run_id_for
 
     checkpoints = []
@@ -825,12 +769,12 @@ def measure_checkpoints(paths: Sequence[str | os.PathLike[str]], out: str | os.P
     done: set[str] = set()
     if target.exists():
         if not is_results_file(target):
-            raise FlatlabError(f"--measure-out {target} exists and is not a flatlab results file")
+            raise FlatlabError(f"the measurements' results file {target} exists and is not a flatlab results file")
         done = {rid for rid, run in read_results(target).get("runs", {}).items() if len(run) > 1}
     for ckpt in checkpoints:
         if run_id_for(ckpt) in done:
             continue
         if not quiet:
             sys.stderr.write(f"measuring {ckpt} ...\n")
-        run_flatlab(["sharpness", str(ckpt), *sharpness_args, "--out", str(target), "--quiet"])
+        measure_checkpoint(ckpt, measures, settings=settings, results=target, provenance=provenance)
     return str(target) if target.exists() else None

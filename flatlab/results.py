@@ -29,7 +29,6 @@ import json
 import os
 import platform
 import shutil
-import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -92,11 +91,13 @@ def versions() -> dict[str, str]:
             "h5py": h5py.__version__, "python": platform.python_version()}
 
 
-def run_attrs_from_checkpoint(ckpt: Any) -> dict[str, Any]:
+def run_attrs_from_checkpoint(ckpt: Any, command_line: str | None = None) -> dict[str, Any]:
     """Provenance attributes of ``/runs/<run_id>`` for a loaded checkpoint.
 
     Args:
         ckpt: a :class:`flatlab.checkpoint.Checkpoint` (anything with ``meta`` and ``path``).
+        command_line: the command that made the result, as its caller knows it (the CLI passes
+            the flatlab command; a sweep its job); not recorded when None.
 
     Returns:
         checkpoint path and sha256, dataset, domains, test_envs, model, model options, algorithm,
@@ -127,7 +128,7 @@ def run_attrs_from_checkpoint(ckpt: Any) -> dict[str, Any]:
         "val_acc": accuracies.get("val_acc"),
         "per_domain_accuracies": _per_domain_accuracies(ckpt),
         "members": meta.get("members"),
-        "command_line": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv else "",
+        "command_line": command_line,
         "versions": versions(),
     }
     return {k: v for k, v in attrs.items() if v is not None}

@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import sys
 import time
 import traceback
@@ -38,7 +39,8 @@ from typing import Any
 
 from flatlab.errors import FlatlabError
 from flatlab.io import atomic_write_text
-from flatlab.pipeline import run_flatlab
+from flatlab.measures import FAMILIES, ConfigError, MeasureConfig, MeasurementSettings, get_measure
+from flatlab.measures.registry import configs_from_values, family_settings, measures_of
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -51,40 +53,36 @@ else:  # pragma: no cover - Python 3.10
 INT, FLOAT, BOOL, STR, TABLE = "int", "float", "bool", "str", "table"
 LIST_INT, LIST_FLOAT, LIST_STR, DOMAINS = "list of int", "list of float", "list of str", "domains"
 
-#: ``[measure.curvature]`` key -> (kind, ``flatlab sharpness`` flag).
-CURVATURE_KEYS: dict[str, tuple[str, str]] = {
-    "top_k": (INT, "--top-k"), "trace": (BOOL, "--trace"), "trace_products": (INT, "--trace-products"),
-    "trace_method": (STR, "--trace-method"), "density": (BOOL, "--density"),
-    "density_steps": (INT, "--density-steps"), "density_runs": (INT, "--density-runs"),
-    "per_layer": (BOOL, "--per-layer"), "solver": (STR, "--solver"), "wrt": (STR, "--wrt"),
-    "params": (STR, "--params"), "split": (STR, "--split"), "rtol": (FLOAT, "--rtol"), "tol": (FLOAT, "--tol"),
-    "hvp": (STR, "--hvp"),
+#: ``[[surfaces]]`` keys that are :class:`~flatlab.surface.runner.SurfaceRequest` fields, with their
+#: kinds; ``name``, ``dims`` and ``variants`` are the sweep's own.
+SURFACE_KEYS: dict[str, str] = {
+    "x": STR, "y": STR, "norm": STR, "ignore": STR, "directions": STR, "requantize": BOOL,
+    "max_samples": INT, "seed": INT, "batch_size": INT, "device": STR,
 }
-#: ``[measure.bounds]`` key -> (kind, flag); ``measures`` picks the bounds.
-BOUND_KEYS: dict[str, tuple[str, str]] = {
-    "target_drop": (FLOAT, "--target-drop"), "drop_tolerance": (FLOAT, "--drop-tolerance"),
-    "mc_samples": (INT, "--mc-samples"), "bisection_depth": (INT, "--bisection-depth"),
-    "sigma_max": (FLOAT, "--sigma-max"), "ascent_steps": (INT, "--ascent-steps"),
-    "keskar_eps": (FLOAT, "--keskar-eps"),
-}
-BOUND_MEASURES = {"pacbayes": "--pacbayes", "magnitude": "--magnitude", "worst_case": "--worst-case"}
-#: ``[measure.local_flatness]`` key -> (kind, flag).
-FLATNESS_KEYS: dict[str, tuple[str, str]] = {
-    "gammas": (LIST_FLOAT, "--gammas"), "gammas_rel": (LIST_FLOAT, "--gammas-rel"),
-    "samples": (INT, "--flatness-samples"),
-}
-#: ``[measure]`` keys shared by every sharpness step -> (kind, flag).
-MEASURE_SHARED: dict[str, tuple[str, str]] = {
-    "device": (STR, "--device"), "max_samples": (INT, "--max-samples"), "batch_size": (INT, "--batch-size"),
-    "seed": (INT, "--seed"),
-}
-#: ``[[surfaces]]`` key -> (kind, ``flatlab surface`` flag); ``name``, ``dims``, ``variants`` are the sweep's.
-SURFACE_KEYS: dict[str, tuple[str, str]] = {
-    "x": (STR, "--x"), "y": (STR, "--y"), "norm": (STR, "--norm"), "ignore": (STR, "--ignore"),
-    "directions": (STR, "--directions"), "requantize": (BOOL, "--requantize"),
-    "max_samples": (INT, "--max-samples"), "seed": (INT, "--seed"), "batch_size": (INT, "--batch-size"),
-    "device": (STR, "--device"),
-}
+
+
+def _setting_kind(kind: str) -> str:
+    base = kind.removeprefix("optional ")
+    return {"int": INT, "float": FLOAT, "bool": BOOL, "str": STR, "floats": LIST_FLOAT}[base]
+
+
+def measure_schema() -> dict[str, dict[str, str]]:
+    """The ``[measure]`` part of the study schema, derived from the measure registry: the shared
+    settings and one sub-table per family, holding its settings and the keys that request its
+    measures (``top_k``/``trace``/... for curvature, ``measures = [...]`` for bounds)."""
+    schema = {"measure": {spec.toml: _setting_kind(spec.kind) for spec in MeasurementSettings.setting_specs()}}
+    for name, family in FAMILIES.items():
+        schema["measure"][name] = TABLE
+        keys = {spec.toml: _setting_kind(spec.kind) for spec in family_settings(name)}
+        if family.request == "keys":
+            for measure in measures_of(name):
+                if measure.request_key and measure.request_key not in keys:
+                    keys[measure.request_key] = BOOL
+        elif family.request == "list":
+            keys["measures"] = LIST_STR
+        schema[f"measure.{name}"] = keys
+    return schema
+
 
 SCHEMA: dict[str, dict[str, str]] = {
     "study": {"name": STR, "description": STR},
@@ -93,12 +91,8 @@ SCHEMA: dict[str, dict[str, str]] = {
     "train": {"steps": INT, "eval_every": INT, "seeds": LIST_INT, "device": STR, "hparams": TABLE,
               "trial_seed": INT},
     "algorithms": {"algorithm": STR, "label": STR, "hparams": TABLE, "bits": LIST_INT},
-    "measure": {**{k: v[0] for k, v in MEASURE_SHARED.items()}, "curvature": TABLE, "bounds": TABLE,
-                "local_flatness": TABLE},
-    "measure.curvature": {k: v[0] for k, v in CURVATURE_KEYS.items()},
-    "measure.bounds": {"measures": LIST_STR, **{k: v[0] for k, v in BOUND_KEYS.items()}},
-    "measure.local_flatness": {k: v[0] for k, v in FLATNESS_KEYS.items()},
-    "surfaces": {"name": STR, "dims": INT, "variants": LIST_STR, **{k: v[0] for k, v in SURFACE_KEYS.items()}},
+    **measure_schema(),
+    "surfaces": {"name": STR, "dims": INT, "variants": LIST_STR, **SURFACE_KEYS},
     "ensembles": {"name": STR, "variant": STR, "seeds": LIST_INT, "batch_size": INT, "device": STR},
 }
 TOP_LEVEL = {"study": "table", "data": "table", "model": "table", "train": "table", "algorithms": "array",
@@ -144,6 +138,8 @@ class Study:
     shared_hparams: dict[str, Any]
     variants: list[Variant]
     measure: dict[str, Any]
+    measure_plan: list[tuple[str, list[MeasureConfig]]]
+    measure_settings: MeasurementSettings
     surfaces: list[dict[str, Any]]
     ensembles: list[dict[str, Any]]
     data_available: bool = True
@@ -278,7 +274,7 @@ def load_study(path: str | os.PathLike[str]) -> Study:
     model = _check_table(raw.get("model", {}), "model", p)
     train = _check_table(raw["train"], "train", p)
     measure = _check_table(raw.get("measure", {}), "measure", p)
-    for sub in ("curvature", "bounds", "local_flatness"):
+    for sub in FAMILIES:
         if sub in measure:
             measure[sub] = _check_table(measure[sub], f"measure.{sub}", p)
     algorithms = [_check_table(a, "algorithms", p) for a in raw["algorithms"]]
@@ -356,7 +352,7 @@ def load_study(path: str | os.PathLike[str]) -> Study:
                 raise FlatlabError(f"{p}: [[algorithms]] two variants are labelled {vlabel!r}: give each a label")
             variants.append(Variant(vlabel, algo.name, hp))
 
-    _validate_measure(measure, p)
+    plan, measure_settings = measure_plan(measure, p)
     labels = [v.label for v in variants]
     seen: set[str] = set()
     for s in surfaces:
@@ -382,97 +378,85 @@ def load_study(path: str | os.PathLike[str]) -> Study:
                  domains=domains, test_envs=test_envs, model=model_name, model_options=opts, pretrained=pretrained,
                  steps=steps, eval_every=train.get("eval_every"), seeds=seeds, trial_seed=train.get("trial_seed"),
                  train_device=train.get("device", "cpu"), shared_hparams=shared, variants=variants, measure=measure,
-                 surfaces=surfaces, ensembles=ensembles, data_available=available, notes=notes)
+                 measure_plan=plan, measure_settings=measure_settings, surfaces=surfaces, ensembles=ensembles, data_available=available, notes=notes)
 
 
-def _choices(command: str) -> dict[str, Any]:
-    """flag -> argparse action of a flatlab sub-command (to check choices before running)."""
-    from flatlab.cli import build_parser
-
-    parser = build_parser()
-    sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
-    if command not in sub.choices:  # type: ignore[attr-defined]
-        raise FlatlabError(f"this flatlab has no `{command}` command: the study needs it")
-    return dict(sub.choices[command]._option_string_actions)  # type: ignore[attr-defined]
+def check_device_name(name: str, where: str) -> str:
+    """A device name a study may give (cpu, cuda, cuda:N, auto); its availability is checked when
+    the sweep starts, before any job runs."""
+    if name == "auto" or re.fullmatch(r"cpu|cuda(:\d+)?", name):
+        return name
+    raise FlatlabError(f"{where} device = {name!r}: use cpu, cuda, cuda:N or auto")
 
 
-def _check_choice(actions: dict[str, Any], flag: str, value: Any, key: str, section: str, path: Path) -> None:
-    action = actions.get(flag)
-    if action is None:
-        raise FlatlabError(f"{path}: [{section}] {key}: this flatlab's command has no {flag}")
-    if action.choices is not None and value not in action.choices:
-        raise FlatlabError(f"{path}: [{section}] {key} = {value!r}: choose one of {', '.join(map(str, action.choices))}")
+def _in_study_words(exc: ConfigError, path: Path, section: str, names: dict[str, str]) -> FlatlabError:
+    key = names.get(exc.key, exc.key)
+    return FlatlabError(f"{path}: [{section}] {key} {exc.problem}")
 
 
-def _validate_measure(measure: dict[str, Any], path: Path) -> None:
-    if not any(k in measure for k in ("curvature", "bounds", "local_flatness")):
-        return
-    actions = _choices("sharpness")
-    for key, value in measure.items():
-        if key in MEASURE_SHARED:
-            _check_choice(actions, MEASURE_SHARED[key][1], value, key, "measure", path)
-            if key in ("max_samples", "batch_size") and value < 1:
-                raise FlatlabError(f"{path}: [measure] {key} must be at least 1, got {value}")
-    for sub, keys in (("curvature", CURVATURE_KEYS), ("bounds", BOUND_KEYS), ("local_flatness", FLATNESS_KEYS)):
-        for key, value in measure.get(sub, {}).items():
-            if key in keys:
-                _check_choice(actions, keys[key][1], value if keys[key][0] not in (LIST_FLOAT,) else None,
-                              key, f"measure.{sub}", path)
-                if keys[key][0] == INT and value < 1:
-                    raise FlatlabError(f"{path}: [measure.{sub}] {key} must be at least 1, got {value}")
-    bounds = measure.get("bounds")
-    if bounds is not None:
-        for m in bounds.get("measures", []):
-            if m not in BOUND_MEASURES:
-                raise FlatlabError(f"{path}: [measure.bounds] unknown measure {m!r} (choose from "
-                                   f"{', '.join(BOUND_MEASURES)})")
-        if not bounds.get("measures"):
-            raise FlatlabError(f"{path}: [measure.bounds] needs measures = [...] (pacbayes, magnitude, worst_case)")
-        from flatlab.sharpness.sigma_search import check_target_drop
+def measure_plan(measure: dict[str, Any], path: Path) -> tuple[list[tuple[str, list[MeasureConfig]]], MeasurementSettings]:
+    """The study's measurement steps, one per measure family it names, as validated configs.
 
+    Raises:
+        FlatlabError: a bad value or a family that asks for nothing, named with the file, the
+            section and the key.
+    """
+    names = {s.name: s.toml for s in MeasurementSettings.setting_specs()}
+    values = {spec.name: measure[spec.toml] for spec in MeasurementSettings.setting_specs() if spec.toml in measure}
+    values.setdefault("device", "cpu")  # a study is repeatable: CPU unless it says otherwise
+    try:
+        settings = MeasurementSettings(**values)
+    except ConfigError as exc:
+        raise _in_study_words(exc, path, "measure", names) from None
+    check_device_name(settings.device, f"{path}: [measure]")
+    plan: list[tuple[str, list[MeasureConfig]]] = []
+    for family_name, family in FAMILIES.items():
+        if family_name not in measure:
+            continue
+        section = measure[family_name]
+        where = f"measure.{family_name}"
+        members = measures_of(family_name)
+        if family.request == "keys":
+            requested = [m.name for m in members if (m.request_key in section and section[m.request_key] is not False
+                                                     if m.value_field else bool(section.get(m.request_key)))]
+            if not requested:
+                asks = ", ".join(m.request_key or m.name for m in members)
+                raise FlatlabError(f"{path}: [{where}] asks for nothing: set {asks}")
+        elif family.request == "list":
+            requested = list(section.get("measures", []))
+            known = [m.name for m in members]
+            for name in requested:
+                if name not in known:
+                    raise FlatlabError(f"{path}: [{where}] unknown measure {name!r} (choose from {', '.join(known)})")
+            if not requested:
+                raise FlatlabError(f"{path}: [{where}] needs measures = [...] ({', '.join(known)})")
+        else:
+            requested = [m.name for m in members]
+        specs = family_settings(family_name)
+        tomls = {spec.name: spec.toml for spec in specs}
+        given = {spec.name: section[spec.toml] for spec in specs if spec.toml in section}
         try:
-            check_target_drop(bounds.get("target_drop", 0.1), bounds.get("drop_tolerance", 0.01))
-        except FlatlabError as exc:
-            raise FlatlabError(f"{path}: [measure.bounds] {exc}") from None
-    flat = measure.get("local_flatness")
-    if flat is not None and "gammas" in flat and "gammas_rel" in flat:
-        raise FlatlabError(f"{path}: [measure.local_flatness] give gammas or gammas_rel, not both")
-    if flat is not None:
-        from flatlab.sharpness.local_flatness import check_radii
-
-        for key in ("gammas", "gammas_rel"):
-            if key in flat:
-                try:
-                    check_radii(flat[key], key)
-                except FlatlabError as exc:
-                    raise FlatlabError(f"{path}: [measure.local_flatness] {exc}") from None
-    curv = measure.get("curvature")
-    if curv is not None and "rtol" in curv and "tol" in curv:
-        raise FlatlabError(f"{path}: [measure.curvature] give rtol (early-stopping Lanczos) or tol (ARPACK), not both")
-    if curv is not None and curv.get("rtol", 1.0) <= 0:
-        raise FlatlabError(f"{path}: [measure.curvature] rtol must be positive, got {curv['rtol']}")
-    if curv is not None and not any(curv.get(k) for k in ("top_k", "trace", "density", "per_layer")):
-        raise FlatlabError(f"{path}: [measure.curvature] asks for nothing: set top_k, trace, density or per_layer")
+            configs = configs_from_values(requested, given)
+        except ConfigError as exc:
+            raise _in_study_words(exc, path, where, tomls) from None
+        plan.append((family_name, configs))
+    return plan, settings
 
 
 def _validate_surface(s: dict[str, Any], labels: list[str], path: Path) -> None:
-    from flatlab.surface.grid import parse_axis
+    from flatlab.surface.runner import SurfaceRequest, validate_request
 
     dims = s.get("dims", 2)
     if dims not in (1, 2):
         raise FlatlabError(f"{path}: [[surfaces]] {s['name']}: dims must be 1 or 2, got {dims}")
-    actions = _choices("surface")
-    for key, value in s.items():
-        if key in SURFACE_KEYS:
-            _check_choice(actions, SURFACE_KEYS[key][1], value, key, "surfaces", path)
-    try:
-        parse_axis(s.get("x", "-1:1:51"), "x")
-        if dims == 2:
-            parse_axis(s.get("y", "-1:1:51"), "y")
-    except FlatlabError as exc:
-        raise FlatlabError(f"{path}: [[surfaces]] {s['name']}: {exc}") from None
     if dims == 1 and "y" in s:
         raise FlatlabError(f"{path}: [[surfaces]] {s['name']}: y applies to dims = 2 only")
+    request = SurfaceRequest(checkpoint="", dims=dims, **{k: v for k, v in s.items() if k in SURFACE_KEYS})
+    try:
+        validate_request(request)
+    except FlatlabError as exc:
+        raise FlatlabError(f"{path}: [[surfaces]] {s['name']}: {exc}") from None
+    check_device_name(request.device, f"{path}: [[surfaces]] {s['name']}:")
     for v in s.get("variants", []):
         if v not in labels:
             raise FlatlabError(f"{path}: [[surfaces]] {s['name']}: unknown variant {v!r} (variants: {', '.join(labels)})")
@@ -484,45 +468,21 @@ def _env_tag(envs: list[int]) -> str:
     return "te" + "+".join(str(e) for e in envs)
 
 
-def _flags(values: dict[str, Any], keys: dict[str, tuple[str, str]]) -> list[str]:
-    argv: list[str] = []
-    for key, value in values.items():
-        if key not in keys:
-            continue
-        kind, flag = keys[key]
-        if kind == BOOL:
-            if value:
-                argv.append(flag)
-        elif kind == LIST_FLOAT:
-            argv += [flag, ",".join(repr(float(v)) for v in value)]
-        else:
-            argv += [flag, str(value)]
-    return argv
-
-
-def measurement_steps(study: Study, variant: str) -> list[tuple[str, list[str]]]:
-    """The measurement steps of a job as (name, argv); ``{run}`` and ``{out}`` are filled in later."""
-    m = study.measure
-    shared = _flags(m, MEASURE_SHARED)
-    if "device" not in m:
-        shared += ["--device", "cpu"]
-    steps: list[tuple[str, list[str]]] = []
-    if "curvature" in m:
-        steps.append(("curvature", ["sharpness", "{run}/model.pt", *_flags(m["curvature"], CURVATURE_KEYS), *shared]))
-    if "bounds" in m:
-        chosen = [BOUND_MEASURES[b] for b in m["bounds"]["measures"]]
-        steps.append(("bounds", ["sharpness", "{run}/model.pt", *chosen, *_flags(m["bounds"], BOUND_KEYS), *shared]))
-    if "local_flatness" in m:
-        steps.append(("local_flatness", ["sharpness", "{run}/model.pt", "--local-flatness",
-                                         *_flags(m["local_flatness"], FLATNESS_KEYS), *shared]))
+def measurement_steps(study: Study, variant: str) -> list[tuple[str, dict[str, Any]]]:
+    """The measurement steps of a job as (name, JSON definition): one per measure family, then
+    one per surface that applies to ``variant``."""
+    steps: list[tuple[str, dict[str, Any]]] = []
+    settings = study.measure_settings.settings()
+    for family, configs in study.measure_plan:
+        steps.append((family, {"kind": "measure", "settings": settings,
+                               "measures": [{"measure": c.measure, "config": c.settings()} for c in configs]}))
     for s in study.surfaces:
         if s.get("variants") and variant not in s["variants"]:
             continue
-        argv = ["surface", "{run}/model.pt", "--2d" if s.get("dims", 2) == 2 else "--1d", *_flags(s, SURFACE_KEYS),
-                "--name", s["name"]]
-        if "device" not in s:
-            argv += ["--device", "cpu"]
-        steps.append((f"surface-{s['name']}", argv))
+        request = {k: v for k, v in s.items() if k in SURFACE_KEYS}
+        request.setdefault("device", "cpu")
+        steps.append((f"surface-{s['name']}", {"kind": "surface", "dims": s.get("dims", 2), "name": s["name"],
+                                               "request": request}))
     return steps
 
 
@@ -548,22 +508,16 @@ def expand_jobs(study: Study) -> list[Job]:
     for e in study.ensembles:
         for envs in study.test_envs:
             members = [by_key[(e["variant"], tuple(envs), s)] for s in e.get("seeds", study.seeds)]
-            argv = ["ensemble", *[f"{{runs}}/{m}" for m in members], "--device", e.get("device", "cpu")]
-            if "batch_size" in e:
-                argv += ["--batch-size", str(e["batch_size"])]
+            step = {"kind": "ensemble", "device": e.get("device", "cpu"), "batch_size": e.get("batch_size", 512)}
             job_id = f"{e['name']}-{_env_tag(envs)}"
             definition = {"kind": "ensemble", "study": study.name, "variant": e["variant"], "members": members,
-                          "steps": [["ensemble", argv]]}
+                          "steps": [["ensemble", step]]}
             jobs.append(Job(job_id, "ensemble", e["variant"], envs, None, definition, members=members,
                             steps=["ensemble"]))
     return jobs
 
 
 # --- running one job (in a worker) ----------------------------------------------------------------
-
-def _fill(argv: list[str], paths: dict[str, str]) -> list[str]:
-    return [a.format(**paths) if "{" in a else a for a in argv]
-
 
 def setup_worker(threads: int) -> dict[str, Any]:
     """Worker state: a fixed PyTorch thread count, so results do not depend on the backend."""
@@ -590,13 +544,45 @@ def run_job(state: dict[str, Any], task: dict[str, Any]) -> dict[str, Any]:
                 "seconds": time.perf_counter() - t0}
 
 
+def run_step(step: dict[str, Any], target: Path, task: dict[str, Any], provenance: str) -> str:
+    """Run one measurement step of a job through the library; return the run id it wrote."""
+    from flatlab.results import run_id_for
+    from flatlab.train import resolve_device
+
+    command = {"command_line": provenance}
+    if step["kind"] == "measure":
+        from flatlab.pipeline import measure_checkpoint
+
+        configs = [get_measure(m["measure"]).config(**m["config"]) for m in step["measures"]]
+        checkpoint = Path(task["run_dir"]) / "model.pt"
+        measure_checkpoint(checkpoint, configs, settings=MeasurementSettings(**step["settings"]), results=target,
+                           provenance=command)
+        return run_id_for(checkpoint)
+    if step["kind"] == "surface":
+        from flatlab.surface.runner import SurfaceRequest, run_surface
+
+        request = SurfaceRequest(checkpoint=str(Path(task["run_dir"]) / "model.pt"), dims=step["dims"],
+                                 results=str(target), name=step["name"], workers=1,
+                                 **{k: v for k, v in step["request"].items() if k != "device"})
+        request.device = str(resolve_device(step["request"].get("device", "cpu")))
+        run_surface(request, None, provenance=command)
+        return run_id_for(request.checkpoint)
+    if step["kind"] == "ensemble":
+        from flatlab.ensemble import evaluate_ensemble, load_members, write_ensemble_results
+
+        members = load_members([Path(task["runs_dir"]) / m for m in task["definition"]["members"]])
+        result = evaluate_ensemble(members, resolve_device(step["device"]), int(step["batch_size"]))
+        return str(write_ensemble_results(target, members, result, provenance=command))
+    raise FlatlabError(f"unknown step kind {step['kind']!r} in a job definition: the sweep folder comes from "
+                       "another flatlab version; use another --out")
+
+
 def _run_job_steps(task: dict[str, Any]) -> str:
     from flatlab.checkpoint import load_checkpoint
     from flatlab.results import run_attrs_from_checkpoint, run_id_for, write_group
 
     definition = task["definition"]
     job_dir = Path(task["job_dir"])
-    paths = {"run": task["run_dir"], "runs": task["runs_dir"]}
     if definition["kind"] == "train":
         from flatlab.train import TrainConfig, train
 
@@ -606,25 +592,24 @@ def _run_job_steps(task: dict[str, Any]) -> str:
         run_id = run_id_for(Path(task["run_dir"]) / "model.pt")
     else:
         run_id = ""
-    for name, argv in definition["steps"]:
+    for name, step in definition["steps"]:
         marker = job_dir / f"{name}.done"
         if marker.exists():
             run_id = run_id or json.loads(marker.read_text()).get("run_id", "")
             continue
         target = job_dir / f"{name}.h5"
-        if not name.startswith("surface-"):
-            # An unfinished sharpness step starts over (a surface resumes from its journal instead).
+        if step["kind"] == "measure":
+            # An unfinished measurement step starts over (a surface resumes from its journal instead).
             target.unlink(missing_ok=True)
-        flag = "--out" if argv[0] == "sharpness" else "--results"
-        payload = run_flatlab([*_fill(argv, paths), flag, str(target), "--quiet", "--json"])
-        if definition["kind"] == "ensemble" and payload:
-            run_id = str(payload.get("run_id", ""))
+        found = run_step(step, target, task, provenance=f"flatlab sweep {definition['study']} "
+                                                          f"(job {task['job_id']}, step {name})")
+        run_id = run_id or found
         atomic_write_text(marker, json.dumps({"run_id": run_id}))
     if definition["kind"] == "train":
         ckpt = load_checkpoint(Path(task["run_dir"]) / "model.pt")
         target = job_dir / "sweep.h5"
         target.unlink(missing_ok=True)
-        write_group(target, run_id, run_attrs_from_checkpoint(ckpt), "sweep", {},
+        write_group(target, run_id, run_attrs_from_checkpoint(ckpt, f"flatlab sweep {definition['study']}"), "sweep", {},
                     {"job_id": task["job_id"], "variant": definition["variant"], "study": definition["study"]})
     return run_id
 
@@ -894,12 +879,11 @@ def estimate_seconds(study: Study, jobs: list[Job], workers: int = 1) -> dict[st
     steps = study.steps if study.steps is not None else default_steps(study.dataset)
     eval_every = study.eval_every or max(1, min(100, steps // 10))
     n_all = sum(sizes)
-    m = study.measure
     per_job: dict[str, float] = {}
     for job in jobs:
         src = sum(s for e, s in enumerate(sizes) if e not in job.test_envs)
         tgt = n_all - src
-        cap = int(m.get("max_samples", 10**12))
+        cap = int(study.measure_settings.max_samples or 10**12)
         n_src_in, n_tgt = min(int(src * (1 - study.holdout_fraction)), cap), min(tgt, cap)
         if job.kind == "ensemble":
             per_job[job.job_id] = len(job.members) * n_all * t_f
@@ -907,26 +891,11 @@ def estimate_seconds(study: Study, jobs: list[Job], workers: int = 1) -> dict[st
         algo = get_algorithm(next(v.algorithm for v in study.variants if v.label == job.variant))
         factor = 2.0 if algo.name in TWO_PASS_ALGORITHMS else 1.0
         seconds = steps * batch * t_fb * factor + math.ceil(steps / eval_every) * n_all * t_f
-        curv = m.get("curvature")
-        if curv:
-            k = curv.get("top_k", 0)
-            hvps = (max(3 * k, 20) + 10 if k else 0) + (curv.get("trace_products", 99) if curv.get("trace") else 0)
-            hvps += curv.get("density_steps", 80) * curv.get("density_runs", 1) if curv.get("density") else 0
-            hvps += 10 * (20 + min(curv.get("trace_products", 99), 30)) if curv.get("per_layer") else 0
-            seconds += hvps * 2 * t_fb * n_src_in
-        bounds = m.get("bounds")
-        if bounds:
-            depth, mc = bounds.get("bisection_depth", 15), bounds.get("mc_samples", 10)
-            ascent = bounds.get("ascent_steps", 20)
-            for name in bounds["measures"]:
-                if name == "worst_case":
-                    seconds += (2 * depth + 1) * ascent * t_fb * n_src_in
-                else:
-                    seconds += depth * mc * t_f * n_src_in
-        flat = m.get("local_flatness")
-        if flat:
-            radii = len(flat.get("gammas", flat.get("gammas_rel", [0, 0.02, 0.04, 0.06, 0.08, 0.1])))
-            seconds += radii * flat.get("samples", 100) * (n_src_in + n_tgt) * t_f
+        for _family, configs in study.measure_plan:
+            for config in configs:
+                cost = get_measure(config.measure).cost(config)
+                n = sum(n_src_in if split == "source" else n_tgt for split in cost.splits)
+                seconds += (cost.gradient * t_fb + cost.forward * t_f) * n
         for s in study.surfaces:
             if s.get("variants") and job.variant not in s["variants"]:
                 continue
@@ -943,4 +912,4 @@ def estimate_seconds(study: Study, jobs: list[Job], workers: int = 1) -> dict[st
 
 
 __all__ = ["Job", "Study", "SweepSummary", "estimate_seconds", "expand_jobs", "job_status", "load_study",
-           "merge_sweep", "run_flatlab", "run_sweep"]
+           "measure_plan", "measure_schema", "measurement_steps", "merge_sweep", "run_step", "run_sweep"]

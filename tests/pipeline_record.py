@@ -135,3 +135,51 @@ if __name__ == "__main__":
     with tempfile.TemporaryDirectory() as tmp:
         rec = record(Path(tmp))
     Path(sys.argv[1]).write_text(json.dumps(rec, indent=1, sort_keys=True) + "\n")
+
+
+def differences(recorded: dict[str, Any], found: dict[str, Any]) -> list[str]:
+    """Every recorded number that ``found`` lacks or holds with another value (exact equality:
+    the same code path on the same machine gives the same bits). Numbers ``found`` adds (new
+    attributes such as the thread count) are not differences."""
+    out = []
+    for label, values in recorded.items():
+        if label not in found:
+            out.append(f"run {label} is missing")
+            continue
+        for key, value in values.items():
+            if key not in found[label]:
+                out.append(f"{label}: {key} is missing")
+            elif found[label][key] != value:
+                out.append(f"{label}: {key} = {found[label][key]} != recorded {value}")
+    return out
+
+
+def same_machine(rec: dict[str, Any]) -> bool:
+    """Whether this machine can reproduce the record bit for bit (torch version, threads, CPU)."""
+    import torch
+
+    here = machine()
+    here["threads"] = torch.get_num_threads()
+    return all(here.get(k) == rec["machine"].get(k) for k in ("torch", "cpu", "machine", "cpu_flags")) and \
+        rec["machine"]["threads"] == 2
+
+
+RECORD = Path(__file__).resolve().parent / "data" / "pipeline_record.json"
+
+
+def check_against_record(part: str, results: str | Path) -> None:
+    """Assert that ``results`` holds the recorded numbers of ``part`` (``demo_quick`` or
+    ``tiny_sweep``).
+
+    On the machine kind the record was made on (same torch build, CPU model and instruction
+    set), every number must be identical. Elsewhere floating-point rounding differs, training
+    trajectories diverge and only the structure can be compared: every recorded run and number
+    must be present (a changed pipeline that drops a measure still fails).
+    """
+    rec = json.loads(RECORD.read_text())
+    found = numbers_of(results)
+    if same_machine(rec):
+        problems = differences(rec[part], found)
+    else:
+        problems = [p for p in differences(rec[part], found) if "missing" in p]
+    assert not problems, f"{len(problems)} difference(s) from {RECORD.name}: " + "; ".join(problems[:10])

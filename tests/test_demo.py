@@ -73,3 +73,11 @@ def test_non_demo_folder_is_refused(tmp_path: Path, capsys):
     assert main(["demo", "--quick", "--out", str(tmp_path), "--quiet"]) == 2
     assert "not a flatlab demo folder" in capsys.readouterr().err
     assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_quick_demo_gives_the_recorded_numbers(demo_dir: Path):
+    """The library redesign changed structure, not results: the same numbers as the record made
+    with the CLI-chained pipeline before it (tests/pipeline_record.py)."""
+    from pipeline_record import check_against_record
+
+    check_against_record("demo_quick", demo_dir / "results.h5")

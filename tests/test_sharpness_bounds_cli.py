@@ -15,7 +15,7 @@ FAST = ["--mc-samples", "3", "--flatness-samples", "4", "--ascent-steps", "3", "
 def test_all_bounds_json_and_results_file(mlp_run, tmp_path, capsys):
     out = tmp_path / "results.h5"
     rc = main(["sharpness", str(mlp_run), "--all", "--json", "--quiet", "--gammas-rel", "0,0.05,0.1",
-               "--out", str(out), *FAST])
+               "--results", str(out), *FAST])
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     payload = json.loads(captured.out)
@@ -41,8 +41,8 @@ def test_all_bounds_json_and_results_file(mlp_run, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("flags, words", [
-    (["--pacbayes", "--target-drop", "1.5"], "target accuracy drop"),
-    (["--pacbayes", "--target-drop", "0"], "target accuracy drop"),
+    (["--pacbayes", "--target-drop", "1.5"], "--target-drop must lie in (0, 1)"),
+    (["--pacbayes", "--target-drop", "0"], "--target-drop must lie in (0, 1)"),
     (["--local-flatness", "--gammas-rel", "0.1,0.05"], "strictly increasing"),
     (["--local-flatness", "--gammas", "0,x"], "comma-separated"),
     (["--pacbayes", "--target-drop", "0.9"], "chance"),

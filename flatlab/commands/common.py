@@ -25,6 +25,37 @@ def add_device_option(parser: argparse.ArgumentParser, default: str = "auto") ->
                         help=f"cpu, cuda, cuda:N or auto (CUDA when available); default {default}")
 
 
+class _DeprecatedAlias(argparse.Action):
+    """An old spelling of a flag: stores into the new flag's destination, with a note on stderr."""
+
+    def __init__(self, option_strings: list[str], dest: str, new: str = "", **kwargs: Any) -> None:
+        self.new = new
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        sys.stderr.write(f"flatlab: note: {option_string} is deprecated here; use {self.new} "
+                         f"(the old spelling is accepted until flatlab {DEPRECATED_UNTIL})\n")
+        setattr(namespace, self.dest, values)
+
+
+#: Old flag spellings are accepted until this release.
+DEPRECATED_UNTIL = "0.3"
+
+
+def add_deprecated_alias(parser: argparse.ArgumentParser, old: str, new: str, dest: str, **kwargs: Any) -> None:
+    """Accept ``old`` as a deprecated spelling of ``new`` (same destination), hidden from --help."""
+    parser.add_argument(old, dest=dest, action=_DeprecatedAlias, new=new, help=argparse.SUPPRESS, **kwargs)
+
+
+def command_line() -> str:
+    """The flatlab command being run, as the user typed it (provenance of what it writes)."""
+    from pathlib import Path
+
+    return " ".join(["flatlab" if Path(sys.argv[0]).name in ("flatlab", "__main__.py", "cli.py") else
+                     Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv else "flatlab"
+
+
 def add_data_dir_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", default=None,
                         help="root of a folder data set, if it moved since training (checked against the stored hash)")
@@ -33,14 +64,16 @@ def add_data_dir_option(parser: argparse.ArgumentParser) -> None:
 def emit(args: argparse.Namespace, payload: dict[str, Any], table: str) -> None:
     """Print ``payload`` as JSON on stdout (``--json``), or ``table`` for humans.
 
-    Without ``--json`` the table goes to stdout so it can be piped; with ``--json`` the table goes
-    to stderr unless ``--quiet``.
+    One meaning of ``--quiet`` in every command: nothing for humans (no table, no progress).
+    Without ``--json`` the table goes to stdout so it can be piped; with ``--json`` the table
+    goes to stderr.
     """
+    quiet = getattr(args, "quiet", False)
     if getattr(args, "json", False):
         sys.stdout.write(dumps_json(payload) + "\n")
-        if not getattr(args, "quiet", False):
+        if not quiet:
             sys.stderr.write(table.rstrip() + "\n")
-    else:
+    elif not quiet:
         sys.stdout.write(table.rstrip() + "\n")
     sys.stdout.flush()
 

@@ -8,6 +8,7 @@ from flatlab.commands.common import (
     add_data_dir_option,
     add_device_option,
     add_output_options,
+    command_line,
     emit,
     table,
 )
@@ -48,7 +49,8 @@ def run(args: argparse.Namespace) -> int:
         result["record"] = str(write_ensemble_record(args.out, result))
     if args.results:
         result["results"] = args.results
-        result["run_id"] = write_ensemble_results(args.results, members, result)
+        result["run_id"] = write_ensemble_results(args.results, members, result,
+                                                  provenance={"command_line": command_line()})
     text = table([[i, r["checkpoint"], r["algorithm"], r["bits"], r["seed"], r["id_acc"], r["ood_acc"], r["size_bytes"]]
                   for i, r in enumerate(result["members"])],
                  ["member", "checkpoint", "algorithm", "bits", "seed", "id_acc", "ood_acc", "bytes"])

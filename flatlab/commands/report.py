@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from flatlab.commands.common import add_output_options, emit
+from flatlab.commands.common import add_deprecated_alias, add_output_options, command_line, emit
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -16,7 +16,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "Spearman's rho with p-values against ood_acc and each gap, per test domain and pooled; "
                     "Jiang et al.'s granulated tau over algorithm, bits and seed; means +- standard error per "
                     "(algorithm, bits). Run folders and checkpoints contribute their accuracies only, unless "
-                    "--measure: then each is measured first with `flatlab sharpness` into --measure-out.")
+                    "--measure: then each is measured first with `flatlab sharpness` into --measure-results.")
     p.add_argument("results", nargs="+", metavar="RESULTS",
                    help="results files (.h5), stand-alone surface files, run folders or checkpoints")
     p.add_argument("--csv", default=None, metavar="FILE", help="also write the per-run table as CSV (missing = empty cell)")
@@ -28,10 +28,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "radius every measured run shares")
     p.add_argument("--measure", action="store_true",
                    help="measure the run folders and checkpoints among RESULTS first (flatlab sharpness with "
-                        "--measure-args) into --measure-out, then report on it too")
-    p.add_argument("--measure-out", default="measures.h5", metavar="FILE",
+                        "--measure-args) into --measure-results, then report on it too")
+    p.add_argument("--measure-results", default="measures.h5", metavar="FILE",
                    help="results file the measurements go to (default measures.h5); runs already measured "
                         "there are not measured again")
+    add_deprecated_alias(p, "--measure-out", "--measure-results", "measure_results", metavar="FILE")
     p.add_argument("--measure-args", default="--top-k 5 --trace --pacbayes", metavar="FLAGS",
                    help="flatlab sharpness flags for --measure (default '--top-k 5 --trace --pacbayes')")
     add_output_options(p)
@@ -56,17 +57,32 @@ def parse_radii(text: str | None) -> list[float] | None:
         raise FlatlabError(f"--radii must be comma-separated numbers, e.g. 0.05,0.1; got {text!r}") from None
 
 
+def measure_configs(text: str) -> tuple[list, object]:
+    """``--measure-args`` (flatlab sharpness flags) -> measure configs and settings."""
+    import shlex
+
+    from flatlab.cli import build_parser
+    from flatlab.commands.sharpness import configs_from_args
+    from flatlab.errors import FlatlabError
+
+    tokens = shlex.split(text)
+    if any(t.split("=")[0] in ("--results", "--out") for t in tokens):
+        raise FlatlabError("--measure-args must not name a results file: use --measure-results")
+    parsed = build_parser().parse_args(["sharpness", "-", *tokens])
+    return configs_from_args(parsed)
+
+
 def run(args: argparse.Namespace) -> int:
     from flatlab.io import atomic_write_text
     from flatlab.report import build_report, report_text, rows_csv
 
     inputs = list(args.results)
     if args.measure:
-        import shlex
-
         from flatlab.report import measure_checkpoints
 
-        measured = measure_checkpoints(inputs, args.measure_out, shlex.split(args.measure_args), quiet=args.quiet)
+        configs, settings = measure_configs(args.measure_args)
+        measured = measure_checkpoints(inputs, args.measure_results, configs, settings, quiet=args.quiet,
+                                       provenance={"command_line": command_line()})
         if measured is not None:
             inputs.append(measured)
     report = build_report(inputs, parse_list(args.measures), parse_radii(args.radii))

@@ -10,6 +10,7 @@ from flatlab.commands.common import (
     add_data_dir_option,
     add_device_option,
     add_output_options,
+    command_line,
     emit,
     fmt,
 )
@@ -90,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
 
     validate_request(req)
     req.device = str(resolve_device(args.device))
-    outcome = run_surface(req, _progress(args))
+    outcome = run_surface(req, _progress(args), provenance={"command_line": command_line()})
     summary = request_summary(outcome)
     lines = [f"surface {outcome.settings['kind']}: {'x'.join(map(str, summary['shape']))} points -> {summary['path']}"
              + (f" ({summary['group']})" if summary["group"] else "")]

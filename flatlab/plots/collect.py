@@ -26,7 +26,6 @@ from flatlab.report import (
     SurfaceRecord,
     bits_label,
     build_rows,
-    describe_measure,
     grouped_means,
     rank_correlation,
 )
@@ -35,26 +34,11 @@ from flatlab.report import (
 FIGURE_FORMATS = ("pdf", "png", "svg")
 ALL_FORMATS = (*FIGURE_FORMATS, "html", "vtp")
 
-#: Short axis labels of measures for figures.
-MEASURE_AXIS = {
-    "top_eigenvalue": r"top Hessian eigenvalue $\lambda_{\max}$",
-    "trace": "Hessian trace tr(H)",
-    "pacbayes_inv_sigma_sq": "PAC-Bayes 1/σ²",
-    "magnitude_inv_sigma_sq": "magnitude-aware 1/σ'²",
-    "worst_case_inv_alpha_sq": "worst-case 1/α'²",
-    "worst_case_magnitude_inv_alpha_sq": "magnitude-aware worst-case 1/α'²",
-    "keskar": "Keskar ε-sharpness (%)",
-}
-
-
 def measure_axis_label(name: str) -> str:
-    if name in MEASURE_AXIS:
-        return MEASURE_AXIS[name]
-    m = re.match(r"^local_flatness_(source|target)@([0-9.eE+-]+?)(rel)?$", name)
-    if m:
-        radius = f"γ = {m.group(2)}‖w‖" if m.group(3) else f"γ = {m.group(2)}"
-        return rf"$F_\gamma$ on {m.group(1)}, {radius} (nats)"
-    return describe_measure(name)
+    """A measure column's axis label, from its declaration in the measure registry."""
+    from flatlab.measures.registry import axis_label
+
+    return axis_label(name)
 
 
 def parse_formats(text: str) -> list[str]:

@@ -199,13 +199,15 @@ def _read_existing(path: Path, run_id: str | None, group: str | None) -> Surface
                    values=values, done=np.ones(values["train_loss"].shape, dtype=bool))
 
 
-def run_surface(req: SurfaceRequest, progress_factory: Callable[[int, int], Any] | None = None) -> SurfaceOutcome:
+def run_surface(req: SurfaceRequest, progress_factory: Callable[[int, int], Any] | None = None,
+                provenance: dict[str, Any] | None = None) -> SurfaceOutcome:
     """Compute (or resume, or reuse) the surface that ``req`` describes and write its file.
 
     Args:
         req: the settings.
         progress_factory: ``(total, initial) -> bar`` with ``update(n)`` and ``close()``
             (e.g. tqdm); ``None`` for no progress display.
+        provenance: attributes recorded with the run in a results file (e.g. the command line).
 
     Raises:
         FlatlabError: bad settings, unreadable or mismatched checkpoints, an existing output or
@@ -331,7 +333,7 @@ def run_surface(req: SurfaceRequest, progress_factory: Callable[[int, int], Any]
                              loss_fn=F.cross_entropy, device=device, points_per_pass=req.points_per_pass)
     bar = progress_factory(n_points, resumed) if progress_factory else None
     start = time.perf_counter()
-    write = functools.partial(_write, path=path, run_id=run_id, group=group, ckpt=ckpt,
+    write = functools.partial(_write, path=path, run_id=run_id, group=group, ckpt=ckpt, provenance=provenance,
                               directions=direction_matrix, raw=raw_matrix, names=names,
                               shapes=[list(dirs[0][n].shape) for n in names], settings=settings,
                               fingerprint=fingerprint)
@@ -357,12 +359,13 @@ def run_surface(req: SurfaceRequest, progress_factory: Callable[[int, int], Any]
 
 def _write(surface: Surface, path: Path, run_id: str | None, group: str | None, ckpt: Any,
            directions: np.ndarray, raw: np.ndarray | None, names: list[str], shapes: list[list[int]],
-           settings: dict[str, Any], fingerprint: str) -> None:
+           settings: dict[str, Any], fingerprint: str, provenance: dict[str, Any] | None = None) -> None:
     from flatlab import results
 
     arrays, attrs = surface_payload(surface, directions, raw, names, shapes, settings, fingerprint)
     if run_id is not None and group is not None:
-        results.write_group(path, run_id, results.run_attrs_from_checkpoint(ckpt), group, arrays, attrs)
+        run_attrs = {**results.run_attrs_from_checkpoint(ckpt), **(provenance or {})}
+        results.write_group(path, run_id, run_attrs, group, arrays, attrs)
     else:
         results.write_root_file(path, arrays, attrs)
 

@@ -1,0 +1,94 @@
+"""The measures flatlab computes, each declared once (config, compute, result group, columns).
+
+Importing this package registers the built-in measures, in the order they run and the report
+shows them::
+
+    curvature       top_eigenvalues, trace, density, per_layer
+    bounds          pacbayes, magnitude, worst_case
+    local_flatness  local_flatness
+
+A measure is asked for by its config (a frozen, validated dataclass) and computed by
+:func:`flatlab.pipeline.measure_checkpoint` or :func:`flatlab.pipeline.measure_model`::
+
+    from flatlab.measures import TopEigenvaluesConfig, TraceConfig, PacBayesConfig
+    from flatlab.pipeline import measure_checkpoint
+    out = measure_checkpoint("runs/erm/model.pt", [TopEigenvaluesConfig(top_k=5), TraceConfig(),
+                                                    PacBayesConfig()], results="results.h5")
+    out["trace"].payload["trace"], out["trace"].payload["trace_stderr"]
+
+Adding a measure: write a module with its config, compute function, columns and reader (see
+:mod:`flatlab.measures.base`), register it below, test it, document it; nothing else changes.
+"""
+
+from flatlab.measures import bounds, curvature, local_flatness
+from flatlab.measures.base import (
+    Column,
+    ConfigError,
+    Cost,
+    Estimate,
+    Family,
+    Measure,
+    MeasureConfig,
+    MeasureResult,
+    setting,
+)
+from flatlab.measures.bounds import MagnitudeConfig, PacBayesConfig, WorstCaseConfig
+from flatlab.measures.context import (
+    SPLITS,
+    CheckpointContext,
+    MeasureContext,
+    MeasurementSettings,
+    ModelContext,
+)
+from flatlab.measures.curvature import (
+    DensityConfig,
+    PerLayerConfig,
+    TopEigenvaluesConfig,
+    TraceConfig,
+)
+from flatlab.measures.local_flatness import LocalFlatnessConfig
+from flatlab.measures.registry import (
+    FAMILIES,
+    MEASURES,
+    check_registry,
+    get_measure,
+    register_family,
+    register_measure,
+)
+
+for _module in (curvature, bounds, local_flatness):
+    register_family(_module.FAMILY)
+    for _measure in _module.MEASURES:
+        register_measure(_measure)
+check_registry()
+
+__all__ = [
+    "FAMILIES",
+    "MEASURES",
+    "SPLITS",
+    "CheckpointContext",
+    "Column",
+    "ConfigError",
+    "Cost",
+    "DensityConfig",
+    "Estimate",
+    "Family",
+    "LocalFlatnessConfig",
+    "MagnitudeConfig",
+    "Measure",
+    "MeasureConfig",
+    "MeasureContext",
+    "MeasureResult",
+    "MeasurementSettings",
+    "ModelContext",
+    "PacBayesConfig",
+    "PerLayerConfig",
+    "TopEigenvaluesConfig",
+    "TraceConfig",
+    "WorstCaseConfig",
+    "check_registry",
+    "get_measure",
+    "register_family",
+    "register_measure",
+    "setting",
+]

@@ -1,0 +1,193 @@
+"""Where a measure gets its model and data: a flatlab checkpoint, or any model and batches.
+
+Every measure's compute function takes a :class:`MeasureContext`. It hands out
+
+* ``model(view)``: the model to measure (``"effective"``: a quantized checkpoint's de-quantized,
+  deployed weights; ``"latent"``: the quantized model itself, differentiated through the
+  straight-through estimator; identical for a full-precision model), in eval mode, built once
+  and shared by the measures of one run (measures never modify it);
+* ``initial_model()``: the weights at step 0 (``w0``, for the PAC-Bayes "init" bounds), or None;
+* ``batches(split)``: a data split as a list of ``(x, y)`` batches, prepared once per split with
+  the run's :class:`MeasurementSettings` (seeded subset of ``max_samples``, ``batch_size``);
+* ``split_size(split)``: the split's full size (``m`` in the bounds: the training-set size);
+* ``cache``: objects several measures share (one Hessian operator with its cached graph for
+  every curvature measure on the same split, the dense spectrum of ``solver = "dense"``).
+
+:class:`CheckpointContext` reads a flatlab checkpoint (its exact in/out splits);
+:class:`ModelContext` wraps a user's model and named batch lists.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from flatlab.errors import FlatlabError
+from flatlab.measures.base import MeasureConfig, setting
+
+#: The data splits of a flatlab checkpoint (DESIGN.md): the training set, the source domains'
+#: held-out parts, every sample of the test domain(s).
+SPLITS = ("source", "source-out", "target")
+
+
+@dataclass(frozen=True, kw_only=True)
+class MeasurementSettings(MeasureConfig):
+    """Settings every measure of one run shares (the study file's ``[measure]`` keys)."""
+
+    max_samples: int | None = setting(None, "measure on a seeded random subset of N samples of each split "
+                                            "(default: the whole split)", minimum=1)
+    batch_size: int = setting(256, "samples per forward pass", minimum=1)
+    seed: int = setting(0, "seeds the subset, start vectors, probes and noise draws")
+    device: str = setting("auto", "cpu, cuda, cuda:N or auto (CUDA when available)")
+
+    def fingerprint_part(self, device: torch.device) -> dict[str, Any]:
+        """What these settings contribute to a measure's resume fingerprint."""
+        return {"max_samples": self.max_samples, "batch_size": self.batch_size, "seed": self.seed,
+                "device": device.type}
+
+
+ProgressFn = Callable[[], None]
+
+
+class MeasureContext:
+    """Models, data splits and shared caches for the measures of one run (see module docstring)."""
+
+    loss_fn: Callable[..., torch.Tensor] = staticmethod(F.cross_entropy)  # type: ignore[assignment]
+
+    def __init__(self, settings: MeasurementSettings, device: torch.device) -> None:
+        self.settings = settings
+        self.device = device
+        self.cache: dict[Any, Any] = {}
+        #: Called once per operator product (a progress bar); None = silent.
+        self.progress: ProgressFn | None = None
+
+    # Subclasses implement these four.
+    @property
+    def quantized(self) -> bool:
+        raise NotImplementedError
+
+    def _build_model(self, view: str) -> nn.Module:
+        raise NotImplementedError
+
+    def _build_initial_model(self) -> nn.Module | None:
+        raise NotImplementedError
+
+    def _build_batches(self, split: str) -> list[Any]:
+        raise NotImplementedError
+
+    def split_size(self, split: str) -> int:
+        raise NotImplementedError
+
+    def model(self, view: str = "effective") -> nn.Module:
+        if view not in ("effective", "latent"):
+            raise FlatlabError(f"model view must be effective or latent, got {view!r}")
+        if not self.quantized:
+            view = "effective"  # one model: the views coincide
+        key = ("model", view)
+        if key not in self.cache:
+            self.cache[key] = self._build_model(view)
+        return self.cache[key]
+
+    def initial_model(self) -> nn.Module | None:
+        key = ("initial_model",)
+        if key not in self.cache:
+            self.cache[key] = self._build_initial_model()
+        return self.cache[key]
+
+    def batches(self, split: str) -> list[Any]:
+        key = ("batches", split)
+        if key not in self.cache:
+            self.cache[key] = self._build_batches(split)
+        return self.cache[key]
+
+
+class CheckpointContext(MeasureContext):
+    """A flatlab checkpoint: models rebuilt from it, its exact data splits."""
+
+    def __init__(self, checkpoint: Any, settings: MeasurementSettings, device: torch.device,
+                 data_dir: str | None = None) -> None:
+        super().__init__(settings, device)
+        self.checkpoint = checkpoint
+        self._splits = checkpoint.splits(data_dir)
+
+    @property
+    def quantized(self) -> bool:
+        return bool(self.checkpoint.is_quantized)
+
+    def _build_model(self, view: str) -> nn.Module:
+        # Seeded as `flatlab sharpness` always was: building a model draws an initialisation
+        # from the global generator before the weights are loaded.
+        torch.manual_seed(self.settings.seed)
+        return self.checkpoint.build_model(self.device, effective=view == "effective")
+
+    def _build_initial_model(self) -> nn.Module | None:
+        return self.checkpoint.build_initial_model(self.device)
+
+    def _build_batches(self, split: str) -> list[Any]:
+        if split not in SPLITS:
+            raise FlatlabError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+        s = self.settings
+        return self._splits.split_batches(split, s.batch_size, s.max_samples, s.seed, self.device)
+
+    def split_size(self, split: str) -> int:
+        return int(self._splits.split_size(split))
+
+
+class ModelContext(MeasureContext):
+    """Any ``nn.Module`` with named lists of ``(x, y)`` batches (e.g. ``{"source": ...,
+    "target": ...}``); ``initial_model`` (w0) and ``train_size`` (m) are optional."""
+
+    def __init__(self, model: nn.Module, data: Mapping[str, Sequence[Any]], *,
+                 settings: MeasurementSettings | None = None, initial_model: nn.Module | None = None,
+                 train_size: int | None = None, loss_fn: Callable[..., torch.Tensor] | None = None,
+                 latent_model: nn.Module | None = None) -> None:
+        try:
+            device = next(model.parameters()).device
+        except StopIteration:
+            raise FlatlabError("the model has no parameters to measure") from None
+        super().__init__(settings or MeasurementSettings(device=device.type), device)
+        if not data:
+            raise FlatlabError("data must name at least one split, e.g. {'source': batches}")
+        self._model = model
+        self._latent = latent_model
+        self._data = {str(k): list(v) for k, v in data.items()}
+        self._initial = initial_model
+        self._train_size = train_size
+        if loss_fn is not None:
+            self.loss_fn = loss_fn  # type: ignore[assignment]
+
+    @property
+    def quantized(self) -> bool:
+        return self._latent is not None
+
+    def _build_model(self, view: str) -> nn.Module:
+        return (self._latent if view == "latent" and self._latent is not None else self._model).eval()
+
+    def _build_initial_model(self) -> nn.Module | None:
+        return self._initial
+
+    def _build_batches(self, split: str) -> list[Any]:
+        if split not in self._data:
+            raise FlatlabError(f"the data hold no split {split!r}: give it in data (splits given: "
+                               f"{', '.join(self._data)})")
+        return self._data[split]
+
+    def split_size(self, split: str) -> int:
+        if split == "source" and self._train_size is not None:
+            return int(self._train_size)
+        return int(sum(len(y) for _, y in self.batches(split)))
+
+
+def checkpoint_path(path: str | Path) -> Path:
+    """A run folder resolves to its ``model.pt``."""
+    p = Path(path)
+    return p / "model.pt" if p.is_dir() and (p / "model.pt").exists() else p
+
+
+__all__ = ["SPLITS", "CheckpointContext", "MeasureContext", "MeasurementSettings", "ModelContext", "checkpoint_path"]

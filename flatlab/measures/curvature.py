@@ -1,0 +1,357 @@
+r"""Curvature measures of the loss: top-k eigenvalues, trace, spectral density, per-layer blocks.
+
+All four act on one operator :math:`H v` (the Hessian of the mean loss over the chosen split,
+batches weighted :math:`|B|/N`, eval mode; :mod:`flatlab.curvature`), shared through the
+context cache, and write into one results group ``/runs/<id>/curvature``.
+
+* ``top_eigenvalues``: the ``k`` largest algebraic eigenvalues :math:`\lambda_1 \ge \dots \ge
+  \lambda_k` with residuals :math:`\|H u_i - \lambda_i u_i\|` (each bounds its eigenvalue's
+  error); early-stopping Lanczos (``rtol``, default) or ARPACK (``tol``); ``solver = "dense"``
+  builds the float64 Hessian (small models), ``"pyhessian"`` runs PyHessian's power iteration
+  (largest in magnitude). Column ``top_eigenvalue`` = :math:`\lambda_{\max}`.
+* ``trace``: :math:`\operatorname{tr}(H)` by Hutch++ (Meyer et al. 2021) or Hutchinson
+  (:math:`\operatorname{tr}(H) \approx \frac1M \sum_j z_j^\top H z_j`, Rademacher :math:`z_j`)
+  with a standard error. Column ``trace``.
+* ``density``: the spectral density by stochastic Lanczos quadrature (Ghorbani et al. 2019):
+  nodes = Ritz values of an ``m``-step Lanczos tridiagonal, weights = squared first components,
+  Gaussian broadening; integrates to 1.
+* ``per_layer``: the top eigenvalue and trace of every layer's diagonal Hessian block.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from flatlab.curvature.hvp import HVP_METHODS
+from flatlab.curvature.lanczos import DEFAULT_RTOL
+from flatlab.curvature.params import PARAM_CHOICES
+from flatlab.errors import FlatlabError
+from flatlab.measures.base import (
+    Column,
+    ConfigError,
+    Cost,
+    Estimate,
+    Family,
+    Measure,
+    MeasureConfig,
+    MeasureResult,
+    group_node,
+    scalar,
+    setting,
+)
+from flatlab.measures.context import SPLITS, MeasureContext
+
+SOLVERS = ("lanczos", "pyhessian", "dense")
+PYHESSIAN_NOTE = ("pyhessian runs power iteration with deflation: its eigenvalues are the largest in "
+                  "magnitude (a large negative one can appear), in the order found, not sorted")
+
+FAMILY = Family("curvature", "curvature of the loss (Hessian)", request="keys", nest=False,
+                description="Hessian spectrum, trace, spectral density and per-layer curvature")
+GROUP = "curvature"
+
+
+@dataclass(frozen=True, kw_only=True)
+class CurvatureConfig(MeasureConfig):
+    """Settings every curvature measure shares (one flag each on the command line)."""
+
+    split: str = setting("source", "data to measure on: source (training set, default), source-out, target",
+                         choices=SPLITS, shared=True)
+    solver: str = setting("lanczos", "lanczos (default; early-stopping Lanczos, or ARPACK with tol), pyhessian "
+                                     "(its power iteration, for comparison), dense (float64, small models only)",
+                          choices=SOLVERS, shared=True)
+    wrt: str = setting("effective", "quantized models: curvature w.r.t. the de-quantized (deployed) weights "
+                                    "(effective, default) or the latent weights through the straight-through "
+                                    "estimator (latent)", choices=("effective", "latent"), shared=True)
+    params: str = setting("all", "parameters: all (default), weights (conv/linear kernels only), no-bn "
+                                 "(all but normalization)", choices=PARAM_CHOICES, shared=True)
+    hvp: str = setting("auto", "how Hessian-vector products are computed (auto: the faster one, see benchmarks)",
+                       choices=HVP_METHODS, shared=True)
+
+    def validate(self) -> None:
+        super().validate()
+        if self.solver == "pyhessian":
+            from flatlab.curvature.power_iteration import import_pyhessian
+
+            import_pyhessian()
+
+
+@dataclass(frozen=True, kw_only=True)
+class _EigenSolverConfig(CurvatureConfig):
+    rtol: float | None = setting(None, "Lanczos stops once every top-k eigenvalue's residual ||Hu - lu|| is below "
+                                       f"rtol x |l| (default {DEFAULT_RTOL:g}; each eigenvalue's error is below "
+                                       "its residual)", minimum=0.0, exclusive_minimum=True, shared=True)
+    tol: float | None = setting(None, "use ARPACK (scipy eigsh) to relative accuracy tol instead of the "
+                                      "early-stopping Lanczos: more products, tighter answers (e.g. 1e-6)",
+                                minimum=0.0, shared=True)
+
+    def validate(self) -> None:
+        super().validate()
+        if self.tol is not None and self.rtol is not None:
+            raise ConfigError("tol", "(ARPACK) and rtol (early-stopping Lanczos) pick different solvers: give one")
+
+    def fingerprint_settings(self) -> dict[str, Any]:
+        settings = {k: v for k, v in self.settings().items() if k not in ("rtol", "tol")}
+        return {**settings, **self.eigen_settings()}
+
+    def eigen_settings(self) -> dict[str, Any]:
+        """Keyword arguments of :func:`~flatlab.curvature.lanczos.lanczos_top_eigenvalues`."""
+        if self.tol is not None:
+            return {"method": "arpack", "tol": self.tol}
+        return {"method": "lanczos", "rtol": DEFAULT_RTOL if self.rtol is None else self.rtol}
+
+
+@dataclass(frozen=True, kw_only=True)
+class TopEigenvaluesConfig(_EigenSolverConfig):
+    """The ``top_k`` largest Hessian eigenvalues with residuals."""
+
+    measure = "top_eigenvalues"
+    top_k: int = setting(5, "number of largest Hessian eigenvalues", minimum=1)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TraceConfig(CurvatureConfig):
+    """The Hessian trace with its standard error."""
+
+    measure = "trace"
+    trace_products: int = setting(99, "Hessian-vector products for the trace (default 99)", minimum=1, shared=True)
+    trace_method: str = setting("hutch++", "trace estimator", choices=("hutch++", "hutchinson"))
+
+    def validate(self) -> None:
+        super().validate()
+        if self.trace_method == "hutch++" and self.trace_products < 3:
+            raise ConfigError("trace_products", f"= {self.trace_products} is too few for hutch++ (it needs at least 3)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DensityConfig(CurvatureConfig):
+    """The spectral density by stochastic Lanczos quadrature."""
+
+    measure = "density"
+    density_steps: int = setting(80, "Lanczos steps per SLQ run", minimum=1)
+    density_runs: int = setting(1, "SLQ runs (random start vectors)", minimum=1)
+
+    def validate(self) -> None:
+        super().validate()
+        if self.solver == "pyhessian":
+            from flatlab.curvature.power_iteration import PYHESSIAN_DENSITY_REFUSAL
+
+            raise FlatlabError(PYHESSIAN_DENSITY_REFUSAL)
+
+
+@dataclass(frozen=True, kw_only=True)
+class PerLayerConfig(_EigenSolverConfig):
+    """Top eigenvalue and trace of every layer's Hessian block (trace with at most 30 products)."""
+
+    measure = "per_layer"
+    trace_products: int = setting(99, "Hessian-vector products for the trace (default 99)", minimum=1, shared=True)
+
+    def validate(self) -> None:
+        super().validate()
+        if self.solver == "pyhessian":
+            raise ConfigError("solver", "pyhessian does not do per-layer blocks (per_layer uses flatlab's Lanczos): "
+                                        "use solver lanczos")
+
+
+# --- the shared operator ---------------------------------------------------------------------
+
+def operator(ctx: MeasureContext, config: CurvatureConfig) -> Any:
+    """The Hessian operator for these settings, built once per context (its graph cache too)."""
+    from flatlab.curvature import HessianOperator
+
+    key = ("hessian", config.split, config.wrt, config.params, config.hvp)
+    if key not in ctx.cache:
+        model = ctx.model(config.wrt)
+        progress = ctx.progress
+        ctx.cache[key] = HessianOperator(model, ctx.batches(config.split), ctx.loss_fn, params=config.params,
+                                         method=config.hvp, progress=progress)
+    return ctx.cache[key]
+
+
+def _dense(ctx: MeasureContext, config: CurvatureConfig) -> tuple[Any, int]:
+    """The dense float64 spectrum (solver dense), computed once; (spectrum, products spent now)."""
+    from flatlab.curvature import MAX_DENSE_PARAMS
+    from flatlab.curvature.dense import dense_hessian, dense_spectrum
+
+    op = operator(ctx, config)
+    key = ("dense", config.split, config.wrt, config.params)
+    if key in ctx.cache:
+        return ctx.cache[key], 0
+    if op.dim > MAX_DENSE_PARAMS:
+        raise FlatlabError(f"solver dense is limited to {MAX_DENSE_PARAMS} parameters and this model has {op.dim} "
+                           "selected: use solver lanczos (dense is the float64 validation mode for small models)")
+    ctx.cache[key] = dense_spectrum(dense_hessian(ctx.model(config.wrt), ctx.batches(config.split),
+                                                  params=config.params))
+    return ctx.cache[key], op.dim  # one column per parameter
+
+
+def common_attrs(ctx: MeasureContext, config: CurvatureConfig) -> dict[str, Any]:
+    """Attributes of the curvature group every curvature measure shares."""
+    op = operator(ctx, config)
+    return {"solver": config.solver, "wrt": config.wrt if ctx.quantized else "fp", "params": config.params,
+            "split": config.split, "n_samples": op.num_samples, "seed": ctx.settings.seed,
+            "num_params": op.dim, "hvp_method": op.method}
+
+
+# --- compute functions -----------------------------------------------------------------------
+
+def compute_top_eigenvalues(ctx: MeasureContext, config: TopEigenvaluesConfig) -> MeasureResult:
+    from flatlab.curvature.lanczos import lanczos_top_eigenvalues
+
+    op = operator(ctx, config)
+    k = config.top_k
+    if k > op.dim:
+        raise ConfigError("top_k", f"= {k} exceeds the number of selected parameters ({op.dim}): use at most {op.dim}")
+    payload: dict[str, Any] = {}
+    attrs: dict[str, Any] = {}
+    products = 0
+    if config.solver == "dense":
+        spectrum, products = _dense(ctx, config)
+        values = spectrum.eigenvalues[:k]
+        vectors = spectrum.eigenvectors[:, :k]
+        residuals = np.linalg.norm(spectrum.hessian @ vectors - vectors * values, axis=0)
+        eig_products = 0
+    elif config.solver == "pyhessian":
+        from flatlab.curvature.power_iteration import pyhessian_top_eigenvalues
+
+        result = pyhessian_top_eigenvalues(op, k, seed=ctx.settings.seed)
+        values, residuals, eig_products = result.eigenvalues, result.residuals, result.products
+        payload["note"] = PYHESSIAN_NOTE
+        attrs["note"] = PYHESSIAN_NOTE
+    else:
+        solver = config.eigen_settings()
+        result = lanczos_top_eigenvalues(op, k, seed=ctx.settings.seed, **solver)
+        values, residuals, eig_products = result.eigenvalues, result.residuals, result.products
+        payload["converged"] = result.converged
+        if result.note:
+            payload["eigen_note"] = result.note
+        # "method" alone would be ambiguous next to hvp_method
+        recorded = {("eigen_method" if key == "method" else key): value for key, value in solver.items()}
+        payload.update(recorded)
+        attrs.update(recorded)
+    products += eig_products
+    payload.update(top_eigenvalues=[float(v) for v in values], residuals=[float(r) for r in residuals],
+                   eigen_hvps=int(eig_products))
+    arrays = {"top_eigenvalues": np.asarray(values, dtype=np.float64),
+              "residuals": np.asarray(residuals, dtype=np.float64)}
+    attrs["eigen_hvps"] = int(eig_products)
+    return MeasureResult("top_eigenvalues", config, payload, arrays, attrs, products)
+
+
+def compute_trace(ctx: MeasureContext, config: TraceConfig) -> MeasureResult:
+    from flatlab.curvature.trace import estimate_trace
+
+    op = operator(ctx, config)
+    products = 0
+    if config.solver == "dense":
+        spectrum, products = _dense(ctx, config)
+        trace, stderr, used, method = float(np.trace(spectrum.hessian)), 0.0, 0, "exact"
+    elif config.solver == "pyhessian":
+        from flatlab.curvature.power_iteration import pyhessian_trace
+
+        est = pyhessian_trace(op, seed=ctx.settings.seed)
+        trace, stderr, used, method = est.trace, est.stderr, est.products, est.method
+    else:
+        est = estimate_trace(op, config.trace_products, config.trace_method, ctx.settings.seed)
+        trace, stderr, used, method = est.trace, est.stderr, est.products, est.method
+    products += used
+    payload = {"trace": trace, "trace_stderr": stderr, "trace_method": method, "trace_hvps": int(used)}
+    arrays = {"trace": np.float64(trace), "trace_stderr": np.float64(stderr)}
+    attrs = {"trace_method": method, "trace_hvps": int(used)}
+    return MeasureResult("trace", config, payload, arrays, attrs, products)
+
+
+def compute_density(ctx: MeasureContext, config: DensityConfig) -> MeasureResult:
+    from flatlab.curvature.density import gaussian_broadening, slq_density
+
+    op = operator(ctx, config)
+    products = 0
+    if config.solver == "dense":
+        spectrum, products = _dense(ctx, config)
+        n = len(spectrum.eigenvalues)
+        nodes, weights = [spectrum.eigenvalues[::-1].copy()], [np.full(n, 1.0 / n)]
+        grid, density, sigma = gaussian_broadening(nodes, weights)
+        used = 0
+    else:
+        slq = slq_density(op, config.density_steps, config.density_runs, ctx.settings.seed)
+        nodes, weights, grid, density, sigma, used = slq.nodes, slq.weights, slq.grid, slq.density, slq.sigma, slq.products
+    products += used
+    payload = {"density_grid": grid.tolist(), "density": density.tolist(), "density_sigma": sigma,
+               "density_hvps": int(used)}
+    arrays = {"density_grid": grid, "density": density, "density_nodes": np.stack(nodes),
+              "density_weights": np.stack(weights)}
+    attrs = {"density_sigma": sigma, "density_steps": int(len(nodes[0])), "density_runs": len(nodes),
+             "density_hvps": int(used)}
+    return MeasureResult("density", config, payload, arrays, attrs, products)
+
+
+def compute_per_layer(ctx: MeasureContext, config: PerLayerConfig) -> MeasureResult:
+    from flatlab.curvature.per_layer import per_layer_curvature
+
+    op = operator(ctx, config)
+    products = 0
+    if config.solver == "dense":
+        _, products = _dense(ctx, config)  # kept for the product count; blocks use Lanczos
+    layers = per_layer_curvature(op, trace_products=min(config.trace_products, 30), seed=ctx.settings.seed,
+                                 **config.eigen_settings())
+    products += sum(layer.products for layer in layers)
+    payload = {"per_layer": [{"layer": L.layer, "num_params": L.num_params, "top_eigenvalue": L.top_eigenvalue,
+                              "residual": L.residual, "trace": L.trace, "trace_stderr": L.trace_stderr,
+                              "hvps": L.products} for L in layers]}
+    arrays = {"per_layer": {L.layer: {"num_params": np.int64(L.num_params), "top_eigenvalue": np.float64(L.top_eigenvalue),
+                                      "residual": np.float64(L.residual), "trace": np.float64(L.trace),
+                                      "trace_stderr": np.float64(L.trace_stderr)} for L in layers}}
+    return MeasureResult("per_layer", config, payload, arrays, {}, products)
+
+
+# --- reading columns back ----------------------------------------------------------------------
+
+def read_top_eigenvalue(run: Any) -> dict[str, Estimate]:
+    node = group_node(run, GROUP)
+    if node is None or "top_eigenvalues" not in node:
+        return {}
+    values = np.asarray(node["top_eigenvalues"], dtype=np.float64).ravel()
+    if not values.size or not np.isfinite(values).any():
+        return {}
+    i = int(np.nanargmax(values))
+    return {"top_eigenvalue": Estimate(float(values[i]), None)}
+
+
+def read_trace(run: Any) -> dict[str, Estimate]:
+    node = group_node(run, GROUP)
+    if node is None or "trace" not in node:
+        return {}
+    value = scalar(node["trace"])
+    if np.isnan(value):
+        return {}
+    se = scalar(node.get("trace_stderr"))
+    return {"trace": Estimate(value, None if np.isnan(se) else se)}
+
+
+def _eigen_cost(config: TopEigenvaluesConfig) -> Cost:
+    return Cost(gradient=2.0 * (max(3 * config.top_k, 20) + 10))
+
+
+MEASURES = [
+    Measure("top_eigenvalues", FAMILY.name, "largest Hessian eigenvalues with residuals", TopEigenvaluesConfig,
+            compute_top_eigenvalues, GROUP,
+            (Column("top_eigenvalue", r"top Hessian eigenvalue $\lambda_{\max}$", "",
+                    "largest Hessian eigenvalue lambda_max"),),
+            read_top_eigenvalue, _eigen_cost, request_flag="--top-k", request_key="top_k"),
+    Measure("trace", FAMILY.name, "Hessian trace with standard error", TraceConfig, compute_trace, GROUP,
+            (Column("trace", "Hessian trace tr(H)", "", "Hessian trace tr(H) (Hutchinson / Hutch++ / exact)"),),
+            read_trace, lambda c: Cost(gradient=2.0 * c.trace_products), request_flag="--trace", request_key="trace"),
+    Measure("density", FAMILY.name, "spectral density by stochastic Lanczos quadrature", DensityConfig,
+            compute_density, GROUP, (), lambda run: {},
+            lambda c: Cost(gradient=2.0 * c.density_steps * c.density_runs),
+            request_flag="--density", request_key="density"),
+    Measure("per_layer", FAMILY.name, "top eigenvalue and trace of every layer's Hessian block", PerLayerConfig,
+            compute_per_layer, GROUP, (), lambda run: {},
+            lambda c: Cost(gradient=2.0 * 10 * (20 + min(c.trace_products, 30))),
+            request_flag="--per-layer", request_key="per_layer"),
+]
+
+__all__ = ["FAMILY", "GROUP", "MEASURES", "PYHESSIAN_NOTE", "SOLVERS", "CurvatureConfig", "DensityConfig",
+           "PerLayerConfig", "TopEigenvaluesConfig", "TraceConfig", "common_attrs", "operator"]
