@@ -115,8 +115,9 @@ def _subset_top_eigenvalues(x: torch.Tensor, m: int) -> list[float]:
     return [float(torch.linalg.eigvalsh(x[i:i + m].T @ x[i:i + m] / m).max()) for i in range(0, len(x) - m + 1, m)]
 
 
-def test_m_sharpness_equals_the_per_subset_closed_form():
-    case = linear_regression_case(n=12, k=3, batch=5)  # batches of 5, 5, 2: subsets straddle them
+@pytest.mark.parametrize("batch", [4, 5], ids=["m-equals-batch", "subsets-straddle-batches"])
+def test_m_sharpness_equals_the_per_subset_closed_form(batch):
+    case = linear_regression_case(n=12, k=3, batch=batch)  # batch 5: batches 5, 5, 2, subsets straddle them
     x = torch.cat([xb for xb, _ in case.batches])
     rho = 0.3
     # 100 steps: a subset's top eigengap is only ~20%, where 20 steps stop ~1e-5 short.
