@@ -83,3 +83,52 @@ def quadratic_case(n_params: int = 8, seed: int = 0) -> Case:
         return out.mean()
 
     return Case("quadratic", model, _batches(x, y, 4), loss_fn)
+
+
+def linear_regression_case(n: int = 12, k: int = 3, batch: int = 5, seed: int = 0) -> Case:
+    """Least squares at its interpolating minimum: ``nn.Linear(k, 1, bias=False)`` holding w*,
+    targets y = X w*, loss 1/2 mean (x.w - y)^2. On any subset S of the samples
+    L_S(w* + delta) = 1/2 delta^T A_S delta with A_S = X_S^T X_S / |S| exactly, so sharpness over
+    subsets (m-sharpness) and the layer's Hessian (A = X^T X / N) have closed forms."""
+    g = torch.Generator().manual_seed(seed)
+    model = nn.Linear(k, 1, bias=False).double()
+    # Isotropic inputs: few samples per subset, so the subsets' top eigenvectors point apart.
+    x = torch.randn(n, k, generator=g, dtype=torch.float64)
+    w_star = torch.randn(k, generator=g, dtype=torch.float64)
+    with torch.no_grad():
+        model.weight.copy_(w_star.reshape(1, k))
+    y = x @ w_star
+
+    def loss_fn(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return 0.5 * (out.reshape(-1) - target).pow(2).mean()
+
+    return Case("linear-regression", model.eval(), _batches(x, y, batch), loss_fn)
+
+
+def relu_two_layer_case(seed: int = 0, n: int = 30, batch: int = 10, d_in: int = 4, hidden: int = 6,
+                        classes: int = 3) -> Case:
+    """Linear(d_in -> hidden) -> ReLU -> Linear(hidden -> classes), no BatchNorm, cross-entropy:
+    the network whose layer rescaling (:func:`rescale_relu_layers`) leaves the function unchanged."""
+    g = torch.Generator().manual_seed(seed)
+    model = nn.Sequential(nn.Linear(d_in, hidden), nn.ReLU(), nn.Linear(hidden, classes)).double()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64))
+    x = torch.randn(n, d_in, generator=g, dtype=torch.float64)
+    y = torch.randint(0, classes, (n,), generator=g)
+    return Case("relu-two-layer", model.eval(), _batches(x, y, batch), nn.functional.cross_entropy)
+
+
+def rescale_relu_layers(model: nn.Sequential, a: float, first: int = 0, second: int = 2) -> nn.Sequential:
+    """A copy of ``model`` with layer ``first`` (weight and bias) scaled by ``a > 0`` and layer
+    ``second``'s weight by ``1 / a``: the same function when a ReLU sits between them
+    (relu(a z) = a relu(z)); the ``second`` layer's bias is unchanged."""
+    import copy
+
+    out = copy.deepcopy(model)
+    with torch.no_grad():
+        out[first].weight.mul_(a)
+        if out[first].bias is not None:
+            out[first].bias.mul_(a)
+        out[second].weight.div_(a)
+    return out
