@@ -190,3 +190,49 @@ def relu_mlp_pair(seed: int = 0, n: int = 40, d: int = 5, h: int = 7, classes: i
         y = torch.randint(0, classes, (n,), generator=g)
     return ModelPair("relu-mlp" + ("-bn" if batchnorm else ""), m1, m2, _batches(x, y, batch),
                      nn.functional.cross_entropy)
+
+
+# -- Models with several domains (per-domain curvature) -------------------------------------------
+
+@dataclass
+class DomainCase:
+    """One model and, per domain name, its batches."""
+
+    name: str
+    model: nn.Module
+    domains: dict[str, list[tuple[torch.Tensor, torch.Tensor]]]
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def multi_domain_mlp_case(seed: int = 0, n: int = 30, batch: int = 12) -> DomainCase:
+    """The tiny tanh MLP of :func:`tiny_mlp_case` (53 parameters) and three domains whose inputs
+    are shifted and scaled differently (different Hessians), uneven last batches."""
+    base = tiny_mlp_case(seed=seed)
+    g = torch.Generator().manual_seed(seed + 100)
+    domains = {}
+    for name, shift, scale in (("a", 0.0, 1.0), ("b", 1.0, 0.5), ("c", -0.5, 2.0)):
+        x = shift + scale * torch.randn(n, 6, generator=g, dtype=torch.float64)
+        y = torch.randint(0, 3, (n,), generator=g)
+        domains[name] = _batches(x, y, batch)
+    return DomainCase("multi-domain-mlp", base.model, domains, nn.functional.cross_entropy)
+
+
+def disjoint_domains_case(seed: int = 0, d: int = 6, n: int = 20, batch: int = 8) -> DomainCase:
+    """A linear model x -> w^T x (no bias, one output) with MSE and two domains whose inputs live
+    on disjoint coordinates (the first half, the second half). The Hessian of domain D is
+    H_D = 2 X_D^T X_D / N_D, supported on its own block of w: the blocks are disjoint, so the top
+    eigenspaces of the two domains are orthogonal (overlap 0)."""
+    g = torch.Generator().manual_seed(seed)
+    model = nn.Linear(d, 1, bias=False).double()
+    with torch.no_grad():
+        model.weight.copy_(torch.randn(1, d, generator=g, dtype=torch.float64))
+    half = d // 2
+    domains = {}
+    for name, cols in (("first", slice(0, half)), ("second", slice(half, d))):
+        x = torch.zeros(n, d, dtype=torch.float64)
+        # Different scales per coordinate: distinct eigenvalues within each block.
+        x[:, cols] = torch.randn(n, half, generator=g, dtype=torch.float64) * torch.linspace(1.0, 2.0, half,
+                                                                                            dtype=torch.float64)
+        y = torch.randn(n, 1, generator=g, dtype=torch.float64)
+        domains[name] = _batches(x, y, batch)
+    return DomainCase("disjoint-domains", model.eval(), domains, nn.functional.mse_loss)

@@ -21,6 +21,15 @@ from flatlab.surface.barrier import (
 )
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: one thread beats two on a shared 2-core machine (no spin-waiting threads)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _state_at(m1: nn.Module, m2: nn.Module, a: float) -> dict[str, torch.Tensor]:
     """(1 - a) w1 + a w2 for every floating-point entry of the state dicts (brute force)."""
     s1, s2 = m1.state_dict(), m2.state_dict()
