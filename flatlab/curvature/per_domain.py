@@ -34,6 +34,12 @@ any overlap; the bases are kept in the operator's precision and every product
 :math:`U_a^\top U_b` is accumulated in float64. A nearly singular :math:`R` (dependent Ritz
 vectors) is reported in :attr:`PerDomainCurvature.notes`.
 
+Accuracy: given the data, the overlap has no sampling error (it is not an estimate of a mean);
+its numerical error comes from the Ritz vectors, whose angle to the true top-:math:`k` subspace
+is bounded by the Davis-Kahan :math:`\sin\Theta` theorem, :math:`\|\sin\Theta\|_F \le
+\|R\|_F / \delta`, with :math:`R` the Ritz residuals (:attr:`PerDomainCurvature.residuals`) and
+:math:`\delta` the gap between :math:`\lambda_k` and the rest of the spectrum.
+
 Caveats: a single Lanczos start vector does not resolve exactly repeated eigenvalues, and when
 :math:`\lambda_k \approx \lambda_{k+1}` the top-:math:`k` subspace itself is ill-defined (any
 rotation inside the near-degenerate pair is as good), so overlaps are meaningful only with an
