@@ -132,3 +132,155 @@ def rescale_relu_layers(model: nn.Sequential, a: float, first: int = 0, second: 
             out[first].bias.mul_(a)
         out[second].weight.div_(a)
     return out
+
+# -- Pairs of models with a known line between them (barriers) ------------------------------------
+
+@dataclass
+class ModelPair:
+    """Two models of one architecture, data and a loss: the endpoints of a line."""
+
+    name: str
+    model1: nn.Module
+    model2: nn.Module
+    batches: list[tuple[torch.Tensor, torch.Tensor]]
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _randomized(model: nn.Module, g: torch.Generator) -> nn.Module:
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return model.eval()
+
+
+def linear_regression_pair(seed: int = 0, n: int = 30, d: int = 4, o: int = 2, batch: int = 8) -> ModelPair:
+    """Two affine maps x -> W x + b with MSE: the loss on the line is a convex quadratic in alpha."""
+    g = torch.Generator().manual_seed(seed)
+    m1 = _randomized(nn.Linear(d, o).double(), g)
+    m2 = _randomized(nn.Linear(d, o).double(), g)
+    x = torch.randn(n, d, generator=g, dtype=torch.float64)
+    y = torch.randn(n, o, generator=g, dtype=torch.float64)
+    return ModelPair("linear-regression", m1, m2, _batches(x, y, batch), nn.functional.mse_loss)
+
+
+def deep_linear_pair(seed: int = 0, n: int = 30, d: int = 4, h: int = 3, o: int = 2, batch: int = 8,
+                     flipped: bool = False, noise: float = 0.0) -> ModelPair:
+    """Two-layer linear nets x -> V U x (no biases) with MSE: on the line the product
+    V(a) U(a) is quadratic in alpha, so the loss is a quartic (non-convex in general).
+
+    ``flipped``: model 2 is (-U, -V), the same function as model 1, and y = V U x, so both ends
+    fit the data and the midpoint is the zero map. With ``noise = 0`` both ends have loss 0 and
+    the barrier is mean(y^2) at alpha = 1/2; ``noise > 0`` adds Gaussian noise of that scale to
+    model 2's weights and to y (a generic quartic that still has a barrier). Not flipped: two
+    random nets and random targets.
+    """
+    g = torch.Generator().manual_seed(seed)
+
+    def net() -> nn.Module:
+        return _randomized(nn.Sequential(nn.Linear(d, h, bias=False), nn.Linear(h, o, bias=False)).double(), g)
+
+    m1, m2 = net(), net()
+    x = torch.randn(n, d, generator=g, dtype=torch.float64)
+    if flipped:
+        with torch.no_grad():
+            for p, q in zip(m2.parameters(), m1.parameters()):
+                p.copy_(-q + noise * torch.randn(q.shape, generator=g, dtype=torch.float64))
+            y = m1(x)
+            y = y + noise * torch.randn(y.shape, generator=g, dtype=torch.float64)
+    else:
+        y = torch.randn(n, o, generator=g, dtype=torch.float64)
+    return ModelPair("deep-linear" + ("-flipped" if flipped else ""), m1, m2, _batches(x, y, batch),
+                     nn.functional.mse_loss)
+
+
+def fit_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, lr: float = 0.05) -> None:
+    """Full-batch Adam on cross-entropy (deterministic: no sampling)."""
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    model.train()
+    for _ in range(steps):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    model.eval()
+
+
+def relu_mlp_pair(seed: int = 0, n: int = 40, d: int = 5, h: int = 7, classes: int = 3, batch: int = 16,
+                  batchnorm: bool = False, train_steps: int = 0) -> ModelPair:
+    """Two independently initialised ReLU MLPs d -> h -> classes (optionally with BatchNorm1d
+    after the hidden linear layer, its running statistics random), cross-entropy.
+
+    ``train_steps > 0``: each model is then fitted to the data by full-batch Adam (two different
+    minima of one problem, the setting of a barrier), labels depending on the inputs.
+    """
+    g = torch.Generator().manual_seed(seed)
+
+    def net() -> nn.Module:
+        layers: list[nn.Module] = [nn.Linear(d, h)]
+        if batchnorm:
+            layers.append(nn.BatchNorm1d(h))
+        layers += [nn.ReLU(), nn.Linear(h, classes)]
+        model = _randomized(nn.Sequential(*layers).double(), g)
+        if batchnorm:
+            bn = model[1]
+            with torch.no_grad():
+                bn.running_mean.copy_(torch.randn(h, generator=g, dtype=torch.float64))
+                bn.running_var.copy_(torch.rand(h, generator=g, dtype=torch.float64) + 0.5)
+        return model
+
+    m1, m2 = net(), net()
+    x = torch.randn(n, d, generator=g, dtype=torch.float64)
+    if train_steps > 0:
+        teacher = torch.randn(d, classes, generator=g, dtype=torch.float64)
+        y = (x @ teacher).argmax(1)
+        for m in (m1, m2):
+            fit_classifier(m, x, y, train_steps)
+    else:
+        y = torch.randint(0, classes, (n,), generator=g)
+    return ModelPair("relu-mlp" + ("-bn" if batchnorm else ""), m1, m2, _batches(x, y, batch),
+                     nn.functional.cross_entropy)
+
+
+# -- Models with several domains (per-domain curvature) -------------------------------------------
+
+@dataclass
+class DomainCase:
+    """One model and, per domain name, its batches."""
+
+    name: str
+    model: nn.Module
+    domains: dict[str, list[tuple[torch.Tensor, torch.Tensor]]]
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def multi_domain_mlp_case(seed: int = 0, n: int = 30, batch: int = 12) -> DomainCase:
+    """The tiny tanh MLP of :func:`tiny_mlp_case` (53 parameters) and three domains whose inputs
+    are shifted and scaled differently (different Hessians), uneven last batches."""
+    base = tiny_mlp_case(seed=seed)
+    g = torch.Generator().manual_seed(seed + 100)
+    domains = {}
+    for name, shift, scale in (("a", 0.0, 1.0), ("b", 1.0, 0.5), ("c", -0.5, 2.0)):
+        x = shift + scale * torch.randn(n, 6, generator=g, dtype=torch.float64)
+        y = torch.randint(0, 3, (n,), generator=g)
+        domains[name] = _batches(x, y, batch)
+    return DomainCase("multi-domain-mlp", base.model, domains, nn.functional.cross_entropy)
+
+
+def disjoint_domains_case(seed: int = 0, d: int = 6, n: int = 20, batch: int = 8) -> DomainCase:
+    """A linear model x -> w^T x (no bias, one output) with MSE and two domains whose inputs live
+    on disjoint coordinates (the first half, the second half). The Hessian of domain D is
+    H_D = 2 X_D^T X_D / N_D, supported on its own block of w: the blocks are disjoint, so the top
+    eigenspaces of the two domains are orthogonal (overlap 0)."""
+    g = torch.Generator().manual_seed(seed)
+    model = nn.Linear(d, 1, bias=False).double()
+    with torch.no_grad():
+        model.weight.copy_(torch.randn(1, d, generator=g, dtype=torch.float64))
+    half = d // 2
+    domains = {}
+    for name, cols in (("first", slice(0, half)), ("second", slice(half, d))):
+        x = torch.zeros(n, d, dtype=torch.float64)
+        # Different scales per coordinate: distinct eigenvalues within each block.
+        x[:, cols] = torch.randn(n, half, generator=g, dtype=torch.float64) * torch.linspace(1.0, 2.0, half,
+                                                                                            dtype=torch.float64)
+        y = torch.randn(n, 1, generator=g, dtype=torch.float64)
+        domains[name] = _batches(x, y, batch)
+    return DomainCase("disjoint-domains", model.eval(), domains, nn.functional.mse_loss)
