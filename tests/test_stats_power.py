@@ -147,25 +147,26 @@ def test_margin_edge_cases() -> None:
     assert margin_seeds_needed(0.2, 1.0, 0.5, kind="at_most") == margin_seeds_needed(-0.2, 1.0, 0.5, kind="at_least")
 
 
-def test_correlation_runs_needed_agree_with_simulation() -> None:
-    """Fisher-z approximation vs simulated bivariate normal data at the returned n (tolerance 0.05:
-    it is an approximation, and scipy's Kendall test uses the null variance, not 0.437/(n-4))."""
+@pytest.mark.parametrize("method, r", [("kendall", 0.3), ("kendall", 0.5), ("spearman", 0.3), ("spearman", 0.5)])
+def test_correlation_runs_needed_agree_with_simulation(method: str, r: float) -> None:
+    """Fisher-z approximation vs simulated bivariate normal data at the returned n, tested as scipy
+    tests (tolerance 0.05 around 0.8 power: the formula is an approximation)."""
     rng = np.random.default_rng(4)
-    tau = 0.3
-    n = correlation_runs_needed(tau)
-    assert n == math.ceil(4 + 0.437 * ((stats.norm.ppf(0.975) + stats.norm.ppf(0.8)) / math.atanh(tau)) ** 2)
-    rho = math.sin(math.pi * tau / 2)  # Pearson rho of a bivariate normal with Kendall tau = 0.3
-    cov = [[1.0, rho], [rho, 1.0]]
-    xy = rng.multivariate_normal([0, 0], cov, size=(1000, n))
-    kendall = stats.kendalltau(xy[..., 0], xy[..., 1], axis=1)
-    assert abs(np.mean(kendall.pvalue < 0.05) - 0.8) < 0.05
-
-    rs = 0.3
-    n = correlation_runs_needed(rs, method="spearman")
-    rho = 2 * math.sin(math.pi * rs / 6)  # Pearson rho with Spearman rho = 0.3
-    xy = rng.multivariate_normal([0, 0], [[1.0, rho], [rho, 1.0]], size=(EXPERIMENTS, n))
-    r = _rowwise_spearman(xy[..., 0], xy[..., 1])
-    p = 2 * stats.t.sf(np.abs(r) * np.sqrt((n - 2) / (1 - r ** 2)), n - 2)  # scipy.stats.spearmanr's p
+    n = correlation_runs_needed(r, method=method)
+    z_a, z_b = stats.norm.ppf(0.975), stats.norm.ppf(0.8)
+    if method == "kendall":
+        assert n == math.ceil(4 + 0.437 * ((z_a + z_b) / math.atanh(r)) ** 2)
+        rho = math.sin(math.pi * r / 2)  # Pearson rho of a bivariate normal whose Kendall tau is r
+    else:
+        assert n == math.ceil(3 + ((z_a + z_b * math.sqrt(1 + r * r / 2)) / math.atanh(r)) ** 2)
+        rho = 2 * math.sin(math.pi * r / 6)  # ... whose Spearman rho is r
+    experiments = 1000 if method == "kendall" else EXPERIMENTS  # scipy's kendalltau loops over rows
+    xy = rng.multivariate_normal([0, 0], [[1.0, rho], [rho, 1.0]], size=(experiments, n))
+    if method == "kendall":
+        p = stats.kendalltau(xy[..., 0], xy[..., 1], axis=1).pvalue
+    else:
+        rs = _rowwise_spearman(xy[..., 0], xy[..., 1])
+        p = 2 * stats.t.sf(np.abs(rs) * np.sqrt((n - 2) / (1 - rs ** 2)), n - 2)  # scipy.stats.spearmanr's p
     assert abs(np.mean(p < 0.05) - 0.8) < 0.05
 
 

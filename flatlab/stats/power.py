@@ -42,12 +42,16 @@ the one-dimensional integral over :math:`q = \nu s^2/\sigma^2 \sim \chi^2_\nu`
 
 **Correlations.** Runs needed for the two-sided test of no correlation to have the target power
 at a true Kendall tau or Spearman rho r, by the Fisher z approximation
-:math:`\operatorname{atanh}(\hat r) \approx N(\operatorname{atanh} r, v/(n - c))`:
+:math:`\operatorname{atanh}(\hat r) \approx N(\operatorname{atanh} r, v/(n - c))`, with the
+variance factor :math:`v_0` under the null (where the critical value comes from) and
+:math:`v_1` under the alternative:
 
-.. math::  n = c + v\,\Big(\frac{z_{1-\alpha/2} + z_{1-\beta}}{\operatorname{atanh}|r|}\Big)^2,
+.. math::  n = c + \Big(\frac{z_{1-\alpha/2}\sqrt{v_0} + z_{1-\beta}\sqrt{v_1}}{\operatorname{atanh}|r|}\Big)^2,
 
-Kendall: c = 4, v = 0.437 (Fieller, Hartley & Pearson 1957); Spearman: c = 3,
-:math:`v = 1 + r^2/2` (Bonett & Wright 2000); at least 5 (below that flatlab reports no p-value).
+Kendall: c = 4, :math:`v_0 = v_1 = 0.437` (Fieller, Hartley & Pearson 1957; the exact null
+variance of tau, 2(2n+5)/(9n(n-1)), is 0.444/n to first order); Spearman: c = 3, :math:`v_0 = 1`
+(the null variance of rho is 1/(n-1)), :math:`v_1 = 1 + r^2/2` (Bonett & Wright 2000); rounded
+up, at least 5 (below that flatlab reports no p-value).
 
 **Edge cases.** effect = 0: no n gives more power than :math:`\alpha`; the functions return None,
 meaning "no effect to detect". sd = 0 (every run gives the same difference): the minimum n, 2.
@@ -265,7 +269,7 @@ def correlation_runs_needed(statistic: float, *, method: Literal["kendall", "spe
     alpha, power, max_n = _check_plan(alpha, power, max_n)
     if r == 0:
         return None
-    offset, var = (4.0, 0.437) if method == "kendall" else (3.0, 1.0 + r * r / 2)
-    z = stats.norm.ppf(1 - alpha / 2) + stats.norm.ppf(power)
-    n = 5 if abs(r) == 1 else max(5, math.ceil(offset + var * (z / math.atanh(abs(r))) ** 2))
+    offset, var_null, var_alt = (4.0, 0.437, 0.437) if method == "kendall" else (3.0, 1.0, 1.0 + r * r / 2)
+    z = stats.norm.ppf(1 - alpha / 2) * math.sqrt(var_null) + stats.norm.ppf(power) * math.sqrt(var_alt)
+    n = 5 if abs(r) == 1 else max(5, math.ceil(offset + (z / math.atanh(abs(r))) ** 2))
     return n if n <= max_n else None
