@@ -332,12 +332,16 @@ def _granulated_plan(x: npt.ArrayLike, y: npt.ArrayLike, axes: Mapping[str, Sequ
     plan_cells: dict[str, list[_Cell]] = {}
     for axis in varying:
         others = [codes[a] for a in codes if a != axis]
-        keys = np.stack([stratum, *others], axis=1)
-        _, cell_of_run = np.unique(keys, axis=0, return_inverse=True)
+        # Cells in order of first appearance (as flatlab.report does), so the mean of the taus is
+        # summed in the same order and Psi is bit-identical to the report's.
+        index: dict[tuple[int, ...], int] = {}
+        cell_of_run = np.asarray([index.setdefault(key, len(index)) for key in zip(stratum.tolist(),
+                                                                                   *(o.tolist() for o in others))],
+                                 dtype=np.intp)
         taus: list[float] = []
         cells: list[_Cell] = []
-        for c in range(int(cell_of_run.max()) + 1 if n else 0):
-            members = np.flatnonzero(cell_of_run.ravel() == c)
+        for c in range(len(index)):
+            members = np.flatnonzero(cell_of_run == c)
             values, value_code = np.unique(codes[axis][members], return_inverse=True)
             if len(values) < 2:
                 continue  # this cell cannot vary axis i, in the data or in any resample
