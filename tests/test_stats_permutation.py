@@ -206,6 +206,9 @@ def test_unpaired_coverage_of_bootstrap_interval() -> None:
     (lambda: unpaired_comparison([1, 2], [1, 2], [0, 1], [0, 0]), "must hold the same test domains"),
     (lambda: unpaired_comparison([np.nan], [1, 2]), "a holds no finite value"),
     (lambda: sign_flip_test([]), "differences must be a non-empty"),
+    (lambda: two_sample_permutation_test([1.0, np.nan], [1.0, 2.0]), "a must be a non-empty 1-D array of finite"),
+    (lambda: two_sample_permutation_test([1.0], [2.0], strata_b=[0]), "must be given together"),
+    (lambda: two_sample_permutation_test([1.0], [2.0], [0], [1]), "must hold the same test domains"),
 ])
 def test_argument_errors(call, match: str) -> None:
     with pytest.raises(ValueError, match=match):

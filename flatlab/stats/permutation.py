@@ -41,7 +41,7 @@ import numpy as np
 import numpy.typing as npt
 from scipy import stats
 
-from flatlab.stats._common import BLOCK_ELEMENTS, Strata, check_int
+from flatlab.stats._common import BLOCK_ELEMENTS, Strata, as_labels, check_int
 
 #: Largest n the exact sign-flip enumeration accepts (2^23 patterns, enumerated in blocks).
 MAX_EXACT_SIGN_FLIP = 24
@@ -127,10 +127,18 @@ def two_sample_permutation_test(a: npt.NDArray[np.float64], b: npt.NDArray[np.fl
     check_int(seed, "seed", 0)
     a = np.asarray(a, dtype=np.float64)
     b = np.asarray(b, dtype=np.float64)
-    if strata_a is None:
+    for name, v in (("a", a), ("b", b)):
+        if v.ndim != 1 or len(v) == 0 or not np.all(np.isfinite(v)):
+            raise ValueError(f"{name} must be a non-empty 1-D array of finite numbers")
+    if (strata_a is None) != (strata_b is None):
+        raise ValueError("strata_a and strata_b must be given together (or neither)")
+    if strata_a is None or strata_b is None:
         return _scipy_two_sample(a, b, n_permutations, seed)
-    assert strata_b is not None
-    return _stratified_two_sample(a, b, strata_a, strata_b, n_permutations, seed)
+    la, lb = as_labels(strata_a, len(a), "strata_a"), as_labels(strata_b, len(b), "strata_b")
+    assert la is not None and lb is not None
+    if set(la) != set(lb):
+        raise ValueError("strata_a and strata_b must hold the same test domains")
+    return _stratified_two_sample(a, b, la, lb, n_permutations, seed)
 
 
 def stratum_weights(sa: Strata, sb: Strata) -> dict[Hashable, float]:

@@ -11,7 +11,8 @@ common sd :math:`\sigma`, two-sample (pooled-variance) t-test, :math:`\nu = 2n -
            \qquad \text{power}_{one-sided}(n) = P(T > t_{1-\alpha,\nu}),
 
 with :math:`|\delta|` in :math:`\lambda`: the one-sided test is in the direction of the effect. :func:`seeds_needed` is the smallest
-:math:`n \ge 2` with power >= the target (power increases with n). The familiar normal
+:math:`n \ge 2` with power >= the target, found by bisection on [2, max_n] (power increases with
+n; TOST's power can dip over the first few n, but only at powers far below any useful target). The familiar normal
 approximation, which the exact n exceeds by about 1 or 2 at small n (the t's heavier tails), is
 
 .. math::  n \approx \Big(\frac{(z_{1-\alpha/2} + z_{1-\beta})\,\sigma}{\delta}\Big)^2

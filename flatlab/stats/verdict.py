@@ -45,7 +45,10 @@ unreliable) is inconclusive whatever the numbers, with the seeds needed (at leas
 domain).
 
 Seed counts are per test domain (a study has the same seeds in every domain): the power formula's
-total n (pairs, runs per group, or runs) divided by the number of test domains, rounded up.
+total n (pairs, runs per group, or runs) divided by the number of test domains, rounded up, and at
+least 5. The power formulas use the sd of all differences (paired), the pooled sd (unpaired), or
+the observed correlation, and the t-test / Fisher z test as a stand-in for the permutation test
+(see :mod:`flatlab.stats.power` for why they agree); the count is an estimate ("about").
 """
 
 from __future__ import annotations
@@ -127,11 +130,13 @@ class _Units:
 
 def _units(evidence: Evidence) -> _Units:
     h = max(evidence.n_strata, 1)
+    where = " per test domain" if h > 1 else ""
     if isinstance(evidence, PairedComparison):
-        return _Units("seeds per test domain", h, evidence.n // h)
+        return _Units(f"seeds{where}", h, evidence.n // h)
     if isinstance(evidence, UnpairedComparison):
-        return _Units("seeds per variant and test domain", h, min(evidence.n_a, evidence.n_b) // h)
-    return _Units("runs per test domain", h, evidence.n // h)
+        return _Units(f"seeds per variant{' and test domain' if h > 1 else ''}", h,
+                      min(evidence.n_a, evidence.n_b) // h)
+    return _Units(f"runs{where}", h, evidence.n // h)
 
 
 def decide(claim: ClaimKind, evidence: Evidence, *, alpha: float = 0.05, p_adjusted: float | None = None,
@@ -194,7 +199,9 @@ def _unreliable(evidence: Evidence) -> str | None:
     if math.isnan(evidence.ci_low) or math.isnan(evidence.ci_high):
         return f"no interval ({evidence.note or 'undefined'})"
     if evidence.small_sample:
-        return f"fewer than {MIN_RELIABLE_N} seeds in a test domain: the bootstrap interval is unreliable"
+        unit = "runs" if isinstance(evidence, CorrelationResult | GranulatedTauCI) else "seeds"
+        where = " in a test domain" if evidence.n_strata > 1 else ""
+        return f"fewer than {MIN_RELIABLE_N} {unit}{where}: the bootstrap interval is unreliable"
     return None
 
 
