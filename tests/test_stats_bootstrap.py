@@ -203,7 +203,7 @@ def test_singleton_strata() -> None:
     s = summarize_group([0.1, 0.5, 0.9], ["a", "b", "c"])
     assert math.isnan(s.ci_low) and "every test domain has a single seed" in s.note
     s = summarize_group([0.1, 0.2, 0.15, 0.12, 0.18, 0.9], ["a"] * 5 + ["b"])
-    assert math.isfinite(s.ci_low) and "test domain b has a single seed" in s.note
+    assert math.isfinite(s.ci_low) and "test domain b: a single seed, which adds no resampling variance" in s.note
 
 
 def test_nan_values_are_dropped_with_their_labels() -> None:

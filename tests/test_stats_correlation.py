@@ -15,9 +15,9 @@ from flatlab.stats import correlation_with_ci, granulated_tau, granulated_tau_wi
 from flatlab.stats._common import Strata, bootstrap_indices, resample_counts
 from flatlab.stats.correlation import (
     _granulated_plan,
+    _psi_of_counts,
     _rowwise_spearman,
     _signs,
-    granulated_psi_of_counts,
     weighted_tau_b,
 )
 
@@ -165,7 +165,7 @@ def test_granulated_bootstrap_counts_equal_report_on_expanded_rows() -> None:
     keep = ~(np.isnan(x) | np.isnan(y))
     rows = [r for r, k in zip(_report_rows(x, y, axes, domains), keep) if k]
     idx = np.concatenate(list(bootstrap_indices(plan.strata, 40, np.random.default_rng(0))))
-    got = granulated_psi_of_counts(plan, resample_counts(idx, plan.strata.n))
+    got = _psi_of_counts(plan, resample_counts(idx, plan.strata.n))
     for psi, i in zip(got, idx):
         expected = report_granulated_tau([rows[j] for j in i], "m", "t")["granulated_tau"]
         assert psi == pytest.approx(expected, abs=1e-12) or (math.isnan(psi) and math.isnan(expected))

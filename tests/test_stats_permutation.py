@@ -159,6 +159,11 @@ def test_paired_degenerate() -> None:
     same = paired_comparison([0.5, 0.6, 0.7, 0.8, 0.9, 0.4], [0.5, 0.6, 0.7, 0.8, 0.9, 0.4])
     assert same.mean_diff == same.ci_low == same.ci_high == 0.0 and same.p_value == 1.0
     assert "all differences equal" in same.note
+    lone = unpaired_comparison([0.5], [0.4, 0.45, 0.5, 0.42, 0.47], n_resamples=200)
+    assert math.isfinite(lone.ci_low) and "group a: a single run, which adds no resampling variance" in lone.note
+    assert lone.small_sample and lone.exact
+    assert lone.p_value == pytest.approx(_brute_two_sample(np.array([0.5]), np.array([0.4, 0.45, 0.5, 0.42, 0.47]),
+                                                           [0], [0] * 5), abs=1e-12)
     with pytest.raises(ValueError, match="no pair where both values are finite"):
         paired_comparison([np.nan, 1.0], [1.0, np.nan])
 

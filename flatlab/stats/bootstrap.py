@@ -247,7 +247,7 @@ def summarize_group(values: npt.ArrayLike, strata: Sequence[Hashable] | npt.Arra
         mean=float(np.mean(x)), sd=sd, stderr=sd / math.sqrt(n) if n > 1 else math.nan, n=n,
         n_strata=len(cells.labels), ci_low=interval.low, ci_high=interval.high, confidence=float(confidence),
         method=interval.method, n_resamples=int(n_resamples), small_sample=note_small is not None,
-        note=join_notes(interval.note, note_small, _single_strata_note(cells), dropped_note(n_dropped, "value(s)")))
+        note=join_notes(interval.note, note_small, single_cell_note(cells), dropped_note(n_dropped, "value(s)")))
 
 
 def _constant_note(x: npt.NDArray[np.float64], cells: Strata) -> str:
@@ -256,10 +256,21 @@ def _constant_note(x: npt.NDArray[np.float64], cells: Strata) -> str:
     return "values are constant within every test domain: zero-width interval"
 
 
-def _single_strata_note(cells: Strata) -> str | None:
-    """Note the test domains whose single seed adds no resampling variance (when others do)."""
+def single_cell_note(cells: Strata, unit: str = "seed") -> str | None:
+    """Note the resampling cells whose single value adds no resampling variance (when others do).
+
+    Cell labels are test domains, or (group, test domain) pairs for two groups (group alone when
+    unstratified).
+    """
     sizes = cells.sizes
-    if not cells.stratified or sizes.max() < 2 or sizes.min() > 1:
+    if len(sizes) < 2 or sizes.max() < 2 or sizes.min() > 1:
         return None
-    single = [str(lab) for lab, s in zip(cells.labels, sizes) if s == 1]
-    return f"test domain {', '.join(single)} has a single seed and adds no resampling variance"
+    single = [_cell_name(lab) for lab, s in zip(cells.labels, sizes) if s == 1]
+    return f"{', '.join(single)}: a single {unit}, which adds no resampling variance"
+
+
+def _cell_name(label: Hashable) -> str:
+    if isinstance(label, tuple):
+        group, domain = label
+        return f"group {group}" if domain is None else f"group {group} in test domain {domain}"
+    return f"test domain {label}"

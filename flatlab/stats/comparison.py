@@ -47,6 +47,7 @@ from flatlab.stats.bootstrap import (
     IntervalMethod,
     check_interval_args,
     linear_bootstrap_interval,
+    single_cell_note,
 )
 from flatlab.stats.permutation import (
     DEFAULT_PERMUTATIONS,
@@ -201,7 +202,8 @@ def paired_comparison(a: npt.ArrayLike, b: npt.ArrayLike, strata: Labels = None,
         n_strata=len(cells.labels), ci_low=interval.low, ci_high=interval.high, confidence=float(confidence),
         method=interval.method, p_value=test.p_value, test=test.test, exact=test.exact,
         n_permutations=test.n_permutations, small_sample=small is not None,
-        note=join_notes(interval.note, small, dropped_note(int(np.count_nonzero(~keep)), "pair(s)")))
+        note=join_notes(interval.note, small, single_cell_note(cells, "pair"),
+                        dropped_note(int(np.count_nonzero(~keep)), "pair(s)")))
 
 
 def unpaired_comparison(a: npt.ArrayLike, b: npt.ArrayLike, strata_a: Labels = None, strata_b: Labels = None, *,
@@ -265,4 +267,4 @@ def unpaired_comparison(a: npt.ArrayLike, b: npt.ArrayLike, strata_a: Labels = N
         n_a=len(x), n_b=len(y), n_strata=len(sa.labels), ci_low=interval.low, ci_high=interval.high,
         confidence=float(confidence), method=interval.method, p_value=test.p_value, test=test.test,
         exact=test.exact, n_permutations=test.n_permutations, small_sample=any(notes_small),
-        note=join_notes(interval.note, *notes_small, dropped_note(dropped, "value(s)")))
+        note=join_notes(interval.note, *notes_small, single_cell_note(cells, "run"), dropped_note(dropped, "value(s)")))

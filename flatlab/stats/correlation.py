@@ -375,7 +375,7 @@ def granulated_tau(x: npt.ArrayLike, y: npt.ArrayLike, axes: Mapping[str, Sequen
     return plan.point
 
 
-def granulated_psi_of_counts(plan: _Plan, counts: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+def _psi_of_counts(plan: _Plan, counts: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
     """Psi of each resample given its counts per run (b, n); NaN where no psi_i is defined."""
     b = counts.shape[0]
     psi_sum = np.zeros(b)
@@ -422,7 +422,7 @@ def granulated_tau_with_ci(x: npt.ArrayLike, y: npt.ArrayLike, axes: Mapping[str
                       f"n too small ({point.n} runs, fewer than {MIN_RELIABLE_N}): no interval")
     if math.isnan(point.psi):
         return result(math.nan, math.nan, 0, False, "no cell has a defined tau: the granulated tau is undefined")
-    theta = np.concatenate([granulated_psi_of_counts(plan, resample_counts(idx, plan.strata.n))
+    theta = np.concatenate([_psi_of_counts(plan, resample_counts(idx, plan.strata.n))
                             for idx in bootstrap_indices(plan.strata, n_resamples, rng)])
     lo, hi, note = _interval_of(theta, confidence)
     small = small_sample_note(plan.strata, unit="runs")

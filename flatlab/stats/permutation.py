@@ -133,7 +133,11 @@ def two_sample_permutation_test(a: npt.NDArray[np.float64], b: npt.NDArray[np.fl
     if (strata_a is None) != (strata_b is None):
         raise ValueError("strata_a and strata_b must be given together (or neither)")
     if strata_a is None or strata_b is None:
-        return _scipy_two_sample(a, b, n_permutations, seed)
+        if min(len(a), len(b)) >= 2:
+            return _scipy_two_sample(a, b, n_permutations, seed)
+        # scipy refuses a group of one; the within-stratum test with one stratum is the same test
+        res = _stratified_two_sample(a, b, [0] * len(a), [0] * len(b), n_permutations, seed)
+        return PermutationTest(res.statistic, res.p_value, res.exact, res.n_permutations, "two-sample permutation")
     la, lb = as_labels(strata_a, len(a), "strata_a"), as_labels(strata_b, len(b), "strata_b")
     assert la is not None and lb is not None
     if set(la) != set(lb):
