@@ -137,7 +137,7 @@ def load_pretrained(model: nn.Module, path: str) -> dict[str, list[str]]:
     Raises:
         FlatlabError: unreadable file, or no tensor matched the model.
     """
-    from flatlab.checkpoint import FORMAT, safe_torch_load
+    from flatlab.checkpoint_format import FORMAT, safe_torch_load
 
     payload = safe_torch_load(path, what="pretrained weights file")
     if isinstance(payload, dict) and payload.get("format") == FORMAT:

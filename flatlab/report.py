@@ -646,7 +646,7 @@ def _cell(value: Any) -> Any:
 
 def report_text(report: dict[str, Any]) -> str:
     """The human tables of a report."""
-    from flatlab.commands.common import fmt, table
+    from flatlab.text import fmt, table
 
     names = report["measures"]
     rows = report["rows"]

@@ -8,16 +8,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from typing import Any
 
 from flatlab.io import dumps_json
+from flatlab.text import fmt, table  # noqa: F401  (the commands print with these)
 
 
 def add_output_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object on stdout (tables go to stderr)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars or tables on stderr")
+    parser.add_argument("--quiet", action="store_true", help="nothing for humans: no progress bars, no tables (errors still print)")
 
 
 def add_device_option(parser: argparse.ArgumentParser, default: str = "auto") -> None:
@@ -61,46 +61,21 @@ def add_data_dir_option(parser: argparse.ArgumentParser) -> None:
                         help="root of a folder data set, if it moved since training (checked against the stored hash)")
 
 
-def emit(args: argparse.Namespace, payload: dict[str, Any], table: str) -> None:
-    """Print ``payload`` as JSON on stdout (``--json``), or ``table`` for humans.
+def emit(args: argparse.Namespace, payload: dict[str, Any], text: str) -> None:
+    """Print ``payload`` as JSON on stdout (``--json``), or ``text`` (a table) for humans.
 
     One meaning of ``--quiet`` in every command: nothing for humans (no table, no progress).
-    Without ``--json`` the table goes to stdout so it can be piped; with ``--json`` the table
+    Without ``--json`` the text goes to stdout so it can be piped; with ``--json`` the text
     goes to stderr.
     """
     quiet = getattr(args, "quiet", False)
     if getattr(args, "json", False):
         sys.stdout.write(dumps_json(payload) + "\n")
         if not quiet:
-            sys.stderr.write(table.rstrip() + "\n")
+            sys.stderr.write(text.rstrip() + "\n")
     elif not quiet:
-        sys.stdout.write(table.rstrip() + "\n")
+        sys.stdout.write(text.rstrip() + "\n")
     sys.stdout.flush()
-
-
-def fmt(value: Any, digits: int = 4) -> str:
-    """Human formatting: floats to ``digits`` significant digits, missing values as '-'."""
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "nan"
-        return f"{value:.{digits}g}"
-    return str(value)
-
-
-def table(rows: list[list[Any]], header: list[str] | None = None) -> str:
-    """A plain aligned text table."""
-    cells = [[fmt(c) for c in r] for r in rows]
-    if header:
-        cells.insert(0, list(header))
-    if not cells:
-        return ""
-    widths = [max(len(r[i]) for r in cells if i < len(r)) for i in range(max(len(r) for r in cells))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells]
-    if header:
-        lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
 
 
 def parse_json_arg(text: str, flag: str) -> dict[str, Any]:

@@ -195,7 +195,7 @@ def unpack_payload(payload: dict[str, Any], path: Path | None = None) -> dict[st
     Raises:
         FlatlabError: a malformed file, or codes that do not fit their bit-width.
     """
-    from flatlab.checkpoint import FORMAT, FORMAT_VERSION
+    from flatlab.checkpoint_format import FORMAT, FORMAT_VERSION
 
     where = f"{path}" if path else "the packed file"
     version = payload.get("format_version")
