@@ -1,6 +1,6 @@
 """Ensembles of checkpoints (EoQ: an ensemble of quantized models, QT-DoG).
 
-The prediction is the argmax of the mean of the members' logits (REFERENCE.md 1, EoQ); the
+The prediction is the argmax of the mean of the members' logits (docs/measures.md 1, EoQ); the
 ensemble is evaluated on every domain with the same keys as ``flatlab evaluate``. Members must
 share the data set, test domain(s) and in/out split, or ``id_acc`` would partly be measured on
 some member's training data.
@@ -110,7 +110,7 @@ def write_ensemble_record(out_dir: str | os.PathLike[str], result: dict[str, Any
 
 def write_ensemble_results(path: str | os.PathLike[str], members: Sequence[Checkpoint],
                            result: dict[str, Any], provenance: dict[str, Any] | None = None) -> str:
-    """Add the ensemble as a run of a results file (DESIGN.md schema) so reports list EoQ rows.
+    """Add the ensemble as a run of a results file (the README's results-file schema) so reports list EoQ rows.
 
     The run id is :func:`ensemble_id`; run attributes are the first member's provenance with
     ``algorithm = "eoq"`` (``"ensemble"`` if a member is full precision), ``members`` (JSON list of

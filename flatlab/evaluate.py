@@ -1,6 +1,6 @@
 """Loss and accuracy of a model (or a logit-averaged ensemble) on every domain's splits.
 
-Keys follow DomainBed (``env{i}_in_acc``, ``env{i}_out_acc``) plus DESIGN.md's summary numbers:
+Keys follow DomainBed (``env{i}_in_acc``, ``env{i}_out_acc``) plus the README's summary numbers:
 ``id_acc`` = accuracy over the pooled ``source-out`` samples, ``ood_acc`` = accuracy over every
 sample of the test domain(s), and ``source_acc`` over the pooled ``source`` (training) samples.
 """

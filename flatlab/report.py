@@ -1,6 +1,6 @@
 """Flatness vs out-of-domain accuracy: one row per run, rank correlations, grouped means.
 
-Inputs are results files (DESIGN.md schema, read through :mod:`flatlab.results`), stand-alone
+Inputs are results files (the README's results-file schema, read through :mod:`flatlab.results`), stand-alone
 surface files (Li et al.'s names at the root) and run folders (``flatlab train --out DIR``:
 only their provenance and accuracies, since nothing has been measured there).
 
@@ -192,7 +192,7 @@ def _surface_from_node(node: dict[str, Any], name: str, label: str, source: str,
             expected = (len(x),) if y is None else (len(y), len(x))
             if arr.shape != expected:
                 # Li et al.'s own files allocate (len(x), len(y)) but fill the flat buffer in
-                # meshgrid(x, y) order, k = j * len(x) + i (REFERENCE.md 6): the same buffer read as
+                # meshgrid(x, y) order, k = j * len(x) + i (docs/measures.md 6): the same buffer read as
                 # (len(y), len(x)) is Z[j, i] = f(x[i], y[j]).
                 if y is not None and arr.shape == (len(x), len(y)):
                     arr = arr.reshape(len(y), len(x))

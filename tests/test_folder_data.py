@@ -94,7 +94,7 @@ def test_cache_budget_and_streaming(tree: Path):
 
 
 TRAIN = [sys.executable, "-m", "flatlab.cli", "train", "--quiet", "--dataset", "folder", "--model", "resnet18",
-         "--resolution", "32", "--batch-size", "2", "--test-env", "gamma", "--lr", "1e-3", "--workers", "1"]
+         "--resolution", "32", "--batch-size", "2", "--test-env", "gamma", "--lr", "1e-3", "--decode-threads", "1"]
 
 
 def _lines(path: Path) -> int:

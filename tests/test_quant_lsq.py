@@ -1,4 +1,4 @@
-"""LSQ quantizer, quantized layers and model preparation, against the formulas (REFERENCE.md 2)."""
+"""LSQ quantizer, quantized layers and model preparation, against the formulas (docs/measures.md 2)."""
 
 from __future__ import annotations
 

@@ -6,7 +6,14 @@ import argparse
 import sys
 from typing import Any
 
-from flatlab.commands.common import add_output_options, emit, parse_json_arg, table
+from flatlab.commands.common import (
+    add_deprecated_alias,
+    add_device_option,
+    add_output_options,
+    emit,
+    parse_json_arg,
+    table,
+)
 
 #: (flag, hparam key, type, help) for hyperparameters settable by a flag of their own.
 HPARAM_FLAGS: list[tuple[str, str, type, str]] = [
@@ -56,7 +63,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--train-bn", action="store_true",
                    help="ResNets: train BatchNorm statistics (default: frozen, as DomainBed/SWAD)")
     p.add_argument("--cache-mb", type=int, default=None, help="image folders: memory budget for decoded images (MB)")
-    p.add_argument("--workers", type=int, default=None, help="image folders: decoding threads")
+    p.add_argument("--decode-threads", type=int, default=None, metavar="N",
+                   help="image folders: threads that decode and augment images")
+    add_deprecated_alias(p, "--workers", "--decode-threads", "decode_threads", type=int)
     p.add_argument("--pretrained", default=None, metavar="PATH", help="initial weights from a local file")
     p.add_argument("--steps", type=int, default=None, help="training steps (rotated-digits: 1500)")
     p.add_argument("--eval-every", type=int, default=None, help="evaluate and save state every N steps (default steps/10, at most 100)")
@@ -68,7 +77,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--hparams", default=None, metavar="JSON", help="hyperparameters as a JSON object (flags win)")
     p.add_argument("--out", required=True, help="run folder")
     p.add_argument("--fresh", action="store_true", help="discard what OUT holds and start over")
-    p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
+    add_device_option(p)
     add_output_options(p)
     p.set_defaults(func=run)
 
@@ -81,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
     if args.train_bn:
         model_opts["freeze_bn"] = False
     dataset_opts = {k: v for k, v in (("resolution", args.resolution), ("cache_mb", args.cache_mb),
-                                      ("workers", args.workers)) if v is not None}
+                                      ("workers", args.decode_threads)) if v is not None}
     config = TrainConfig(
         dataset=args.dataset, test_envs=list(args.test_env), algorithm=args.algorithm, model=args.model,
         model_options={k: v for k, v in model_opts.items() if v is not None}, dataset_options=dataset_opts,

@@ -1,6 +1,6 @@
 """Multi-domain data sets, DomainBed's in/out splits, and the named splits every command uses.
 
-Split names (DESIGN.md), everywhere in flatlab:
+Split names (README, Data splits), everywhere in flatlab:
 
 * ``source``: the source domains' *in* splits, without augmentation (the training set, size m);
 * ``source-out``: the source domains' held-out *out* splits (model selection, ``id_acc``);

@@ -31,7 +31,7 @@ from torch import nn
 from flatlab.errors import FlatlabError
 from flatlab.measures.base import MeasureConfig, setting
 
-#: The data splits of a flatlab checkpoint (DESIGN.md): the training set, the source domains'
+#: The data splits of a flatlab checkpoint (README, Data splits): the training set, the source domains'
 #: held-out parts, every sample of the test domain(s).
 SPLITS = ("source", "source-out", "target")
 

@@ -1,6 +1,6 @@
 """The quantization configuration, validated when it is built and stored in checkpoints.
 
-Defaults follow QT-DoG (REFERENCE.md section 1): weights only, one LSQ scale per output channel,
+Defaults follow QT-DoG (docs/measures.md section 1): weights only, one LSQ scale per output channel,
 every ``nn.Conv2d`` and ``nn.Linear`` quantized except the final classifier.
 """
 

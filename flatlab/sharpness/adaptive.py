@@ -1,7 +1,7 @@
 r"""Adaptive and standard sharpness at a fixed radius, worst case and average case.
 
 Andriushchenko et al. (ICML 2023, "A modern look at the relationship between sharpness and
-generalization") after Kwon et al. (ICML 2021, ASAM); REFERENCE.md section 8.
+generalization") after Kwon et al. (ICML 2021, ASAM); docs/measures.md section 8.
 
 Definitions
 -----------
@@ -22,7 +22,7 @@ Worst case:
     S_{\max} = \frac{1}{|\mathcal S|} \sum_{S} \Big[ \max_{\|\delta / c\|_p \le \rho}
                L_S(w + \delta) \Big] - L_S(w), \qquad p \in \{2, \infty\}.
 
-Average case (Gaussian for :math:`p = 2`, the definition of REFERENCE.md 8; uniform in the box
+Average case (Gaussian for :math:`p = 2`, the definition of docs/measures.md 8; uniform in the box
 for :math:`p = \infty`, what the authors' ``avg_linf`` code draws):
 
 .. math::
@@ -179,7 +179,7 @@ class AdaptiveSharpnessConfig:
         kind: ``"worst"`` (:math:`S_{\max}`) or ``"average"`` (:math:`S_{\mathrm{avg}}`).
         scaling: ``"adaptive"`` (:math:`c = |w|`) or ``"standard"`` (:math:`c = 1`).
         p: 2 or ``math.inf`` (strings ``"2"`` / ``"inf"`` accepted). Worst case: the norm of the
-            set; average case: Gaussian (2, the definition of REFERENCE.md 8, hence the
+            set; average case: Gaussian (2, the definition of docs/measures.md 8, hence the
             default) or uniform-in-the-box (inf) noise. The authors find the adaptive
             :math:`L_\infty` worst case with small m the most informative variant in several
             settings: ``p=math.inf, m=...`` selects it.

@@ -1,7 +1,7 @@
 """Fold BatchNorm (eval statistics) into the convolution or linear layer that precedes it.
 
 Jiang et al. (2019) measure sharpness and PAC-Bayes bounds on the network with BatchNorm folded
-in (REFERENCE.md section 4). For a layer ``z = W x + b`` followed by BatchNorm in eval mode,
+in (docs/measures.md section 4). For a layer ``z = W x + b`` followed by BatchNorm in eval mode,
 ``y = gamma (z - mu) / sqrt(var + eps) + beta``, the folded layer is
 
     W' = s * W (row-wise, one s per output channel),   b' = s (b - mu) + beta,

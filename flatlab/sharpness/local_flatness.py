@@ -1,4 +1,4 @@
-"""SWAD's local flatness (Cha et al. 2021; used by QT-DoG; REFERENCE.md section 5).
+"""SWAD's local flatness (Cha et al. 2021; used by QT-DoG; docs/measures.md section 5).
 
     F_gamma(w) = E_{||Delta|| = gamma} [L(w + Delta)] - L(w)
 

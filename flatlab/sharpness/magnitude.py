@@ -1,4 +1,4 @@
-"""Magnitude-aware PAC-Bayes bounds (Jiang et al. 2019; REFERENCE.md section 4, item 3).
+"""Magnitude-aware PAC-Bayes bounds (Jiang et al. 2019; docs/measures.md section 4, item 3).
 
 Each parameter gets its own noise, u_i ~ N(0, sigma'^2 w_i^2 + eps^2) with eps = 1e-3, so the
 search finds sigma' (a relative noise level, unchanged when a layer is rescaled). With r = w

@@ -1,4 +1,4 @@
-"""PAC-Bayes bounds from the noise search (Jiang et al. 2019; REFERENCE.md section 4, items 1-2).
+"""PAC-Bayes bounds from the noise search (Jiang et al. 2019; docs/measures.md section 4, items 1-2).
 
 With sigma the largest noise standard deviation whose expected training-accuracy drop is the
 target (:func:`~flatlab.sharpness.sigma_search.sigma_search`), m the training-set size, w the
@@ -92,7 +92,7 @@ def pacbayes_bounds(model: nn.Module, batches: Sequence[Batch], initial_model: n
         m: training-set size in the bound (default: the number of samples in ``batches``).
         target_drop, tolerance, mc_samples, depth, sigma_max, seed, early_stop: see
             :func:`~flatlab.sharpness.sigma_search.sigma_search`.
-        fold_bn: fold BatchNorm first (REFERENCE.md section 4).
+        fold_bn: fold BatchNorm first (docs/measures.md section 4).
 
     Returns:
         ``sigma`` (noise standard deviation), ``orig``, ``init``, ``inv_sigma_sq`` and every

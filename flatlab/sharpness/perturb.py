@@ -1,7 +1,7 @@
 """What every sharpness measure shares: which parameters are "weights", seeded noise that can be
 drawn again bit for bit (common random numbers), and counting correct predictions over batches.
 
-Conventions (REFERENCE.md section 4): noise goes on *every* parameter of the model; norms
+Conventions (docs/measures.md section 4): noise goes on *every* parameter of the model; norms
 (||w||^2, ||w - w0||^2) and omega (the number of weights) use *weights only*: parameters that are
 neither biases nor the affine parameters of a normalization layer.
 """

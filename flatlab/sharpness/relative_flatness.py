@@ -1,4 +1,4 @@
-r"""Relative flatness of one layer (Petzka et al., NeurIPS 2021; REFERENCE.md section 8).
+r"""Relative flatness of one layer (Petzka et al., NeurIPS 2021; docs/measures.md section 8).
 
 Definition
 ----------

@@ -1,4 +1,4 @@
-"""Worst-case sharpness (Jiang et al. 2019) and Keskar's epsilon-sharpness (REFERENCE.md 4.4-4.5).
+"""Worst-case sharpness (Jiang et al. 2019) and Keskar's epsilon-sharpness (docs/measures.md 4.4-4.5).
 
 Worst case: alpha' is the largest radius such that the *largest* training-accuracy drop over
 perturbations in a box stays at most the target d (0.1):

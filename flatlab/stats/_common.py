@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-#: Fewer seeds (values) than this in a test domain make a bootstrap interval unreliable (REFERENCE.md 9).
+#: Fewer seeds (values) than this in a test domain make a bootstrap interval unreliable (docs/measures.md 9).
 MIN_RELIABLE_N = 5
 
 #: Upper bound on the elements of one resampling block; bounds memory whatever the sample size.
@@ -144,7 +144,7 @@ class Strata:
 
 
 def small_sample_note(strata: Strata, unit: str = "seeds", where: str = "") -> str | None:
-    """The REFERENCE.md 9 warning when a stratum holds fewer than :data:`MIN_RELIABLE_N` values."""
+    """The docs/measures.md 9 warning when a stratum holds fewer than :data:`MIN_RELIABLE_N` values."""
     sizes = strata.sizes
     if sizes.min() >= MIN_RELIABLE_N:
         return None

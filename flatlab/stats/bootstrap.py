@@ -1,6 +1,6 @@
 r"""Stratified bootstrap: a variant's mean over seeds with a confidence interval.
 
-Seeds are the unit of replication and test domains are strata (REFERENCE.md 9). For values
+Seeds are the unit of replication and test domains are strata (docs/measures.md 9). For values
 :math:`x_{hj}` (stratum h = test domain, j = 1..n_h, N = sum_h n_h) the statistic is the pooled
 mean, i.e. the stratum means weighted by the stratum sizes:
 

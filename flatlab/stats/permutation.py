@@ -1,6 +1,6 @@
 r"""Permutation tests: the sign-flip test of paired differences and the two-sample label test.
 
-**Sign-flip test** (paired; REFERENCE.md 9). For differences :math:`d_1..d_n` (variant A minus
+**Sign-flip test** (paired; docs/measures.md 9). For differences :math:`d_1..d_n` (variant A minus
 variant B on the same seed and test domain), under :math:`H_0` each :math:`d_i` is symmetric
 about 0, so its sign is exchangeable. With :math:`S(\varepsilon) = |\sum_i \varepsilon_i d_i|`,
 

@@ -1,6 +1,6 @@
 """Compute a surface: grid points fanned out, finished points journaled, arrays assembled.
 
-Orientation (DESIGN.md): a 2D surface has arrays of shape ``(len(y), len(x))`` with
+Orientation (docs/measures.md 6): a 2D surface has arrays of shape ``(len(y), len(x))`` with
 ``Z[j, i] = f(x[i], y[j])``; grid point ``k = j * len(x) + i`` (the order of Li et al.'s
 ``meshgrid(x, y)``). A 1D surface has arrays of shape ``(len(x),)``.
 """

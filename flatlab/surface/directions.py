@@ -1,4 +1,4 @@
-"""Directions in weight space for loss surfaces (Li et al. 2018, REFERENCE.md section 6).
+"""Directions in weight space for loss surfaces (Li et al. 2018, docs/measures.md section 6).
 
 A *direction* is a ``dict`` mapping parameter names to tensors of the parameters' shapes. The
 surface is ``f(a, b) = L(w + a d1 + b d2)``.

@@ -1,4 +1,4 @@
-"""``qat``: quantization-aware training after a full-precision warm-up (QT-DoG, REFERENCE.md 1-2).
+"""``qat``: quantization-aware training after a full-precision warm-up (QT-DoG, docs/measures.md 1-2).
 
 Steps 1 .. quant_start-1 train in full precision; before update ``quant_start`` the model's
 eligible layers become LSQ fake-quantized (:func:`flatlab.quant.quantize_model`) and the optimizer

@@ -5,7 +5,7 @@ Both take two gradients per step on the same minibatch. With g = grad L(w):
 
 * SAM:  e = rho g / ||g||;                   update with grad L(w + e).
 * SAGM: e = g (rho / ||g|| - alpha);         update with 1/2 [grad L(w) + grad L(w + e)]
-  (REFERENCE.md's reading of SAGM).
+  (docs/measures.md's reading of SAGM).
 
 The perturbation goes on every trainable parameter except LSQ scales, which are not weights.
 BatchNorm running statistics are not updated by the perturbed pass (as in the SAM reference code).
