@@ -314,3 +314,62 @@ def test_cli_error_subprocess_has_no_traceback(inputs: Inputs, tmp_path: Path):
     assert proc.returncode == 2
     assert_one_error_line(proc.stderr, "width of model mlp must be a positive integer, got 0")
     assert not (tmp_path / "run").exists()
+
+
+# --- the error path of cli.main -----------------------------------------------------------------
+
+def _failing_command(exc: BaseException, with_bar: bool):
+    def run(args):
+        if with_bar:
+            from tqdm import tqdm
+
+            bar = tqdm(total=10, file=sys.stderr, desc="work", ascii=True)
+            bar.update(3)  # a half-drawn bar: its line has no newline yet
+        raise exc
+
+    return run
+
+
+def test_error_line_starts_on_a_fresh_line_after_a_progress_bar(monkeypatch, capsys):
+    import flatlab.commands.info as info
+    from flatlab.errors import FlatlabError
+
+    monkeypatch.setattr(info, "run", _failing_command(FlatlabError("the input is wrong"), with_bar=True))
+    assert main(["info", "x.pt"]) == 2
+    err = capsys.readouterr().err
+    assert "work" in err  # the bar was drawn
+    last = err.rstrip("\n").rsplit("\n", 1)[-1]
+    assert last == "flatlab: error: the input is wrong", repr(err)  # its own line, not after the bar
+    from tqdm import tqdm
+
+    assert not list(getattr(tqdm, "_instances", ()))  # every bar was closed
+
+
+def test_interrupt_also_closes_bars(monkeypatch, capsys):
+    import flatlab.commands.info as info
+
+    monkeypatch.setattr(info, "run", _failing_command(KeyboardInterrupt(), with_bar=True))
+    assert main(["info", "x.pt"]) == 130
+    last = capsys.readouterr().err.rstrip("\n").rsplit("\n", 1)[-1]
+    assert last.startswith("flatlab: interrupted; rerun the same command")
+
+
+@pytest.mark.parametrize("exc, words", [
+    (PermissionError(13, "Permission denied", "/data/out.h5"), "cannot access /data/out.h5: permission denied"),
+    (IsADirectoryError(21, "Is a directory", "/data/dir"), "cannot access /data/dir: it is a folder, not a file"),
+    (OSError(30, "Read-only file system", "/mnt/ro/x"), "cannot access /mnt/ro/x: read-only file system"),
+], ids=["permission", "is-a-directory", "read-only"])
+def test_os_errors_naming_a_path_become_one_line(monkeypatch, capsys, exc, words):
+    import flatlab.commands.info as info
+
+    monkeypatch.setattr(info, "run", _failing_command(exc, with_bar=False))
+    assert main(["info", "x.pt"]) == 2
+    assert_one_error_line(capsys.readouterr().err, words)
+
+
+def test_os_errors_without_a_path_are_bugs_and_keep_their_traceback(monkeypatch):
+    import flatlab.commands.info as info
+
+    monkeypatch.setattr(info, "run", _failing_command(OSError(5, "Input/output error"), with_bar=False))
+    with pytest.raises(OSError, match="Input/output error"):
+        main(["info", "x.pt"])
