@@ -252,11 +252,12 @@ def _set_attrs(obj: h5py.HLObject, attrs: Mapping[str, Any]) -> None:
 @contextlib.contextmanager
 def _writer_lock(path: Path) -> Iterator[None]:
     """Serialise the writers of ``path`` (waiting for a live one); the lock file is removed after."""
+    from flatlab.io import check_writable, os_error_reason
+
+    check_writable(path, "file")  # "cannot write PATH: REASON" names the file, not its lock
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        from flatlab.io import os_error_reason
-
         raise FlatlabError(f"cannot write {path}: {os_error_reason(exc)}") from None
     with PidLock(lock_path(path), blocking=True):
         yield

@@ -7,6 +7,7 @@ import hashlib
 import h5py
 import numpy as np
 import pytest
+from cases import write_tiny_checkpoint
 
 from flatlab.errors import FlatlabError
 from flatlab.results import (
@@ -145,11 +146,13 @@ def test_file_open_for_writing_elsewhere_is_in_use_not_foreign(tmp_path, capsys,
             with pytest.raises(FlatlabError, match="in use by another process") as info:
                 call(path)
             assert (named in str(info.value)) == (who == "flatlab")
-        assert main(["report", str(path), "--quiet"]) == 2
-        err = capsys.readouterr().err
-        assert err.count("\n") == 1 and err.startswith("flatlab: error: ") and "in use by another process" in err
-        assert "Traceback" not in err and "not a flatlab results file" not in err
-        expected = {"r.h5", "r.h5.lock"} if who == "flatlab" else {"r.h5"}
+        ckpt = write_tiny_checkpoint(tmp_path / "tiny.pt")
+        for argv in (["report", str(path)], ["surface", str(ckpt), "--results", str(path), "--x", "-1:1:3"]):
+            assert main([*argv, "--quiet"]) == 2
+            err = capsys.readouterr().err
+            assert err.count("\n") == 1 and err.startswith("flatlab: error: ") and "in use by another process" in err
+            assert "Traceback" not in err and "not a flatlab results file" not in err
+        expected = {"r.h5", "r.h5.lock", "tiny.pt"} if who == "flatlab" else {"r.h5", "tiny.pt"}
         assert {p.name for p in tmp_path.iterdir()} == expected  # readers created nothing
     finally:
         holder.kill()
