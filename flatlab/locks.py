@@ -168,7 +168,11 @@ class PidLock:
 
     def _busy(self, holder: LockHolder | None) -> LockBusy:
         text = f" ({holder.describe()})" if holder is not None else ""
-        return LockBusy(self.busy_message.format(path=self.path, holder=text), holder)
+        message = self.busy_message.format(path=self.path, holder=text)
+        if holder is not None and holder.host and holder.host != socket.gethostname():
+            # Another machine's process cannot be checked from here: say how to clear it.
+            message += f" (if that process no longer runs, delete {self.path})"
+        return LockBusy(message, holder)
 
     def _open(self) -> int:
         try:

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from flatlab.cli import main
-from flatlab.locks import LockHolder, PidLock, process_start_time
+from flatlab.locks import LockBusy, LockHolder, PidLock, process_start_time
 
 TINY = ["train", "--quiet", "--model", "mlp", "--width", "4", "--depth", "1", "--resolution", "8",
         "--steps", "4", "--eval-every", "2"]
@@ -255,3 +255,16 @@ def test_chance_level_closed_form():
     assert not chance_level(float("nan"), 10, 50).at_chance
     with pytest.raises(ValueError, match="num_classes"):
         chance_level(0.5, 1, 10)
+
+
+def test_holder_on_another_host_is_refused_with_how_to_clear_it(tmp_path: Path):
+    import fcntl
+
+    path = tmp_path / "x.lock"
+    path.write_text(LockHolder(pid=1, start_time=5, host="elsewhere-node", command="flatlab train").to_json())
+    with open(path) as held:
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)
+        with pytest.raises(LockBusy, match=r"busy \(pid 1 on elsewhere-node\) \(if that process no longer runs, "
+                                            r"delete .*x\.lock\)"):
+            PidLock(path, busy_message="busy{holder}").acquire()
+    assert LockHolder.parse(path.read_text()).host == "elsewhere-node"  # not broken
