@@ -52,15 +52,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def close_progress_bars() -> None:
-    """Close every open tqdm bar, so that what stderr gets next starts on a fresh line (a bar
-    writes its line without a newline until it is closed)."""
+    """Close every open tqdm bar that draws on the current ``sys.stderr``, so that what stderr
+    gets next starts on a fresh line (a bar writes its line without a newline until it is closed).
+
+    Only bars on the current stderr: a command run in-process by a pipeline (whose stderr is
+    redirected) must not close the pipeline's own bars on the real terminal."""
     tqdm_module = sys.modules.get("tqdm")
     if tqdm_module is None:
         return
     for bar in list(getattr(tqdm_module.tqdm, "_instances", ())):
+        fp = getattr(bar, "fp", None)
+        if getattr(fp, "_wrapped", fp) is not sys.stderr:  # tqdm wraps its file in DisableOnWriteError
+            continue
         try:
             bar.close()
-        except Exception:  # noqa: BLE001 - a broken bar must not hide the error being reported
+        except Exception:  # a broken bar must not hide the error being reported
             pass
 
 

@@ -332,3 +332,26 @@ def test_os_errors_without_a_path_are_bugs_and_keep_their_traceback(monkeypatch)
     monkeypatch.setattr(info, "run", _failing_command(OSError(5, "Input/output error"), with_bar=False))
     with pytest.raises(OSError, match="Input/output error"):
         main(["info", "x.pt"])
+
+
+def test_bars_of_an_enclosing_pipeline_stay_open(monkeypatch, capsys):
+    """A command run in-process with its stderr redirected (flatlab.pipeline.run_flatlab) closes
+    its own bars only, not the pipeline's bar on the real stderr."""
+    import contextlib
+    import io
+
+    from tqdm import tqdm
+
+    import flatlab.commands.info as info
+    from flatlab.errors import FlatlabError
+
+    outer = tqdm(total=5, file=sys.stderr, desc="pipeline")
+    try:
+        monkeypatch.setattr(info, "run", _failing_command(FlatlabError("inner failure"), with_bar=True))
+        inner_err = io.StringIO()
+        with contextlib.redirect_stderr(inner_err):
+            assert main(["info", "x.pt"]) == 2
+        assert inner_err.getvalue().rstrip("\n").rsplit("\n", 1)[-1] == "flatlab: error: inner failure"
+        assert outer in list(tqdm._instances) and not outer.disable
+    finally:
+        outer.close()
