@@ -229,11 +229,12 @@ class PidLock:
                 os.close(fd)  # removed or replaced since we opened it: lock the current one
                 continue
             previous = LockHolder.parse(_read_fd(fd))
-            if previous is not None and previous.pid != os.getpid() and not previous.is_alive() and self.note:
+            if previous is not None and previous.pid != os.getpid() and not previous.is_alive():
                 # A holder killed before it could remove its file: its lock died with it.
-                sys.stderr.write(f"flatlab: note: removed the stale lock {self.path} of "
-                                 f"{previous.describe()}, which is no longer running\n")
                 self.broken = previous
+                if self.note:
+                    sys.stderr.write(f"flatlab: note: removed the stale lock {self.path} of "
+                                     f"{previous.describe()}, which is no longer running\n")
             os.ftruncate(fd, 0)
             os.pwrite(fd, (LockHolder.current().to_json() + "\n").encode("utf-8"), 0)
             self._fd = fd
@@ -252,7 +253,8 @@ class PidLock:
         except OSError as exc:
             if exc.errno in _NO_FLOCK:
                 return None
-            raise
+            os.close(fd)
+            raise FlatlabError(f"cannot lock {path_of(fd)}: {os_error_reason(exc)}") from None
         return True
 
     def release(self) -> None:
@@ -272,6 +274,14 @@ class PidLock:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+def path_of(fd: int) -> str:
+    """The path of an open descriptor (Linux ``/proc/self/fd``), or ``fd N``."""
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return f"fd {fd}"
 
 
 def _read_fd(fd: int) -> str:
