@@ -92,7 +92,7 @@ def axis_from_values(values: np.ndarray | list[float]) -> Axis:
 #: in bytes. Per point :func:`flatlab.surface.compute.compute_surface` holds its coordinate tuple,
 #: a (index, coordinates) work item, the finished values twice (the result dict and the
 #: journal's record: a tuple/list of four Python floats plus a dict slot each) and the four
-#: float64 arrays plus the ``done`` mask of the assembled surface. ``tests/test_bad_input.py``
+#: float64 arrays plus the ``done`` mask of the assembled surface. ``tests/test_surface_robust.py``
 #: measures the real peak with ``tracemalloc`` (about 650 bytes per 2D point) and checks that
 #: this bound covers it.
 BYTES_PER_POINT = 1_500
