@@ -2,6 +2,10 @@
 
 An axis ``a:b:n`` is ``numpy.linspace(a, b, n)``: ``n`` evenly spaced coordinates from ``a`` to ``b``
 inclusive (``n = 1`` gives the single coordinate ``a``, which then must equal ``b``).
+
+Memory: a surface on ``x`` times ``y`` is refused before anything is allocated when its
+bookkeeping, ``len(x) * len(y) * BYTES_PER_POINT`` bytes, exceeds ``MEMORY_SHARE`` (25%) of the
+machine's physical memory (:func:`check_grid_memory`).
 """
 
 from __future__ import annotations
