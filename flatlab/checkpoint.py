@@ -142,11 +142,68 @@ def save_checkpoint(path: str | os.PathLike[str], model: nn.Module, w0: dict[str
     atomic_write_bytes(path, torch_bytes(payload))
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_meta(meta: Any, path: str | os.PathLike[str] | None = None) -> None:
+    """Check that a checkpoint's metadata holds what rebuilding its model and splits needs.
+
+    Required: ``dataset`` (str), ``domains`` (non-empty list of names), ``test_envs`` (list of
+    domain indices, each in ``0 .. len(domains) - 1``), ``model`` (str), ``model_options``
+    (dict), ``input_shape`` (list of positive integers), ``num_classes`` (integer >= 2),
+    ``trial_seed`` (integer); optional ``holdout_fraction`` in (0, 1), ``step`` (integer) and
+    ``quant`` (dict or None).
+
+    Raises:
+        FlatlabError: naming the first missing or malformed key.
+    """
+    where = f"{path}" if path is not None else "the checkpoint"
+    if not isinstance(meta, dict):
+        raise FlatlabError(f"{where} is a damaged flatlab checkpoint: its metadata is a {type(meta).__name__}, "
+                           "not a dict (rewrite it with flatlab train)")
+    checks: list[tuple[str, Any, str]] = [
+        ("dataset", lambda v: isinstance(v, str) and v != "", "a data set name"),
+        ("domains", lambda v: isinstance(v, list) and len(v) > 0 and all(isinstance(d, str) for d in v),
+         "a non-empty list of domain names"),
+        ("test_envs", lambda v: isinstance(v, list) and all(_is_int(e) for e in v), "a list of domain indices"),
+        ("model", lambda v: isinstance(v, str) and v != "", "a model name"),
+        ("model_options", lambda v: isinstance(v, dict), "a dict"),
+        ("input_shape", lambda v: isinstance(v, (list, tuple)) and len(v) > 0 and all(_is_int(d) and d > 0 for d in v),
+         "a list of positive integers"),
+        ("num_classes", lambda v: _is_int(v) and v >= 2, "an integer >= 2"),
+        ("trial_seed", _is_int, "an integer"),
+    ]
+    for key, ok, expected in checks:
+        if key not in meta:
+            raise FlatlabError(f"{where} is an incomplete flatlab checkpoint: its metadata has no {key!r} "
+                               "(it was not written by flatlab train, or was edited)")
+        if not ok(meta[key]):
+            raise FlatlabError(f"{where} is a damaged flatlab checkpoint: metadata {key!r} must be {expected}, "
+                               f"got {meta[key]!r:.80}")
+    n = len(meta["domains"])
+    bad = [e for e in meta["test_envs"] if not 0 <= e < n]
+    if bad:
+        raise FlatlabError(f"{where} is a damaged flatlab checkpoint: test domain index {bad[0]} is outside "
+                           f"0..{n - 1} (its data set has {n} domains)")
+    if "holdout_fraction" in meta:
+        h = meta["holdout_fraction"]
+        if isinstance(h, bool) or not isinstance(h, (int, float)) or not 0.0 < h < 1.0:
+            raise FlatlabError(f"{where} is a damaged flatlab checkpoint: holdout_fraction must lie in (0, 1), got {h!r}")
+    if "step" in meta and not _is_int(meta["step"]):
+        raise FlatlabError(f"{where} is a damaged flatlab checkpoint: step must be an integer, got {meta['step']!r}")
+    if meta.get("quant") is not None and not isinstance(meta["quant"], dict):
+        raise FlatlabError(f"{where} is a damaged flatlab checkpoint: quant must be a dict, got {meta['quant']!r:.80}")
+
+
 def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     """Load a flatlab checkpoint with ``torch.load(weights_only=True)``.
 
+    The metadata is checked (:func:`check_meta`) and ``state_dict``/``w0`` must be dicts of
+    tensors, so a damaged file fails here with one line, not later inside a model builder.
+
     Raises:
-        FlatlabError: missing, truncated, malicious or non-flatlab file.
+        FlatlabError: missing, truncated, malicious, non-flatlab or damaged file.
     """
     p = Path(path)
     if p.is_dir() and (p / "model.pt").exists():
@@ -166,6 +223,12 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     for key in ("meta", "state_dict", "w0"):
         if key not in payload:
             raise FlatlabError(f"{p} is an incomplete flatlab checkpoint (no {key!r})")
+    check_meta(payload["meta"], p)
+    for key in ("state_dict", "w0"):
+        tensors = payload[key]
+        if not isinstance(tensors, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                    for k, v in tensors.items()):
+            raise FlatlabError(f"{p} is a damaged flatlab checkpoint: its {key!r} is not a dict of named tensors")
     extra = {k: v for k, v in payload.items() if k not in ("format", "format_version", "meta", "state_dict", "w0")}
     return Checkpoint(meta=payload["meta"], state_dict=payload["state_dict"], w0=payload["w0"], path=p, extra=extra)
 
@@ -175,6 +238,7 @@ __all__ = [
     "FORMAT_VERSION",
     "Checkpoint",
     "build_model_from_meta",
+    "check_meta",
     "load_checkpoint",
     "load_weights",
     "safe_torch_load",

@@ -3,7 +3,10 @@
 The CLI only parses arguments, calls the library and prints. Each sub-command lives in
 ``flatlab/commands/<name>.py`` and exposes ``register(subparsers)``. A user error
 (:class:`~flatlab.errors.FlatlabError`, a bad flag) ends with one line ``flatlab: error: ...`` on
-stderr and exit status 2.
+stderr and exit status 2. So does an operating-system error that names a path (an output under a
+read-only folder, a folder where a file is expected, ...) that the library did not already turn
+into a FlatlabError: ``flatlab: error: cannot access PATH: REASON``. Progress bars still open are
+closed first, so the error line starts on a line of its own.
 """
 
 from __future__ import annotations
@@ -42,16 +45,47 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def close_progress_bars() -> None:
+    """Close every open tqdm bar that draws on the current ``sys.stderr``, so that what stderr
+    gets next starts on a fresh line (a bar writes its line without a newline until it is closed).
+
+    Only bars on the current stderr: a command run in-process by a pipeline (whose stderr is
+    redirected) must not close the pipeline's own bars on the real terminal."""
+    tqdm_module = sys.modules.get("tqdm")
+    if tqdm_module is None:
+        return
+    for bar in list(getattr(tqdm_module.tqdm, "_instances", ())):
+        fp = getattr(bar, "fp", None)
+        if getattr(fp, "_wrapped", fp) is not sys.stderr:  # tqdm wraps its file in DisableOnWriteError
+            continue
+        try:
+            bar.close()
+        except Exception:  # a broken bar must not hide the error being reported
+            pass
+
+
+def error_line(message: str) -> str:
+    """The one line a user error prints: ``flatlab: error: MESSAGE`` with whitespace collapsed."""
+    return "flatlab: error: " + " ".join(str(message).split()) + "\n"
+
+
+def _os_error_message(exc: OSError) -> str:
+    from flatlab.io import os_error_reason
+
+    return f"cannot access {exc.filename}: {os_error_reason(exc)}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         result = args.func(args)
     except FlatlabError as exc:
-        message = " ".join(str(exc).split())
-        sys.stderr.write(f"flatlab: error: {message}\n")
+        close_progress_bars()
+        sys.stderr.write(error_line(str(exc)))
         return 2
     except KeyboardInterrupt:
+        close_progress_bars()
         sys.stderr.write("flatlab: interrupted; rerun the same command to continue where it stopped\n")
         return 130
     except BrokenPipeError:
@@ -59,6 +93,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 1
+    except OSError as exc:
+        if exc.filename is None:
+            raise  # not about a path the user gave: a bug, keep the traceback
+        close_progress_bars()
+        sys.stderr.write(error_line(_os_error_message(exc)))
+        return 2
     return int(result or 0)
 
 

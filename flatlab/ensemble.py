@@ -98,6 +98,25 @@ def evaluate_ensemble(members: Sequence[Checkpoint], device: torch.device | str 
             "total_size_bytes": total, "fp32_model_bytes": fp32_one, "size_x_fp32": total / fp32_one}
 
 
+def check_ensemble_outputs(out_dir: str | os.PathLike[str] | None, results_file: str | os.PathLike[str] | None) -> None:
+    """Check, before any member is loaded or evaluated, that the outputs can be written: the
+    folder of ``ensemble.json`` and the results file (which, if it exists, must be a flatlab
+    results file: it is never overwritten by another kind).
+
+    Raises:
+        FlatlabError: ``cannot write PATH: REASON``, or a results path holding a foreign file.
+    """
+    from flatlab.io import check_writable
+
+    if out_dir is not None:
+        check_writable(out_dir, "folder")
+        check_writable(Path(out_dir) / "ensemble.json", "file")
+    if results_file is not None:
+        from flatlab.results import check_results_target
+
+        check_results_target(results_file)
+
+
 def write_ensemble_record(out_dir: str | os.PathLike[str], result: dict[str, Any]) -> Path:
     """Write ``out_dir/ensemble.json`` (members, their SHA-256, metrics) atomically."""
     path = Path(out_dir) / "ensemble.json"

@@ -17,6 +17,19 @@ from torch import nn
 
 from flatlab.data import DomainSplits
 from flatlab.data.base import SplitPart
+from flatlab.errors import FlatlabError
+
+
+def check_batch_size(batch_size: object, name: str = "batch_size") -> int:
+    """``batch_size`` if it is a positive integer.
+
+    Raises:
+        FlatlabError: otherwise (0 would never end a pass; a negative size gives empty passes
+            whose accuracy is NaN).
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise FlatlabError(f"{name} must be a positive integer, got {batch_size!r}")
+    return batch_size
 
 
 @torch.no_grad()
@@ -45,8 +58,14 @@ def evaluate_models(models: nn.Module | Sequence[nn.Module], splits: DomainSplit
         (pooled source-out), ``ood_acc``/``ood_loss`` (pooled target), ``source_acc``/``source_loss``
         (pooled source in-splits), ``val_acc`` (mean of the source out-accuracies: DomainBed's
         training-domain validation), and ``domains`` with per-domain in/out/all accuracies.
+
+    Raises:
+        FlatlabError: ``batch_size`` is not a positive integer, or no model is given.
     """
+    check_batch_size(batch_size)
     members = [models] if isinstance(models, nn.Module) else list(models)
+    if not members:
+        raise FlatlabError("an evaluation needs at least one model")
     was_training = [m.training for m in members]
     for m in members:
         m.eval()

@@ -191,8 +191,30 @@ def model_names() -> list[str]:
     return sorted(MODELS)
 
 
+def check_model_option(model: str, key: str, value: Any, default: Any) -> Any:
+    """Check a model option against the type of its registry default and return it.
+
+    Integer options of the registered models are sizes (``width``, ``depth``): they must be
+    integers >= 1 (a zero-width layer would train a constant predictor without any error).
+    Boolean options must be booleans. Options of other types are passed through.
+
+    Raises:
+        FlatlabError: e.g. ``width of model cnn must be a positive integer, got -3``.
+    """
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise FlatlabError(f"{key} of model {model} must be true or false, got {value!r}")
+        return value
+    if isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise FlatlabError(f"{key} of model {model} must be a positive integer, got {value!r}")
+        return value
+    return value
+
+
 def model_options(name: str, **overrides: Any) -> dict[str, Any]:
-    """The full option dict of a model: registry defaults, then the non-None overrides."""
+    """The full option dict of a model: registry defaults, then the non-None overrides, each
+    checked by :func:`check_model_option`."""
     if name not in MODELS:
         raise FlatlabError(f"unknown model {name!r}: choose one of {', '.join(model_names())}")
     options = dict(MODELS[name][1])
@@ -201,7 +223,7 @@ def model_options(name: str, **overrides: Any) -> dict[str, Any]:
             continue
         if key not in options:
             raise FlatlabError(f"model {name} has no option {key!r} (options: {', '.join(options)})")
-        options[key] = value
+        options[key] = check_model_option(name, key, value, options[key])
     return options
 
 

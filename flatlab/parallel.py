@@ -14,6 +14,13 @@ Backends:
 
 * ``local``: ``workers <= 1`` runs in this process; more start that many fresh processes
   (``spawn``: no forked PyTorch thread pools), each with ``cpu_count // workers`` threads.
+  Workers never outlive their driver: a watchdog thread in each one polls its parent pid every
+  :data:`WATCHDOG_INTERVAL_S` seconds and ends the worker once the driver is gone (even killed by
+  SIGKILL, which runs no cleanup in the driver). Workers ignore SIGINT: Ctrl-C reaches the
+  whole process group, but only the driver turns it into a ``KeyboardInterrupt`` (no traceback
+  from every worker); the driver then stops its workers at once and re-raises it, so a caller
+  can save its progress and stop resumably. Any other early exit of the driver's loop (a task's
+  exception, the consumer closing the generator) stops the workers the same way.
 * ``ray``: one Ray actor per worker (``num_cpus=1`` each). ``address="HOST:PORT"`` joins a
   running cluster (checked first with a TCP connect of a few seconds: Ray itself retries a dead
   address for minutes); without an address an already initialised Ray session is used, else a
@@ -25,7 +32,10 @@ from __future__ import annotations
 import concurrent.futures as cf
 import multiprocessing as mp
 import os
+import signal
 import socket
+import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -37,6 +47,9 @@ BACKENDS = ("local", "ray")
 CONNECT_TIMEOUT_S = 3.0
 
 _WORKER_STATE: dict[str, Any] = {}
+
+#: Seconds between a local worker's checks that its driver still runs.
+WATCHDOG_INTERVAL_S = 0.5
 
 
 def parse_address(address: str) -> tuple[str, int]:
@@ -83,10 +96,27 @@ def default_threads(workers: int) -> int:
     return max(1, (os.cpu_count() or 1) // max(1, workers))
 
 
-def _init_local_worker(setup: Callable[[Any], Any], setup_arg: Any, threads: int) -> None:
+def _watch_driver(driver_pid: int, interval: float) -> None:
+    """Worker side: end this process once its driver is gone. A dead driver's children are
+    re-parented (to init or a subreaper), so ``getppid`` no longer returns the driver's pid;
+    the driver's pid may be recycled later, but this process's parent never becomes it again."""
+    while True:
+        if os.getppid() != driver_pid:
+            os._exit(1)  # no cleanup to run: workers write no files (the driver does)
+        time.sleep(interval)
+
+
+def _init_local_worker(setup: Callable[[Any], Any], setup_arg: Any, threads: int,
+                       driver_pid: int | None = None) -> None:
     import copy
 
     import torch
+
+    # Ctrl-C goes to the whole process group; the driver alone handles it.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if driver_pid is not None:
+        threading.Thread(target=_watch_driver, args=(driver_pid, WATCHDOG_INTERVAL_S), daemon=True,
+                         name="flatlab-driver-watchdog").start()
 
     # torch's multiprocessing reductions hand tensors to spawned workers as *shared memory*:
     # without a private copy, workers that write weights in place (surfaces) race each other.
@@ -143,13 +173,37 @@ def fan_out(setup: Callable[[Any], Any], setup_arg: Any, work: Callable[[Any, An
     n = min(n, len(tasks))
     threads = threads_per_worker or default_threads(n)
     pool = cf.ProcessPoolExecutor(max_workers=n, mp_context=mp.get_context("spawn"),
-                                  initializer=_init_local_worker, initargs=(setup, setup_arg, threads))
+                                  initializer=_init_local_worker,
+                                  initargs=(setup, setup_arg, threads, os.getpid()))
+    finished = False
     try:
         futures = {pool.submit(_run_local_task, work, task): i for i, task in enumerate(tasks)}
         for fut in cf.as_completed(futures):
             yield futures[fut], fut.result()
+        finished = True
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+        if finished:
+            pool.shutdown(wait=True)
+        else:
+            # Interrupted, a task failed, or the consumer stopped early: do not wait for the
+            # running tasks (a surface chunk or a sweep job can take minutes).
+            _stop_pool(pool)
+
+
+def _stop_pool(pool: cf.ProcessPoolExecutor) -> None:
+    """Cancel what has not started, terminate the worker processes and reap them."""
+    # ProcessPoolExecutor has no public way to stop running tasks; its worker processes are
+    # reachable only through the private ``_processes`` map (stable since Python 3.3).
+    processes = list(getattr(pool, "_processes", {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    for proc in processes:
+        if proc.is_alive():
+            proc.terminate()
+    for proc in processes:
+        proc.join(timeout=5)
+        if proc.is_alive():
+            proc.kill()
+            proc.join(timeout=5)
 
 
 def _import_ray() -> Any:

@@ -14,8 +14,14 @@ Schema (``schema_version`` 1)::
 
 ``run_id`` is the first 16 hex digits of the checkpoint file's SHA-256, so measuring a checkpoint
 again replaces its groups instead of adding a twin. Every change of a file is atomic: the file is
-copied to a temporary file next to it, modified there and moved into place with ``os.replace``;
-an advisory lock (``<file>.lock``) serialises writers in several processes.
+copied to a temporary file next to it, modified there and moved into place with ``os.replace``.
+
+Locking: writers in several processes are serialised by a :class:`flatlab.locks.PidLock` on
+``<file>.lock``, which records the writer's pid and is removed when the write is done (a lock
+left by a killed writer is stale and broken by the next one). Readers take no flatlab lock and
+create no file: they only open the HDF5 file read-only. A file that another process holds open
+for writing (HDF5's own file locking refuses to open it) is reported as *in use*, naming the
+flatlab writer's pid when ``<file>.lock`` records one, never as "not a results file".
 
 Attribute values: numbers, strings and booleans are stored as such; lists and dicts as JSON
 strings (read back as lists and dicts); ``None`` is not stored (a missing attribute reads as
@@ -25,6 +31,7 @@ absent).
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import platform
@@ -39,13 +46,72 @@ import numpy as np
 from flatlab import __version__
 from flatlab.errors import FlatlabError
 from flatlab.io import atomic_path, sha256_file
+from flatlab.locks import PidLock, read_holder
 
 SCHEMA_VERSION = 1
 
-try:  # POSIX advisory locks; elsewhere writers are only atomic, not serialised.
-    import fcntl
-except ImportError:  # pragma: no cover - Windows
-    fcntl = None  # type: ignore[assignment]
+
+def lock_path(path: str | os.PathLike[str]) -> Path:
+    """The writers' lock file of results file ``path``: ``<path>.lock`` (present only while a
+    write is in progress)."""
+    p = Path(path)
+    return p.with_name(p.name + ".lock")
+
+
+def _is_hdf5_lock_error(exc: OSError) -> bool:
+    """HDF5 refused to open the file because another process holds it open for writing."""
+    text = str(exc).lower()
+    return exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK) or "unable to lock file" in text \
+        or "already open for write" in text
+
+
+def in_use_error(path: str | os.PathLike[str]) -> FlatlabError:
+    """The error for a file another process holds open for writing (naming it when known)."""
+    p = Path(path)
+    holder = read_holder(lock_path(p))
+    who = f" (flatlab {holder.describe()} is writing it)" if holder is not None and holder.is_alive() else ""
+    return FlatlabError(f"{p} is in use by another process{who}: it is open for writing elsewhere (another "
+                        "flatlab command, an h5py or HDFView session); wait for it to finish or close it, then rerun")
+
+
+@contextlib.contextmanager
+def open_for_reading(path: str | os.PathLike[str]) -> Iterator[h5py.File]:
+    """``h5py.File(path, "r")``, with a file held open for writing elsewhere reported as in use.
+
+    Raises:
+        FlatlabError: the file is in use by another process (:func:`in_use_error`).
+        OSError: any other failure to open it (not HDF5, unreadable).
+    """
+    try:
+        handle = h5py.File(path, "r")
+    except OSError as exc:
+        if _is_hdf5_lock_error(exc):
+            raise in_use_error(path) from None
+        raise
+    with handle:
+        yield handle
+
+
+def _check_layout(handle: h5py.Group, path: Path) -> None:
+    """``/runs`` and each ``/runs/<run_id>`` must be groups (a damaged or foreign file otherwise)."""
+    runs = handle.get("runs")
+    if runs is None:
+        return
+    if not isinstance(runs, h5py.Group):
+        raise FlatlabError(f"{path} is not a valid flatlab results file: /runs is a dataset, not a group "
+                           "(the file was damaged or written by another tool); use another file")
+    for run_id, run in runs.items():
+        if not isinstance(run, h5py.Group):
+            raise FlatlabError(f"{path} is not a valid flatlab results file: /runs/{run_id} is a dataset, "
+                               "not a group; use another file")
+
+
+def _require_group(parent: h5py.Group, name: str, path: Path) -> h5py.Group:
+    node = parent.get(name)
+    if node is not None and not isinstance(node, h5py.Group):
+        raise FlatlabError(f"{path} is not a valid flatlab results file: {node.name} is a dataset where a group "
+                           "is expected; use another file")
+    return parent.require_group(name)
 
 
 def run_id_for(checkpoint_path: str | os.PathLike[str]) -> str:
@@ -186,16 +252,16 @@ def _set_attrs(obj: h5py.HLObject, attrs: Mapping[str, Any]) -> None:
 
 @contextlib.contextmanager
 def _writer_lock(path: Path) -> Iterator[None]:
-    if fcntl is None:
+    """Serialise the writers of ``path`` (waiting for a live one); the lock file is removed after."""
+    from flatlab.io import check_writable, os_error_reason
+
+    check_writable(path, "file")  # "cannot write PATH: REASON" names the file, not its lock
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise FlatlabError(f"cannot write {path}: {os_error_reason(exc)}") from None
+    with PidLock(lock_path(path), blocking=True):
         yield
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(path.name + ".lock"), "a") as fh:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
 def _check_name(name: str, what: str) -> str:
@@ -203,6 +269,36 @@ def _check_name(name: str, what: str) -> str:
     if not parts or any(p in (".", "..") for p in parts):
         raise FlatlabError(f"invalid {what} {name!r} for a results file (use names like 'curvature' or 'bounds/pacbayes')")
     return "/".join(parts)
+
+
+def check_results_target(path: str | os.PathLike[str]) -> Path:
+    """Check, before any work, that results can be written to ``path``: the path is writable
+    (:func:`flatlab.io.check_writable`) and an existing file there is a flatlab results file
+    with a valid layout (it is never overwritten by another kind of file).
+
+    Raises:
+        FlatlabError: ``cannot write PATH: REASON``, a foreign or damaged file, or a file in use.
+    """
+    from flatlab.io import check_writable
+
+    p = check_writable(path, "file")
+    if p.exists():
+        if not is_results_file(p):
+            raise FlatlabError(f"{p} exists and is not a flatlab results file (HDF5 with schema_version): "
+                               "refusing to overwrite it; choose another results file")
+        with open_for_reading(p) as handle:
+            _check_layout(handle, p)
+    return p
+
+
+def check_group_name(name: str, what: str = "group") -> str:
+    """A group path below a run (``curvature``, ``bounds/pacbayes``), normalised; ``.``/``..``
+    parts and empty names are refused.
+
+    Raises:
+        FlatlabError: an invalid name (e.g. ``../x``).
+    """
+    return _check_name(name, what)
 
 
 def _write_arrays(group: h5py.Group, arrays: Mapping[str, Any]) -> None:
@@ -229,6 +325,11 @@ def _open_copy(path: Path, tmp: Path) -> h5py.File:
         if found > SCHEMA_VERSION:
             handle.close()
             raise FlatlabError(f"{path} has results schema {found}; this flatlab writes schema {SCHEMA_VERSION}: upgrade flatlab")
+        try:
+            _check_layout(handle, path)
+        except FlatlabError:
+            handle.close()
+            raise
     else:
         handle = h5py.File(tmp, "w")
     handle.attrs["schema_version"] = SCHEMA_VERSION
@@ -259,7 +360,7 @@ def write_group(path: str | os.PathLike[str], run_id: str, run_attrs: Mapping[st
     group = _check_name(group, "group")
     with _writer_lock(target), atomic_path(target, suffix=".h5") as tmp:
         with _open_copy(target, tmp) as handle:
-            run = handle.require_group("runs").require_group(run_id)
+            run = _require_group(_require_group(handle, "runs", target), run_id, target)
             for key in list(run.attrs):
                 del run.attrs[key]
             _set_attrs(run, run_attrs)
@@ -267,7 +368,9 @@ def write_group(path: str | os.PathLike[str], run_id: str, run_attrs: Mapping[st
                 if not replace:
                     raise FlatlabError(f"{target} already holds /runs/{run_id}/{group}: pass replace=True to overwrite it")
                 del run[group]
-            node = run.require_group(group)
+            node = run
+            for part in group.split("/"):
+                node = _require_group(node, part, target)
             _write_arrays(node, arrays)
             _set_attrs(node, attrs or {})
 
@@ -288,14 +391,18 @@ def write_root_file(path: str | os.PathLike[str], arrays: Mapping[str, Any],
 # --- reading -----------------------------------------------------------------------------------
 
 def is_results_file(path: str | os.PathLike[str]) -> bool:
-    """True if ``path`` is an HDF5 file with a ``schema_version`` attribute on ``/``."""
+    """True if ``path`` is an HDF5 file with a ``schema_version`` attribute on ``/``.
+
+    Raises:
+        FlatlabError: the file is in use by another process (the answer is unknown).
+    """
     p = Path(path)
     if not p.is_file():
         return False
     try:
         if not h5py.is_hdf5(p):
             return False
-        with h5py.File(p, "r") as handle:
+        with open_for_reading(p) as handle:
             return "schema_version" in handle.attrs
     except OSError:
         return False
@@ -325,14 +432,16 @@ def read_results(path: str | os.PathLike[str]) -> dict[str, Any]:
         plus any arrays stored at the root (a stand-alone surface file). ``runs`` is always present.
 
     Raises:
-        FlatlabError: missing file or not a flatlab results file.
+        FlatlabError: missing file, not a flatlab results file, a damaged layout (``/runs`` not
+            a group), or a file in use by another process.
     """
     p = Path(path)
     if not p.exists():
         raise FlatlabError(f"no such results file: {p}")
     if not is_results_file(p):
         raise FlatlabError(f"{p} is not a flatlab results file (HDF5 written by flatlab --out)")
-    with h5py.File(p, "r") as handle:
+    with open_for_reading(p) as handle:
+        _check_layout(handle, p)
         view = _read_node(handle)
     view.setdefault("runs", {})
     view["runs"].pop("attrs", None)
@@ -363,7 +472,8 @@ def merge_results(path: str | os.PathLike[str], sources: list[str | os.PathLike[
             _set_attrs(out, attrs or {})
             runs = out.require_group("runs")
             for src in sources:
-                with h5py.File(src, "r") as handle:
+                with open_for_reading(src) as handle:
+                    _check_layout(handle, Path(src))
                     if "runs" not in handle:
                         continue
                     for run_id, run in handle["runs"].items():
@@ -378,8 +488,13 @@ def merge_results(path: str | os.PathLike[str], sources: list[str | os.PathLike[
 
 __all__ = [
     "SCHEMA_VERSION",
+    "check_group_name",
+    "check_results_target",
+    "in_use_error",
     "is_results_file",
+    "lock_path",
     "merge_results",
+    "open_for_reading",
     "read_results",
     "run_attrs_from_checkpoint",
     "run_id_for",

@@ -43,13 +43,17 @@ def from_jsonable(value: Any) -> Any:
 
 def stored_attr(path: str | os.PathLike[str] | None, run_id: str, group: str, key: str) -> str | None:
     """Attribute ``key`` of ``/runs/<run_id>/<group>`` in a results file, or None when any part
-    is missing (no file, not HDF5, no such group or attribute)."""
-    import h5py
+    is missing (no file, not HDF5, no such group or attribute).
+
+    Raises:
+        FlatlabError: the file is in use by another process (what it holds is unknown).
+    """
+    from flatlab.results import open_for_reading
 
     if path is None or not Path(path).is_file():
         return None
     try:
-        with h5py.File(path, "r") as handle:
+        with open_for_reading(path) as handle:
             node = handle.get(f"runs/{run_id}/{group}")
             if node is None or key not in node.attrs:
                 return None

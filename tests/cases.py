@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -284,3 +285,52 @@ def disjoint_domains_case(seed: int = 0, d: int = 6, n: int = 20, batch: int = 8
         y = torch.randn(n, 1, generator=g, dtype=torch.float64)
         domains[name] = _batches(x, y, batch)
     return DomainCase("disjoint-domains", model.eval(), domains, nn.functional.mse_loss)
+# --- tiny flatlab checkpoints (untrained) -------------------------------------------------------
+# For tests of what commands accept, refuse and write: nothing about them depends on training.
+
+def tiny_meta() -> tuple[dict, torch.nn.Module]:
+    """Metadata and an untrained model of a valid checkpoint (rotated digits at 8x8, MLP width 4)."""
+    from flatlab.data import build_dataset
+    from flatlab.models import build_model, model_options
+
+    ds = build_dataset("rotated-digits", resolution=8)
+    opts = model_options("mlp", width=4, depth=1)
+    torch.manual_seed(0)
+    model = build_model("mlp", ds.input_shape, ds.num_classes, **opts)
+    meta = {"dataset": ds.name, "dataset_options": ds.options, "data_dir": None, "data_hash": ds.fingerprint(),
+            "domains": list(ds.domains), "num_classes": ds.num_classes, "input_shape": list(ds.input_shape),
+            "test_envs": [0], "test_env_names": [ds.domains[0]], "holdout_fraction": 0.2, "model": "mlp",
+            "model_options": opts, "algorithm": "erm", "hparams": {}, "seed": 0, "trial_seed": 0,
+            "hparams_seed": 0, "steps": 1, "step": 1, "bits": None, "quant": None, "accuracies": {}}
+    return meta, model
+
+
+def write_tiny_checkpoint(path: Path, quantized: bool = False, **meta_changes) -> Path:
+    """A flatlab checkpoint of an untrained tiny MLP; ``meta_changes`` edit its metadata (a value
+    of ``...`` removes the key)."""
+    from flatlab.checkpoint import save_checkpoint
+
+    meta, model = tiny_meta()
+    w0 = {k: v.clone() for k, v in model.state_dict().items()}
+    if quantized:
+        from flatlab.quant import QuantConfig, quantize_model
+
+        config = QuantConfig(bits=4)
+        model = quantize_model(model, config)
+        meta.update(algorithm="qat", bits=4, act_bits=None, quant=config.to_dict())
+    for key, value in meta_changes.items():
+        if value is ...:
+            meta.pop(key, None)
+        else:
+            meta[key] = value
+    save_checkpoint(path, model, w0, meta)
+    return path
+
+
+def write_raw_checkpoint(path: Path, meta: object) -> Path:
+    """A file in the checkpoint format whose metadata is ``meta`` (anything, e.g. a string)."""
+    _, model = tiny_meta()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    torch.save({"format": "flatlab-checkpoint", "format_version": 1, "meta": meta, "state_dict": state,
+                "w0": state}, path)
+    return path

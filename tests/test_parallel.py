@@ -105,3 +105,101 @@ def _assert_same(a: Path, b: Path) -> None:
     assert set(fa["arrays"]) == set(fb["arrays"])
     for key, arr in fa["arrays"].items():
         np.testing.assert_array_equal(arr, fb["arrays"][key], err_msg=key)
+
+
+# --- workers never outlive their driver; Ctrl-C stops cleanly ----------------------------------
+
+_DRIVER = '''
+import os, sys, time
+from pathlib import Path
+
+
+def setup(folder):
+    return folder
+
+
+def work(folder, task):
+    Path(folder, f"{os.getpid()}.pid").write_text(str(task))
+    time.sleep(120)  # far longer than the test: only the driver's death can end it early
+    return task
+
+
+if __name__ == "__main__":
+    from flatlab.parallel import fan_out
+
+    try:
+        for i, r in fan_out(setup, sys.argv[1], work, [0, 1, 2, 3], workers=2, threads_per_worker=1):
+            print(i, r, flush=True)
+    except KeyboardInterrupt:
+        sys.stderr.write("driver: interrupted\\n")
+        sys.exit(130)
+'''
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, exited but not yet reaped by its new parent, does not)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rfind(")") + 2] != "Z"
+
+
+def _start_driver(tmp_path: Path):
+    import subprocess
+    import sys
+
+    script = tmp_path / "driver.py"
+    script.write_text(_DRIVER)
+    folder = tmp_path / "pids"
+    folder.mkdir()
+    # Its own session: the test can signal the driver's process group like a terminal would.
+    proc = subprocess.Popen([sys.executable, str(script), str(folder)], start_new_session=True,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 90
+    while len(list(folder.glob("*.pid"))) < 2 and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    pids = [int(p.stem) for p in folder.glob("*.pid")]
+    assert len(pids) == 2, "the two workers did not start"
+    return proc, pids
+
+
+def _wait_gone(pids: list[int], seconds: float) -> list[int]:
+    deadline = time.monotonic() + seconds
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return [p for p in pids if _alive(p)]
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc to watch the worker processes")
+def test_workers_exit_when_their_driver_is_killed(tmp_path: Path):
+    import signal
+
+    proc, pids = _start_driver(tmp_path)
+    try:
+        os.kill(proc.pid, signal.SIGKILL)  # the driver only: no cleanup can run in it
+        proc.wait()
+        left = _wait_gone(pids, 10.0)
+        assert not left, f"workers {left} outlived their killed driver"
+    finally:
+        for pid in pids:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc to watch the worker processes")
+def test_ctrl_c_reaches_the_driver_as_keyboard_interrupt_without_worker_tracebacks(tmp_path: Path):
+    import signal
+
+    proc, pids = _start_driver(tmp_path)
+    try:
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C does: the whole foreground process group
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode == 130, err
+        assert err == "driver: interrupted\n", err  # no traceback from any worker
+        assert not _wait_gone(pids, 10.0)
+    finally:
+        for pid in pids:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+

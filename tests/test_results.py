@@ -7,6 +7,7 @@ import hashlib
 import h5py
 import numpy as np
 import pytest
+from cases import write_tiny_checkpoint
 
 from flatlab.errors import FlatlabError
 from flatlab.results import (
@@ -108,3 +109,107 @@ def test_run_id_and_provenance_from_checkpoint(mlp_run):
     assert attrs["id_acc"] == ckpt.meta["accuracies"]["id_acc"]
     assert any(k.startswith("env") for k in attrs["per_domain_accuracies"])
     assert "torch" in attrs["versions"]
+
+
+# --- locking: in use by another process, no lock files left, stale writer locks ------------------
+
+_HOLDER = ("import sys, time, h5py\n"
+           "from flatlab.locks import PidLock\n"
+           "lock = PidLock(sys.argv[1] + '.lock').acquire() if sys.argv[2] == 'flatlab' else None\n"
+           "handle = h5py.File(sys.argv[1], 'a')  # held open for writing: HDF5 locks the file\n"
+           "print('ready', flush=True)\n"
+           "time.sleep(60)\n")
+
+
+def _hold_open_for_writing(path, who: str):
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", _HOLDER, str(path), who], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    return proc
+
+
+@pytest.mark.parametrize("who", ["other", "flatlab"])
+def test_file_open_for_writing_elsewhere_is_in_use_not_foreign(tmp_path, capsys, who):
+    from flatlab.cli import main
+
+    path = tmp_path / "r.h5"
+    write_group(path, "a", {}, "curvature", {"trace": 1.0})
+    holder = _hold_open_for_writing(path, who)
+    try:
+        named = f"(flatlab pid {holder.pid} is writing it)"
+        calls = [is_results_file, read_results]
+        if who == "other":  # (a flatlab writer's lock makes another writer wait for it instead)
+            calls.append(lambda p: write_group(p, "b", {}, "g", {"v": 1.0}))
+        for call in calls:
+            with pytest.raises(FlatlabError, match="in use by another process") as info:
+                call(path)
+            assert (named in str(info.value)) == (who == "flatlab")
+        ckpt = write_tiny_checkpoint(tmp_path / "tiny.pt")
+        for argv in (["report", str(path)], ["surface", str(ckpt), "--results", str(path), "--x", "-1:1:3"]):
+            assert main([*argv, "--quiet"]) == 2
+            err = capsys.readouterr().err
+            assert err.count("\n") == 1 and err.startswith("flatlab: error: ") and "in use by another process" in err
+            assert "Traceback" not in err and "not a flatlab results file" not in err
+        expected = {"r.h5", "r.h5.lock", "tiny.pt"} if who == "flatlab" else {"r.h5", "tiny.pt"}
+        assert {p.name for p in tmp_path.iterdir()} == expected  # readers created nothing
+    finally:
+        holder.kill()
+        holder.wait()
+    assert read_results(path)["runs"]["a"]["curvature"]["trace"] == 1.0
+
+
+def test_writers_and_readers_leave_no_lock_file(tmp_path):
+    from flatlab.results import merge_results
+
+    path = tmp_path / "r.h5"
+    write_group(path, "a", {}, "curvature", {"trace": 1.0})
+    write_root_file(tmp_path / "s.h5", {"xcoordinates": np.zeros(2)})
+    merge_results(tmp_path / "m.h5", [path])
+    read_results(path)
+    assert is_results_file(path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.h5", "r.h5", "s.h5"]
+
+
+def test_lock_of_a_killed_writer_is_stale(tmp_path, capsys):
+    import subprocess
+    import sys
+
+    from flatlab.locks import LockHolder
+
+    path = tmp_path / "r.h5"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    record = LockHolder(pid=int(dead.stdout), start_time=1, host=LockHolder.current().host)
+    (tmp_path / "r.h5.lock").write_text(record.to_json())  # what a writer killed mid-write leaves
+    write_group(path, "a", {}, "curvature", {"trace": 1.0})
+    assert "removed the stale lock" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.h5"]
+
+
+def test_runs_that_is_a_dataset_is_refused_by_readers_and_writers(tmp_path):
+    from flatlab.results import merge_results
+
+    path = tmp_path / "r.h5"
+    with h5py.File(path, "w") as fh:
+        fh.attrs["schema_version"] = SCHEMA_VERSION
+        fh["runs"] = np.arange(3)
+    before = path.read_bytes()
+    for call in (lambda: read_results(path), lambda: write_group(path, "a", {}, "g", {"v": 1.0}),
+                 lambda: merge_results(tmp_path / "m.h5", [path])):
+        with pytest.raises(FlatlabError, match="/runs is a dataset, not a group"):
+            call()
+    with h5py.File(path, "a") as fh:  # a run that is a dataset
+        del fh["runs"]
+        fh.create_group("runs")["abc"] = 1.0
+    with pytest.raises(FlatlabError, match="/runs/abc is a dataset"):
+        read_results(path)
+    with pytest.raises(FlatlabError, match="/runs/abc is a dataset"):
+        write_group(path, "abc", {}, "g", {"v": 1.0})
+    with h5py.File(path, "a") as fh:  # a group path through a dataset
+        del fh["runs/abc"]
+        fh["runs"].create_group("abc")["surfaces"] = 1.0
+    with pytest.raises(FlatlabError, match="/runs/abc/surfaces is a dataset where a group is expected"):
+        write_group(path, "abc", {}, "surfaces/random2d", {"v": 1.0})
+    assert path.read_bytes() != before and not (tmp_path / "m.h5").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.h5"]

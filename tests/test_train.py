@@ -79,6 +79,8 @@ def test_resume_after_sigkill_equals_uninterrupted(tmp_path: Path):
     assert not (cut / "done").exists(), "the run finished before it could be killed"
     assert (cut / "state.pt").exists()
     subprocess.run(TRAIN + args + ["--out", str(cut)], check=True)
+    # Whatever the kill left (a temporary file, the lock) is gone after the resumed run.
+    assert sorted(p.name for p in cut.iterdir()) == ["done", "model.pt", "results.jsonl", "run.json"]
 
     a, b = load_checkpoint(whole), load_checkpoint(cut)
     assert a.meta["step"] == b.meta["step"]

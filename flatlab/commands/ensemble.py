@@ -32,6 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from flatlab.commands.evaluate import evaluation_table
     from flatlab.ensemble import (
+        check_ensemble_outputs,
         evaluate_ensemble,
         load_members,
         write_ensemble_record,
@@ -42,6 +43,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.batch_size < 1:
         raise FlatlabError(f"--batch-size must be at least 1, got {args.batch_size}")
+    check_ensemble_outputs(args.out, args.results)
     device = resolve_device(args.device)
     members = load_members(args.checkpoints)
     result = evaluate_ensemble(members, device, args.batch_size, args.data_dir)

@@ -40,6 +40,7 @@ def default_out_dir(first: str) -> Path:
 
 def run(args: argparse.Namespace) -> int:
     from flatlab.commands.report import parse_list, parse_radii
+    from flatlab.io import check_writable
     from flatlab.plots.collect import parse_formats, write_figures
     from flatlab.report import check_measure_names, load_inputs
 
@@ -48,8 +49,9 @@ def run(args: argparse.Namespace) -> int:
     if measures is not None:
         check_measure_names(measures)
     radii = parse_radii(args.radii)
-    collection = load_inputs(args.results)
     out = Path(args.out) if args.out else default_out_dir(args.results[0])
+    check_writable(out, "folder")  # before reading and drawing anything
+    collection = load_inputs(args.results)
 
     def progress(stem: str) -> None:
         if not args.quiet:

@@ -107,8 +107,10 @@ def run(args: argparse.Namespace) -> int:
     rows = [["run", str(result.out)], ["status", status], ["selected step", result.step],
             ["id_acc (source-out)", acc.get("id_acc")], ["ood_acc (target)", acc.get("ood_acc")],
             ["source_acc (train)", acc.get("source_acc")], ["checkpoint", str(result.checkpoint)]]
+    if result.at_chance:
+        rows.append(["warning", "at chance level on the source domains"])
     payload = {"out": str(result.out), "checkpoint": str(result.checkpoint), "step": result.step,
-               "status": status, **acc}
+               "status": status, **acc, "at_chance": result.at_chance, "warnings": list(result.warnings)}
     if not args.json and args.quiet:
         return 0
     emit(args, payload, table(rows))

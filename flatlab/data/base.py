@@ -131,6 +131,11 @@ class DomainSplits:
                  holdout_fraction: float = 0.2) -> None:
         if not 0.0 < holdout_fraction < 1.0:
             raise FlatlabError(f"holdout fraction must lie in (0, 1), got {holdout_fraction}")
+        n_domains = len(dataset.domains)
+        outside = [e for e in test_envs if not 0 <= int(e) < n_domains]
+        if outside:
+            raise FlatlabError(f"test domain index {outside[0]} is outside 0..{n_domains - 1}: "
+                               f"{dataset.name} has {n_domains} domains ({', '.join(map(str, dataset.domains))})")
         self.dataset = dataset
         self.test_envs = sorted(int(e) for e in test_envs)
         self.trial_seed = int(trial_seed)
@@ -161,6 +166,8 @@ class DomainSplits:
 
     def iter_batches(self, parts: Sequence[SplitPart], batch_size: int) -> Iterator[Batch]:
         """Batches over the given parts, in order, without augmentation."""
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise FlatlabError(f"batch_size must be a positive integer, got {batch_size!r}")
         for part in parts:
             for start in range(0, len(part.indices), batch_size):
                 chunk = part.indices[start:start + batch_size]

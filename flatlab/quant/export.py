@@ -23,9 +23,11 @@ def export_checkpoint(checkpoint: str | os.PathLike[str], out: str | os.PathLike
         (the reloaded model's de-quantized weights equal the checkpoint's bit for bit).
 
     Raises:
-        FlatlabError: a full-precision checkpoint, or an output path that is the input.
+        FlatlabError: a full-precision checkpoint, an output path that is the input, or one that
+            cannot be written (checked before anything is computed).
     """
     from flatlab.checkpoint import load_checkpoint, torch_bytes
+    from flatlab.io import check_writable
 
     ckpt = load_checkpoint(checkpoint)
     if not ckpt.is_quantized:
@@ -36,6 +38,7 @@ def export_checkpoint(checkpoint: str | os.PathLike[str], out: str | os.PathLike
         raise FlatlabError(f"--out {out_path} is the checkpoint itself: choose another file name")
     if out_path.is_dir():
         raise FlatlabError(f"--out {out_path} is a folder: give a file name, e.g. {out_path / 'model.packed.pt'}")
+    check_writable(out_path, "file")
     model = ckpt.build_model("cpu")
     info = {"source": str(ckpt.path), "source_sha256": sha256_file(ckpt.path) if ckpt.path else None}
     payload = build_packed_payload(model, ckpt.meta, ckpt.w0 if with_init else None, info)

@@ -28,6 +28,7 @@ import numpy as np
 
 from flatlab.errors import FlatlabError
 from flatlab.io import atomic_path
+from flatlab.results import open_for_reading
 from flatlab.surface.compute import Surface
 
 FORMAT = "flatlab-surface"
@@ -85,7 +86,7 @@ def read_surface_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Arrays and attributes of a standalone surface file: ``{"arrays": {...}, "attrs": {...}}``."""
     p = Path(path)
     try:
-        with h5py.File(p, "r") as fh:
+        with open_for_reading(p) as fh:
             arrays = {k: fh[k][()] for k in fh.keys() if isinstance(fh[k], h5py.Dataset)}
             attrs = {k: _plain(v) for k, v in fh.attrs.items()}
     except OSError as exc:
@@ -111,7 +112,7 @@ def stored_fingerprint(path: str | os.PathLike[str]) -> str | None:
     if not p.exists():
         return None
     try:
-        with h5py.File(p, "r") as fh:
+        with open_for_reading(p) as fh:
             fmt = _plain(fh.attrs.get("format", ""))
             fp = _plain(fh.attrs.get("settings_fingerprint", ""))
             is_results = "runs" in fh
@@ -141,7 +142,7 @@ def load_raw_directions(path: str | os.PathLike[str]) -> tuple[np.ndarray, list[
     if not p.exists():
         raise FlatlabError(f"no such directions file: {p}")
     try:
-        with h5py.File(p, "r") as fh:
+        with open_for_reading(p) as fh:
             groups = [fh]
             if "runs" in fh:
                 groups = [fh[f"runs/{r}/surfaces/{s}"] for r in fh["runs"]

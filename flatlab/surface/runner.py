@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from flatlab.errors import FlatlabError
-from flatlab.io import array_sha256, settings_fingerprint, sha256_file
+from flatlab.io import array_sha256, check_writable, settings_fingerprint, sha256_file
 from flatlab.surface.compute import Surface, assemble_surface, compute_surface
 from flatlab.surface.directions import (
     IGNORES,
@@ -36,7 +36,7 @@ from flatlab.surface.directions import (
     unflatten_direction,
 )
 from flatlab.surface.evaluate import SurfaceProblem
-from flatlab.surface.grid import DEFAULT_AXIS, Axis, parse_axis
+from flatlab.surface.grid import DEFAULT_AXIS, Axis, check_grid_memory, parse_axis
 from flatlab.surface.io import (
     load_raw_directions,
     stored_fingerprint,
@@ -44,7 +44,9 @@ from flatlab.surface.io import (
 )
 from flatlab.surface.journal import PointJournal
 
-PATH_KEYS = ("checkpoint", "checkpoint2", "checkpoint3")
+#: Settings that are paths: provenance, not part of the settings fingerprint (the same files moved
+#: elsewhere give the same surface; their content is fingerprinted by SHA-256 instead).
+PATH_KEYS = ("checkpoint", "checkpoint2", "checkpoint3", "directions_file")
 
 
 @dataclass
@@ -88,6 +90,18 @@ class SurfaceOutcome:
 
 
 def validate_request(req: SurfaceRequest) -> tuple[Axis, Axis | None]:
+    """Check every setting that needs no checkpoint, before any work: the axes (and that the
+    grid fits in memory, :func:`flatlab.surface.grid.check_grid_memory`), the option values and
+    combinations, the surface name inside a results file, and that the output (and its journal
+    beside it) can be written (:func:`flatlab.io.check_writable`; an existing output must be a
+    surface or results file, which is never overwritten by another kind).
+
+    Returns:
+        The parsed x axis and, for 2D, the y axis.
+
+    Raises:
+        FlatlabError: naming the setting and how to fix it.
+    """
     x = parse_axis(req.x, "--x")
     if req.model3 is not None and req.model2 is None:
         raise FlatlabError("--model3 needs --model2: the plane goes through three checkpoints")
@@ -114,7 +128,23 @@ def validate_request(req: SurfaceRequest) -> tuple[Axis, Axis | None]:
         raise FlatlabError(f"--workers must be at least 1, got {req.workers}")
     if req.address is not None and req.backend != "ray":
         raise FlatlabError("--address names a Ray cluster: add --backend ray")
+    check_grid_memory(x, y)
+    _check_outputs(req)
     return x, y
+
+
+def _check_outputs(req: SurfaceRequest) -> None:
+    """The output file (and its journal, in the same folder) can be written and is of the right kind."""
+    from flatlab import results
+
+    if req.results is not None:
+        if req.name is not None:
+            results.check_group_name(req.name, "surface name")
+        results.check_results_target(req.results)
+        return
+    out = req.out or "surface.h5"
+    check_writable(out, "file")
+    stored_fingerprint(out)  # an existing file must be a standalone surface file
 
 
 def _perturbed_weights(model: nn.Module, fp_names: set[str] | None) -> dict[str, Tensor]:
@@ -270,8 +300,10 @@ def run_surface(req: SurfaceRequest, progress_factory: Callable[[int, int], Any]
                     raise FlatlabError(f"{req.directions} holds {raw.shape[0]} direction(s); a {req.dims}D surface needs {req.dims}")
                 raw_dirs = [unflatten_direction(raw[i], weights) for i in range(req.dims)]
                 kind = f"reused{req.dims}d-{req.norm}"
-                # The draws themselves, not the file: a results file changes as groups are added.
+                # The draws themselves, not the file (a results file changes as groups are added)
+                # nor its path (a moved or renamed file holds the same draws).
                 extra_settings["directions_sha256"] = array_sha256(raw[: req.dims])
+                extra_settings["directions_file"] = str(req.directions)
                 extra_settings["directions_seed"] = stored.get("seed")
             dirs = [normalize_direction(r, weights, req.norm, req.ignore) for r in raw_dirs]
             norm_used = req.norm
@@ -287,7 +319,8 @@ def run_surface(req: SurfaceRequest, progress_factory: Callable[[int, int], Any]
         "y": y_axis.spec() if y_axis is not None else None,
         "norm": norm_used,
         "ignore": req.ignore if req.model2 is None else "none (interpolation moves every tensor)",
-        "directions": req.directions if req.model2 is None else "interpolation",
+        "directions": ("interpolation" if req.model2 is not None else
+                       req.directions if req.directions in ("random", "hessian") else "file"),
         "seed": req.seed,
         "weights": "requantized latent weights" if req.requantize else
                    ("effective (de-quantized)" if ckpt.is_quantized else "full precision"),

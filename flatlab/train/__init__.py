@@ -8,7 +8,15 @@ from flatlab.train import (  # noqa: F401  (register sam, sagm, gaqat, noise, sw
            sam,
 )
 from flatlab.train.algorithms import ALGORITHMS, Algorithm, get_algorithm, register_algorithm
-from flatlab.train.trainer import TrainConfig, TrainResult, resolve_device, seed_everything, train
+from flatlab.train.trainer import (
+    ChanceCheck,
+    TrainConfig,
+    TrainResult,
+    chance_level,
+    resolve_device,
+    seed_everything,
+    train,
+)
 
-__all__ = ["ALGORITHMS", "Algorithm", "TrainConfig", "TrainResult", "get_algorithm", "register_algorithm",
-           "resolve_device", "seed_everything", "train"]
+__all__ = ["ALGORITHMS", "Algorithm", "ChanceCheck", "TrainConfig", "TrainResult", "chance_level", "get_algorithm",
+           "register_algorithm", "resolve_device", "seed_everything", "train"]
