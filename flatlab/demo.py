@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from flatlab import __version__
 from flatlab.errors import FlatlabError
-from flatlab.io import atomic_write_text
+from flatlab.io import atomic_write_text, check_writable
 
 
 @dataclass(frozen=True)
@@ -148,6 +148,69 @@ def plan(directory: Path, s: DemoSettings) -> list[Step]:
     return steps
 
 
+#: Files at the top of a demo folder, and its sub-folders.
+DEMO_FILES = ("demo.json", "summary.json", "results.h5", "report.csv")
+DEMO_FOLDERS = ("runs", "eoq", "figures")
+
+
+def _own_names(names: tuple[str, ...]) -> tuple[set[str], list[str]]:
+    from flatlab.io import temp_pattern
+
+    return set(names), [temp_pattern(n) for n in names]
+
+
+def foreign_entry(directory: Path, s: DemoSettings) -> str | None:
+    """The first entry of ``directory`` that the demo did not write (its files, run folders,
+    ensemble record, figures, journals and temporary files), or None."""
+    import fnmatch
+
+    from flatlab.plots.collect import ALL_FORMATS
+    from flatlab.train.trainer import LOCK_FILE, RUN_FILES
+
+    if not directory.is_dir():
+        return None
+    runs = {name for name, _, _ in SINGLE_MODELS} | {f"qat4-s{seed}" for seed in s.ensemble_seeds[1:]}
+    names, patterns = _own_names(DEMO_FILES)
+    patterns.append("results.h5*.journal")
+    run_names, run_patterns = _own_names((*RUN_FILES, LOCK_FILE))
+
+    def own_file(entry: Path, names: set[str], patterns: list[str]) -> bool:
+        return entry.is_file() and not entry.is_symlink() and (
+            entry.name in names or any(fnmatch.fnmatchcase(entry.name, p) for p in patterns))
+
+    for entry in sorted(directory.iterdir()):
+        if entry.name in DEMO_FOLDERS and entry.is_dir() and not entry.is_symlink():
+            for inner in sorted(entry.iterdir()):
+                if entry.name == "runs":
+                    if inner.name not in runs or not inner.is_dir() or inner.is_symlink():
+                        return str(inner)
+                    bad = next((f for f in sorted(inner.iterdir()) if not own_file(f, run_names, run_patterns)), None)
+                    if bad is not None:
+                        return str(bad)
+                elif entry.name == "eoq":
+                    if not own_file(inner, *_own_names(("ensemble.json",))):
+                        return str(inner)
+                elif not (inner.is_file() and not inner.is_symlink() and inner.suffix.lstrip(".") in ALL_FORMATS):
+                    return str(inner)
+        elif not own_file(entry, names, patterns):
+            return str(entry)
+    return None
+
+
+def clear_demo_folder(directory: Path, s: DemoSettings) -> None:
+    """Delete a demo folder's own content (``force``), after checking that it holds nothing else."""
+    import shutil
+
+    foreign = foreign_entry(directory, s)
+    if foreign is not None:
+        raise FlatlabError(f"refusing to clear {directory}: it holds {foreign}, which the demo did not write")
+    for entry in sorted(directory.iterdir()):
+        if entry.is_dir():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+
+
 def run_demo(directory: str | Path = "flatlab-demo", quick: bool = False, force: bool = False,
              quiet: bool = False) -> dict[str, Any]:
     """Run (or continue) the demo in ``directory``; return a summary (also written as JSON).
@@ -162,6 +225,8 @@ def run_demo(directory: str | Path = "flatlab-demo", quick: bool = False, force:
     identity = json.loads(json.dumps({"flatlab_version": __version__, "mode": "quick" if quick else "full",
                                       "settings": asdict(settings)}))
     state_path = directory / "demo.json"
+    check_writable(directory, "folder")
+    foreign = foreign_entry(directory, settings)
     if state_path.exists() and not force:
         try:
             state = json.loads(state_path.read_text())
@@ -170,15 +235,16 @@ def run_demo(directory: str | Path = "flatlab-demo", quick: bool = False, force:
         previous = {k: state.get(k) for k in identity}
         if previous != identity:
             what = [k for k in identity if previous.get(k) != identity[k]]
-            raise FlatlabError(f"{directory} holds a demo with another {' and '.join(what).replace('_', ' ')}: "
-                               "use another --out, or --force to start over")
-    elif directory.exists() and any(directory.iterdir()) and not force:
-        raise FlatlabError(f"{directory} exists and is not a flatlab demo folder: use another --out or --force")
+            advice = "use another --out" + (", or --force to start over" if foreign is None else
+                                             f" (it also holds {foreign}, which the demo did not write)")
+            raise FlatlabError(f"{directory} holds a demo with another {' and '.join(what).replace('_', ' ')}: {advice}")
+    elif foreign is not None:
+        # --force never deletes what the demo did not write (a thesis next to a stale demo).
+        raise FlatlabError(f"{directory} holds {foreign}, which is not part of a flatlab demo: use another --out "
+                           "(an existing folder must be empty or hold a demo)")
     else:
         if force and directory.exists():
-            import shutil
-
-            shutil.rmtree(directory)
+            clear_demo_folder(directory, settings)
         state = {**identity, "done": {}}
     directory.mkdir(parents=True, exist_ok=True)
     atomic_write_text(state_path, json.dumps(state, indent=1))

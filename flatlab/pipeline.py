@@ -251,9 +251,11 @@ def measure_checkpoint(checkpoint: str | os.PathLike[str] | Any, measures: Seque
             model cannot take (e.g. ``top_k`` above the number of parameters).
     """
     from flatlab.checkpoint import Checkpoint, load_checkpoint
-    from flatlab.results import run_attrs_from_checkpoint, run_id_for
+    from flatlab.results import check_results_target, run_attrs_from_checkpoint, run_id_for
 
     settings = settings or MeasurementSettings()
+    if results is not None:
+        check_results_target(results)  # before any work: a path that cannot take results fails now
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint_path(checkpoint))
     device = resolve_device(settings.device)
     ctx = CheckpointContext(ckpt, settings, device, data_dir)
@@ -275,10 +277,15 @@ def measure_model(model: nn.Module, data: Mapping[str, Sequence[Any]], measures:
     the number of samples in ``data["source"]``). With ``results``, ``run_id`` names the run
     (letters, digits, - and _) and ``provenance`` its attributes.
     """
+    if results is not None:
+        from flatlab.results import check_group_name, check_results_target
+
+        if not run_id:
+            raise FlatlabError("results needs a run_id naming the run, e.g. run_id='my-resnet'")
+        check_group_name(run_id, "run_id")
+        check_results_target(results)
     ctx = ModelContext(model, data, settings=settings, initial_model=initial_model, train_size=train_size,
                        loss_fn=loss_fn)
-    if results is not None and not run_id:
-        raise FlatlabError("results needs a run_id naming the run, e.g. run_id='my-resnet'")
     return _run(ctx, measures, results, run_id, dict(provenance or {}), progress)
 
 

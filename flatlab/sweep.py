@@ -353,6 +353,9 @@ def load_study(path: str | os.PathLike[str]) -> Study:
             variants.append(Variant(vlabel, algo.name, hp))
 
     plan, measure_settings = measure_plan(measure, p)
+    check_device_name(train.get("device", "cpu"), f"{p}: [train]")
+    for e in ensembles:
+        check_device_name(e.get("device", "cpu"), f"{p}: [[ensembles]] {e['name']}:")
     labels = [v.label for v in variants]
     seen: set[str] = set()
     for s in surfaces:
@@ -744,6 +747,13 @@ def run_sweep(study: Study, out: str | os.PathLike[str], *, backend: str = "loca
     if not study.data_available or study.notes:
         raise FlatlabError(f"{study.path}: {'; '.join(study.notes)}")
     out = Path(out)
+    from flatlab.io import check_writable
+    from flatlab.train import resolve_device
+
+    check_writable(out, "folder")
+    for device in {study.train_device, study.measure_settings.device,
+                   *(s.get("device", "cpu") for s in study.surfaces), *(e.get("device", "cpu") for e in study.ensembles)}:
+        resolve_device(device)  # a device this machine lacks fails here, not in every job
     jobs = expand_jobs(study)
     _prepare_out(study, out, jobs)
     start = time.perf_counter()

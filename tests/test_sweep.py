@@ -295,6 +295,58 @@ def test_sigkill_then_rerun_continues(reference, tmp_path):
     _assert_same(merged, _normalized(out / "results.h5", out))
 
 
+def _children(pid: int) -> list[int]:
+    """Direct child processes of ``pid`` (from /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_killing_only_the_driver_stops_its_workers_and_a_rerun_completes(reference, tmp_path):
+    """SIGKILL of the sweep driver alone (not its process group): the worker processes notice
+    and exit within seconds, the job lock they held is stale, and the same command run again
+    takes over and ends with the merged results of an uninterrupted sweep."""
+    path, _, merged = reference
+    out = tmp_path / "driver-killed"
+    proc = subprocess.Popen([sys.executable, "-m", "flatlab.cli", "sweep", str(path), "--workers", "2",
+                             "--out", str(out), "--quiet"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    workers: list[int] = []
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None:
+            workers = [c for c in _children(proc.pid) if "spawn" in Path(f"/proc/{c}/cmdline").read_text()
+                       or "multiprocessing" in Path(f"/proc/{c}/cmdline").read_text()]
+            if len(workers) >= 2 and list(out.glob("runs/*/run.json")):
+                break
+            time.sleep(0.05)
+    finally:
+        if proc.poll() is None:
+            proc.kill()  # the driver only
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the sweep ended before its driver could be killed"
+    assert workers, "no worker process was seen"
+    deadline = time.time() + 15
+    while time.time() < deadline and any(_alive(w) for w in workers):
+        time.sleep(0.1)
+    assert not [w for w in workers if _alive(w)], "workers outlived their driver"
+    assert main(["sweep", str(path), "--workers", "2", "--out", str(out), "--quiet"]) == 0
+    _assert_same(merged, _normalized(out / "results.h5", out))
+
+
 FAILING = """
 """ + DATA_MODEL + """
 [train]
