@@ -34,9 +34,10 @@ What every product does, whatever the curvature:
   draws masks, BatchNorm normalizes by batch statistics; then each product sees fresh masks, i.e.
   the operator is random, unless ``dropout_seed`` re-seeds torch's generator before every
   product, which makes it the curvature of one fixed draw of masks). The training flag of every
-  submodule is saved before and restored after each product, and in ``mode="train"`` every
-  buffer (e.g. BatchNorm running statistics) is restored too, so the caller's model is never
-  left changed. Parameters are never moved or copied.
+  submodule is saved before and restored after each product; in ``mode="train"`` BatchNorm
+  normalizes each batch by its own statistics without updating its running statistics, and
+  every buffer is restored after each product anyway, so the caller's model is never left
+  changed. Parameters are never moved or copied.
 * **Data.** ``data`` is a sequence of ``(x, y)`` batches (a list is used as it is) or any other
   iterable of them, e.g. a ``torch.utils.data.DataLoader``, which is iterated **once** at
   construction and kept as a list (so a shuffling or augmenting loader gives one fixed data set,
@@ -349,16 +350,25 @@ class CurvatureOperator(LinearOperator):
         attention kernel, seeded Dropout if asked; every training flag (and, in train mode, every
         buffer) restored on exit."""
         flags = [(m, m.training) for m in self.model.modules()]
-        buffers = ([(b, b.detach().clone()) for b in self.model.buffers()] if self.mode == "train" else [])
+        train = self.mode == "train"
+        buffers = [(b, b.detach().clone()) for b in self.model.buffers()] if train else []
+        # Training-mode BatchNorm with track_running_stats=False computes the same batch-statistics
+        # function without updating its buffers in place (which torch.func transforms refuse).
+        tracking = [m for m in self.model.modules()
+                    if train and isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
         devices = [self.device] if self.device.type == "cuda" else []
-        seeded = (torch.random.fork_rng(devices=devices) if self.dropout_seed is not None else nullcontext())
+        seeded = torch.random.fork_rng(devices=devices) if self.dropout_seed is not None else nullcontext()
         try:
-            self.model.train(self.mode == "train")
+            self.model.train(train)
+            for module in tracking:
+                module.track_running_stats = False
             with sdpa_kernel(SDPBackend.MATH), affine_eval_batchnorm(self.model), seeded:
                 if self.dropout_seed is not None:
                     torch.manual_seed(self.dropout_seed)
                 yield
         finally:
+            for module in tracking:
+                module.track_running_stats = True
             with torch.no_grad():
                 for buffer, saved in buffers:
                     buffer.copy_(saved)
