@@ -548,15 +548,16 @@ def torch_product(counted: CountingOperator) -> tuple[Callable[[torch.Tensor, to
 
 
 def rademacher(rng: np.random.Generator, count: int, n: int, dtype: torch.dtype,
-               device: torch.device) -> torch.Tensor:
+               device: torch.device, out: torch.Tensor | None = None) -> torch.Tensor:
     """``count`` Rademacher vectors (entries +-1 with probability 1/2) of length ``n``, as rows.
 
     Drawn on the CPU from ``rng`` whatever the device (the same seed gives the same probes on
     every device), one random *bit* per entry: ``rng.bytes`` unpacked, mapped to +-1 in int8 and
     converted once. Drawing one int64 per entry (``rng.integers(0, 2)``) cost 0.07 s per
-    11M-entry probe, half a ResNet-18 product; this costs about 0.011 s.
+    11M-entry probe, half a ResNet-18 product; this costs about 0.011 s. ``out``: a ``(count, n)``
+    tensor to fill instead of a new one (a loop of probes reuses one buffer).
     """
-    out = torch.empty((count, n), dtype=dtype, device=device)
+    out = torch.empty((count, n), dtype=dtype, device=device) if out is None else out
     for row in range(count):
         bits = np.unpackbits(np.frombuffer(rng.bytes((n + 7) // 8), dtype=np.uint8), count=n)
         out[row].copy_(torch.from_numpy(bits).view(torch.int8).mul_(2).sub_(1))

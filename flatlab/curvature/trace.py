@@ -70,9 +70,11 @@ def hutchinson_trace(operator: Any, num_products: int = 100, seed: int = 0) -> T
     apply, dtype, device = torch_product(op)
     n = op.shape[0]
     product = torch.empty(n, dtype=dtype, device=device)
+    probe = torch.empty((1, n), dtype=dtype, device=device)
+    z = probe[0]
     samples = np.empty(num_products)
     for i in range(num_products):
-        z = rademacher(rng, 1, n, dtype, device)[0]
+        rademacher(rng, 1, n, dtype, device, out=probe)
         apply(z, product)
         samples[i] = dot64(z, product)
     return TraceEstimate(float(samples.mean()), _stderr(samples), op.count, "hutchinson", samples)
