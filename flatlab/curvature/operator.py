@@ -61,6 +61,8 @@ What every product does, whatever the curvature:
 
 from __future__ import annotations
 
+import os
+import sys
 import types
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -199,6 +201,21 @@ def torch_func_unsupported(exc: BaseException) -> bool:
                                    "forward AD", "jvp", "forward-mode"))
 
 
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def _outside_stacklevel() -> int:
+    """The ``stacklevel`` (for a ``warnings.warn`` in the caller of this function) of the first
+    frame outside this package and scipy: where the user called flatlab."""
+    frame = sys._getframe(2)  # the frame that called the function calling warn
+    level = 2
+    while frame is not None and (frame.f_code.co_filename.startswith(_PACKAGE_DIR)
+                                 or f"{os.sep}scipy{os.sep}" in frame.f_code.co_filename):
+        frame = frame.f_back
+        level += 1
+    return level
+
+
 class CurvatureOperator(LinearOperator):
     r"""A curvature matrix of a model's data-set loss (see the module docstring), as a scipy
     ``LinearOperator`` and as a torch product.
@@ -294,10 +311,11 @@ class CurvatureOperator(LinearOperator):
 
     # -- bookkeeping -----------------------------------------------------------------------------
     def _note(self, text: str) -> None:
-        """Record how products are computed, and warn about it once (per operator)."""
+        """Record how products are computed, and warn about it once (per operator), pointing the
+        warning at the first caller outside flatlab.curvature (and scipy's LinearOperator)."""
         if text not in self.notes:
             self.notes.append(text)
-            warnings.warn(f"{self.kind}: {text}", CurvatureWarning, stacklevel=3)
+            warnings.warn(f"{self.kind}: {text}", CurvatureWarning, stacklevel=_outside_stacklevel())
 
     def _count_samples(self) -> int:
         total = sum(batch_size(unpack_batch(batch)[1]) for batch in self.data)
