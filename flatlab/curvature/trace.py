@@ -22,9 +22,10 @@ has no sampling variance given :math:`Q`).
 
 Probes, products, the QR factorisation (``torch.linalg.qr``) and the projections stay in torch in
 the operator's dtype and device (float32 for a float32 model), so the cost is the products';
-quadratic forms are summed in float64. Probes are drawn on the CPU from
-``numpy.random.default_rng(seed)`` (one random bit per entry, see
-:func:`~flatlab.curvature.operator.rademacher`), so a seed gives the same probes on every device.
+quadratic forms are partial dots summed in float64. Probes are the numbers the former numpy
+estimators drew from ``numpy.random.default_rng(seed)`` (``rng.integers(0, 2, size=(n, m))``,
+column by column, see :func:`~flatlab.curvature.operator.rademacher`), drawn on the CPU, so a
+seed gives the same probes as before and on every device.
 """
 
 from __future__ import annotations
