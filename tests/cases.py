@@ -334,3 +334,52 @@ def write_raw_checkpoint(path: Path, meta: object) -> Path:
     torch.save({"format": "flatlab-checkpoint", "format_version": 1, "meta": meta, "state_dict": state,
                 "w0": state}, path)
     return path
+def interpolating_mse_case(seed: int = 0, n: int = 30, batch: int = 12) -> Case:
+    """MLP 4 -> 5 -> 2 (Tanh) with squared error against its own outputs: an interpolating
+    minimum (every residual zero), where the GGN equals the Hessian and the empirical Fisher is 0."""
+    g = torch.Generator().manual_seed(seed)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 2)).double()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64))
+    x = torch.randn(n, 4, generator=g, dtype=torch.float64)
+    with torch.no_grad():
+        y = model(x)
+    return Case("interpolating-mse", model.eval(), _batches(x, y, batch), nn.functional.mse_loss)
+
+
+class OldStyleSquare(torch.autograd.Function):
+    """x**2 as an autograd.Function without setup_context or jvp: torch.func cannot transform it."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x * x
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return 2 * x * grad
+
+
+class OldStyleMLP(nn.Module):
+    """Linear(3 -> 4), the old-style square, Linear(4 -> 3): a model only autograd differentiates."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = nn.Linear(3, 4)
+        self.second = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.second(OldStyleSquare.apply(self.first(x)))
+
+
+def old_style_case(seed: int = 0, n: int = 14, batch: int = 5) -> Case:
+    g = torch.Generator().manual_seed(seed)
+    model = OldStyleMLP().double()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64) * 0.5)
+    x = torch.randn(n, 3, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (n,), generator=g)
+    return Case("old-style", model.eval(), _batches(x, y, batch), nn.functional.cross_entropy)

@@ -17,9 +17,12 @@ width :math:`\sigma`:
 evaluated on a grid reaching :math:`6\sigma` beyond the extreme nodes, and renormalised so that
 its trapezoid integral over the grid is exactly 1 (the correction is below 1e-8 of the mass).
 
-Lanczos here uses full reorthogonalisation (float64), which keeps the basis orthogonal so the
-quadrature stays exact in floating point; when :math:`m` reaches the dimension the nodes are the
-exact eigenvalues.
+Lanczos here keeps its basis orthogonal (full reorthogonalisation, see
+:func:`lanczos_tridiagonal`), so the quadrature stays exact in floating point; when :math:`m`
+reaches the dimension the nodes are the exact eigenvalues. The basis lives in torch, in the
+operator's dtype and device (float32 rows for a float32 model, as the top-k Lanczos of
+:mod:`flatlab.curvature.lanczos` keeps it), so a run costs its products plus
+:math:`O(m^2 n)` vector work, not a strided numpy matrix of :math:`n \times m` float64.
 """
 
 from __future__ import annotations
@@ -28,9 +31,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 from scipy.linalg import eigh_tridiagonal
 
-from flatlab.curvature.hvp import CountingOperator
+from flatlab.curvature.lanczos import _RowBasis
+from flatlab.curvature.operator import CountingOperator, dot64, rademacher, torch_product
 from flatlab.errors import FlatlabError
 
 _trapezoid = getattr(np, "trapezoid", None) or np.trapz  # numpy < 2 names it trapz
@@ -38,42 +43,66 @@ _trapezoid = getattr(np, "trapezoid", None) or np.trapz  # numpy < 2 names it tr
 
 @dataclass
 class LanczosTridiagonal:
-    """Diagonal ``alpha`` and off-diagonal ``beta`` of :math:`T_m` and the orthonormal basis."""
+    """Diagonal ``alpha`` and off-diagonal ``beta`` of :math:`T_m`, and (if asked for) the
+    orthonormal basis as columns (``n x m``, float64)."""
 
     alpha: np.ndarray
     beta: np.ndarray
-    basis: np.ndarray
+    basis: np.ndarray | None = None
 
 
-def lanczos_tridiagonal(operator: Any, v0: np.ndarray, num_steps: int, seed: int = 0) -> LanczosTridiagonal:
-    """``num_steps`` Lanczos steps from ``v0`` with full reorthogonalisation.
+def lanczos_tridiagonal(operator: Any, v0: np.ndarray | torch.Tensor, num_steps: int, seed: int = 0,
+                        keep_basis: bool = False) -> LanczosTridiagonal:
+    r"""``num_steps`` Lanczos steps from ``v0`` with full reorthogonalisation.
 
-    When the Krylov space of ``v0`` is exhausted (:math:`\\beta_j \\approx 0`, an invariant
+    Step :math:`j` computes :math:`w = A q_j`, :math:`\alpha_j = q_j^\top w`,
+    :math:`w \leftarrow w - \alpha_j q_j - \beta_{j-1} q_{j-1}`, then one classical Gram-Schmidt
+    pass :math:`w \leftarrow w - V (V^\top w)` against the whole basis, and a second only when the
+    first removed a noticeable part of :math:`w` (Daniel-Gragg-Kaufman-Stewart, "twice is
+    enough"); :math:`\beta_j = \|w\|`, :math:`q_{j+1} = w / \beta_j`. The basis is a torch row
+    basis in the operator's dtype and device (see the module docstring).
+
+    When the Krylov space of ``v0`` is exhausted (:math:`\beta_j \approx 0`, an invariant
     subspace), the iteration restarts from a random vector (seeded by ``seed``) orthogonal to the
-    basis with :math:`\\beta_j = 0`.
+    basis with :math:`\beta_j = 0`.
+
+    Args:
+        operator: any curvature operator, scipy ``LinearOperator`` or matrix.
+        v0: the start vector (any nonzero vector; it is normalised).
+        num_steps: Lanczos steps (products), at most the dimension.
+        seed: seeds the restart vectors.
+        keep_basis: also return the basis (``n x m`` float64 numpy; off by default, it is large).
     """
     op = operator if isinstance(operator, CountingOperator) else CountingOperator(operator)
     n = op.shape[0]
+    if num_steps < 1:
+        raise FlatlabError(f"num_steps must be at least 1, got {num_steps}")
     steps = min(num_steps, n)
     rng = np.random.default_rng(seed)
-    q = np.asarray(v0, dtype=np.float64).reshape(-1)
-    norm = np.linalg.norm(q)
+    apply, dtype, device = torch_product(op)
+    if isinstance(v0, torch.Tensor):
+        q = v0.detach().reshape(-1).to(device=device, dtype=dtype)
+    else:
+        q = torch.from_numpy(np.asarray(v0, dtype=np.float64).reshape(-1)).to(device=device, dtype=dtype)
+    if q.shape != (n,):
+        raise FlatlabError(f"v0 has {q.shape[0]} entries; the operator needs {n}")
+    norm = dot64(q, q) ** 0.5
     if norm == 0:
-        raise FlatlabError("the Lanczos start vector is zero")
-    # The basis is kept for reorthogonalisation; above ~800 MB it is stored in float32.
-    basis = np.zeros((n, steps), dtype=np.float64 if n * steps <= 10**8 else np.float32)
-    alpha, beta = [], []
-    basis[:, 0] = q / norm
+        raise FlatlabError("the Lanczos start vector v0 is zero")
+    basis = _RowBasis(n, dtype, device, block_rows=min(steps, 16))
+    basis.append(q, 1.0 / norm)
+    w = torch.empty(n, dtype=dtype, device=device)  # the one work vector, reused by every product
+    alpha: list[float] = []
+    beta: list[float] = []
     scale = 0.0
     for j in range(steps):
-        w = op.matvec(basis[:, j])
-        a = float(basis[:, j] @ w)
+        apply(basis.row(j), w)
+        a = float(torch.dot(basis.row(j), w))
         alpha.append(a)
-        w = w - a * basis[:, j] - (beta[-1] * basis[:, j - 1] if j > 0 else 0.0)
-        # Two passes of classical Gram-Schmidt against the whole basis (full reorthogonalisation).
-        for _ in range(2):
-            w -= basis[:, : j + 1] @ (basis[:, : j + 1].T @ w)
-        b = float(np.linalg.norm(w))
+        w.sub_(basis.row(j), alpha=a)
+        if j > 0:
+            w.sub_(basis.row(j - 1), alpha=beta[-1])
+        b = _orthogonalise(basis, w)
         scale = max(scale, abs(a), b)
         if j == steps - 1:
             break
@@ -81,15 +110,31 @@ def lanczos_tridiagonal(operator: Any, v0: np.ndarray, num_steps: int, seed: int
             # Invariant subspace found (repeated eigenvalues): continue from a fresh vector
             # orthogonal to the basis, coupled by beta = 0, so m = n still yields every eigenvalue
             # (the new nodes get zero weight, leaving the quadrature unchanged).
-            w = rng.standard_normal(n)
+            w.copy_(torch.from_numpy(rng.standard_normal(n)))
             for _ in range(2):
-                w -= basis[:, : j + 1] @ (basis[:, : j + 1].T @ w)
+                basis.subtract(w, basis.project(w))
             beta.append(0.0)
-            basis[:, j + 1] = w / np.linalg.norm(w)
+            basis.append(w, 1.0 / float(torch.linalg.vector_norm(w)))
             continue
         beta.append(b)
-        basis[:, j + 1] = w / b
-    return LanczosTridiagonal(np.array(alpha), np.array(beta), basis[:, : len(alpha)])
+        basis.append(w, 1.0 / b)
+    kept = None
+    if keep_basis:
+        kept = torch.cat(basis._filled()).to(device="cpu", dtype=torch.float64).numpy().T.copy()
+    return LanczosTridiagonal(np.array(alpha), np.array(beta), kept)
+
+
+def _orthogonalise(basis: _RowBasis, w: torch.Tensor) -> float:
+    """Remove from ``w`` (in place) its components on the basis; return its norm afterwards."""
+    before = float(torch.linalg.vector_norm(w))
+    after = before
+    for _ in range(2):
+        basis.subtract(w, basis.project(w))
+        after = float(torch.linalg.vector_norm(w))
+        if after > 0.7071 * before:  # little was removed: w is orthogonal to working precision
+            break
+        before = after
+    return after
 
 
 @dataclass
@@ -149,19 +194,30 @@ def gaussian_broadening(nodes: list[np.ndarray], weights: list[np.ndarray], sigm
 def slq_density(operator: Any, num_steps: int = 80, num_runs: int = 1, seed: int = 0,
                 sigma: float | None = None, num_points: int = 1000) -> SpectralDensity:
     """Stochastic Lanczos quadrature: ``num_runs`` runs of ``num_steps`` Lanczos steps from random
-    Rademacher unit vectors, broadened into a density on a grid.
+    Rademacher vectors (normalised to unit length), broadened into a density on a grid.
+
+    Args:
+        operator: any curvature operator (Hessian, GGN, empirical Fisher), ``LinearOperator`` or
+            matrix.
+        num_steps: Lanczos steps (products) per run; the quadrature is exact for polynomials of
+            degree up to ``2 num_steps - 1``.
+        num_runs: independent start vectors averaged.
+        seed: seeds the start vectors (drawn on the CPU: the same on every device).
+        sigma, num_points: see :func:`gaussian_broadening`.
 
     Returns:
         :class:`SpectralDensity`; ``products`` counts the operator products used.
     """
     if num_steps < 1 or num_runs < 1:
-        raise FlatlabError(f"SLQ needs at least one step and one run, got {num_steps} steps, {num_runs} runs")
+        raise FlatlabError(f"SLQ needs num_steps >= 1 and num_runs >= 1, got num_steps = {num_steps}, "
+                           f"num_runs = {num_runs}")
     op = CountingOperator(operator)
     rng = np.random.default_rng(seed)
     n = op.shape[0]
+    _, dtype, device = torch_product(op)
     nodes, weights = [], []
     for _ in range(num_runs):
-        v = rng.integers(0, 2, size=n).astype(np.float64) * 2.0 - 1.0
+        v = rademacher(rng, 1, n, dtype, device)[0]
         rule = quadrature_rule(lanczos_tridiagonal(op, v, num_steps, seed=int(rng.integers(2**31))))
         nodes.append(rule.nodes)
         weights.append(rule.weights)

@@ -25,7 +25,6 @@ exactly repeated eigenvalues.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,7 +32,7 @@ import numpy as np
 import torch
 from scipy.sparse.linalg import ArpackNoConvergence, LinearOperator, eigsh
 
-from flatlab.curvature.hvp import CountingOperator, HessianOperator
+from flatlab.curvature.operator import CountingOperator, torch_product
 from flatlab.errors import FlatlabError
 
 
@@ -71,8 +70,9 @@ def lanczos_top_eigenvalues(operator: Any, k: int = 1, tol: float | None = None,
     r"""The ``k`` largest (algebraic) eigenvalues of a symmetric operator, with residuals.
 
     Args:
-        operator: a scipy ``LinearOperator`` (e.g. :class:`~flatlab.curvature.hvp.HessianOperator`),
-            a matrix, or anything ``aslinearoperator`` accepts.
+        operator: a scipy ``LinearOperator`` (any
+            :class:`~flatlab.curvature.operator.CurvatureOperator`: Hessian, GGN, empirical
+            Fisher), a matrix, or anything ``aslinearoperator`` accepts.
         k: number of eigenvalues (1 <= k <= n).
         tol: ARPACK's relative accuracy (default :func:`default_tolerance`); ``method="arpack"`` only.
         ncv: ARPACK's basis size (default ``max(2k + 1, 20)``, at most n); ``method="arpack"`` only.
@@ -102,7 +102,7 @@ def lanczos_top_eigenvalues(operator: Any, k: int = 1, tol: float | None = None,
     counted = CountingOperator(operator)
     n = counted.shape[0]
     if not 1 <= k <= n:
-        raise FlatlabError(f"--top-k {k} is outside [1, {n}] (the number of selected parameters)")
+        raise FlatlabError(f"k = {k} is outside [1, {n}] (the number of selected parameters)")
     if method not in LANCZOS_METHODS:
         raise FlatlabError(f"unknown eigenvalue method {method!r}: choose one of {', '.join(LANCZOS_METHODS)}")
     if method == "lanczos":
@@ -137,32 +137,6 @@ def lanczos_top_eigenvalues(operator: Any, k: int = 1, tol: float | None = None,
     residuals = np.array([np.linalg.norm(counted.matvec(vectors[:, i]) - values[i] * vectors[:, i])
                           for i in range(len(values))])
     return EigenResult(values, vectors, residuals, counted.count, converged)
-
-
-def _torch_product(counted: CountingOperator) -> tuple[Callable[[torch.Tensor, torch.Tensor], None], torch.dtype,
-                                                        torch.device]:
-    """A counted product ``apply(v, out)`` (writes :math:`Hv` into ``out``) for the Lanczos loop,
-    in the operator's own dtype and device.
-
-    A :class:`HessianOperator` is applied directly, into the caller's buffer (no float64 numpy
-    round trip and no fresh vector per product); anything else goes through its numpy ``matvec``
-    in float64 on the CPU.
-    """
-    inner = counted.inner
-    if isinstance(inner, HessianOperator) and inner.torch_dtype in (torch.float32, torch.float64):
-
-        def apply(v: torch.Tensor, out: torch.Tensor) -> None:
-            counted.count += 1
-            inner.hvp(v, out=out)
-
-        return apply, inner.torch_dtype, inner.device
-
-    def apply_numpy(v: torch.Tensor, out: torch.Tensor) -> None:
-        out.copy_(torch.from_numpy(counted.matvec(v.double().cpu().numpy())))
-
-    if isinstance(inner, HessianOperator):  # half precision: keep the basis in float32
-        return apply_numpy, torch.float32, inner.device
-    return apply_numpy, torch.float64, torch.device("cpu")
 
 
 class _RowBasis:
@@ -244,7 +218,7 @@ def _early_stopping_lanczos(counted: CountingOperator, k: int, rtol: float, max_
     """
     n = counted.shape[0]
     steps = min(n, max(300, 20 * k)) if max_steps is None else max(k, min(n, max_steps))
-    apply, dtype, device = _torch_product(counted)
+    apply, dtype, device = torch_product(counted)
     budget = _basis_budget(device) if max_basis_bytes is None else int(max_basis_bytes)
     vector_bytes = n * torch.finfo(dtype).bits // 8
     affordable = budget // vector_bytes
@@ -256,7 +230,7 @@ def _early_stopping_lanczos(counted: CountingOperator, k: int, rtol: float, max_
         if capacity < k + 3:
             raise FlatlabError(f"the Lanczos basis for top-{k} of {n} parameters needs more than {budget} bytes "
                                f"({vector_bytes} per vector): raise max_basis_bytes, or use ARPACK (method='arpack', "
-                               "CLI --tol)")
+                               "with tol)")
     keep = min(capacity - 2, max(k + 1, capacity // 2))  # Ritz vectors kept at a restart
     # Start (and restart) vectors come from a seeded CPU generator in float64, so a run gives the
     # same numbers whatever the dtype or device.
@@ -349,7 +323,7 @@ def _early_stopping_lanczos(counted: CountingOperator, k: int, rtol: float, max_
     if not converged:
         memory = f" ({restarts} thick restarts at the {budget}-byte basis cap)" if restarts else ""
         note = (f"Lanczos stopped after {counted.count} products{memory} before every top-{k} residual met "
-                f"rtol {rtol:g}: raise rtol or maxiter, or use ARPACK (method='arpack', CLI --tol)")
+                f"rtol {rtol:g}: raise rtol or maxiter, or use ARPACK (method='arpack', with tol)")
     return EigenResult(values, vectors, residuals, counted.count, converged, note)
 
 

@@ -24,9 +24,11 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from flatlab.curvature.hvp import Batch, HessianOperator, LossFn
+from flatlab.curvature.hvp import HessianOperator
 from flatlab.curvature.lanczos import EigenResult
+from flatlab.curvature.operator import Batch, LossFn
 from flatlab.curvature.trace import TraceEstimate
 from flatlab.errors import FlatlabError
 
@@ -39,7 +41,7 @@ def import_pyhessian() -> Any:
     try:
         import pyhessian
     except ImportError:
-        raise FlatlabError("--solver pyhessian needs the pyhessian package: pip install 'flatlab[pyhessian]' "
+        raise FlatlabError("the PyHessian comparator needs the pyhessian package: pip install 'flatlab[pyhessian]' "
                            "(or pip install pyhessian)") from None
     return pyhessian
 
@@ -113,6 +115,14 @@ class _PyHessianRun:
             setattr(owner, name, inner)
 
 
+def _check_comparable(operator: Any) -> None:
+    """PyHessian computes Hessian products of ``loss_fn(model(x), y)`` in eval mode only."""
+    if getattr(operator, "kind", "hessian") != "hessian":
+        raise FlatlabError(f"PyHessian computes Hessian products only; this operator is the {operator.kind}")
+    if getattr(operator, "output_fn", None) is not None or getattr(operator, "mode", "eval") != "eval":
+        raise FlatlabError("PyHessian calls loss_fn(model(x), y) in eval mode: it cannot use output_fn or mode='train'")
+
+
 def pyhessian_top_eigenvalues(operator: HessianOperator, k: int = 1, max_iter: int = 100, tol: float = 1e-3,
                               seed: int = 0, residuals: bool = True) -> EigenResult:
     """PyHessian's top-``k`` eigenvalues (largest in magnitude, deflated power iteration) on the
@@ -122,18 +132,21 @@ def pyhessian_top_eigenvalues(operator: HessianOperator, k: int = 1, max_iter: i
         :class:`~flatlab.curvature.lanczos.EigenResult` in PyHessian's order (the order found);
         ``products`` counts PyHessian's products plus the residual checks.
     """
+    _check_comparable(operator)
     if not 1 <= k <= operator.dim:
-        raise FlatlabError(f"--top-k {k} is outside [1, {operator.dim}] (the number of selected parameters)")
+        raise FlatlabError(f"k = {k} is outside [1, {operator.dim}] (the number of selected parameters)")
     model = operator.model
     if operator.torch_dtype != torch.float32:
         raise FlatlabError("PyHessian works in float32 only (it draws float32 vectors): use a float32 model")
-    was_training = model.training
-    with _only_these_require_grad(model, operator.param_names), torch.random.fork_rng(devices=[]), _quiet():
+    flags = [(m, m.training) for m in model.modules()]  # PyHessian switches to eval: restore every flag
+    with _only_these_require_grad(model, operator.param_names), torch.random.fork_rng(devices=[]), _quiet(), \
+            sdpa_kernel(SDPBackend.MATH):  # attention: as flatlab's operators (no fused kernel)
         torch.manual_seed(seed)
         run = _PyHessianRun(model, operator.data, operator.loss_fn)
         with run.counting():
             values, vectors = run.hessian.eigenvalues(maxIter=max_iter, tol=tol, top_n=k)
-    model.train(was_training)
+    for module, flag in flags:
+        module.training = flag
     flat = np.column_stack([torch.cat([t.detach().reshape(-1) for t in vec]).cpu().double().numpy() for vec in vectors])
     flat /= np.linalg.norm(flat, axis=0, keepdims=True)
     values = np.asarray(values, dtype=np.float64)
@@ -148,14 +161,17 @@ def pyhessian_top_eigenvalues(operator: HessianOperator, k: int = 1, max_iter: i
 
 def pyhessian_trace(operator: HessianOperator, max_iter: int = 100, tol: float = 1e-3, seed: int = 0) -> TraceEstimate:
     """PyHessian's Hutchinson trace (stops when the running mean changes by < ``tol`` relative)."""
+    _check_comparable(operator)
     model = operator.model
-    was_training = model.training
-    with _only_these_require_grad(model, operator.param_names), torch.random.fork_rng(devices=[]), _quiet():
+    flags = [(m, m.training) for m in model.modules()]  # PyHessian switches to eval: restore every flag
+    with _only_these_require_grad(model, operator.param_names), torch.random.fork_rng(devices=[]), _quiet(), \
+            sdpa_kernel(SDPBackend.MATH):  # attention: as flatlab's operators (no fused kernel)
         torch.manual_seed(seed)
         run = _PyHessianRun(model, operator.data, operator.loss_fn)
         with run.counting():
             samples = np.asarray(run.hessian.trace(maxIter=max_iter, tol=tol), dtype=np.float64)
-    model.train(was_training)
+    for module, flag in flags:
+        module.training = flag
     stderr = float(np.std(samples, ddof=1) / np.sqrt(len(samples))) if len(samples) > 1 else float("nan")
     return TraceEstimate(float(samples.mean()), stderr, run.count, "pyhessian-hutchinson", samples)
 

@@ -11,9 +11,21 @@ with :math:`s` the sample standard deviation of the :math:`z_i^\top A z_i`.
 Hutch++ (Meyer, Musco, Musco, Woodruff 2021): spend a third of the products on a sketch
 :math:`Q = \operatorname{orth}(A S)` of the dominant range, a third on
 :math:`\operatorname{tr}(Q^\top A Q)` (exact for that part) and a third on Hutchinson for the
-deflated rest :math:`(I - QQ^\top) A (I - QQ^\top)`. For a decaying spectrum (a Hessian's) the
-rest is small, so the error falls as :math:`1/m` instead of :math:`1/\sqrt m`. Its standard
-error is that of the Hutchinson part (the sketch part has no sampling variance given :math:`Q`).
+deflated rest :math:`(I - QQ^\top) A (I - QQ^\top)`:
+
+.. math:: \widehat{\operatorname{tr}} = \operatorname{tr}(Q^\top A Q)
+          + \frac1p \sum_{i=1}^p g_i^\top (I - QQ^\top) A (I - QQ^\top) g_i .
+
+For a decaying spectrum (a Hessian's) the rest is small, so the error falls as :math:`1/m`
+instead of :math:`1/\sqrt m`. Its standard error is that of the Hutchinson part (the sketch part
+has no sampling variance given :math:`Q`).
+
+Probes, products, the QR factorisation (``torch.linalg.qr``) and the projections stay in torch in
+the operator's dtype and device (float32 for a float32 model), so the cost is the products';
+quadratic forms are partial dots summed in float64. Probes are the numbers the former numpy
+estimators drew from ``numpy.random.default_rng(seed)`` (``rng.integers(0, 2, size=(n, m))``,
+column by column, see :func:`~flatlab.curvature.operator.rademacher`), drawn on the CPU, so a
+seed gives the same probes as before and on every device.
 """
 
 from __future__ import annotations
@@ -22,8 +34,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 
-from flatlab.curvature.hvp import CountingOperator
+from flatlab.curvature.operator import CountingOperator, dot64, rademacher, torch_product
 from flatlab.errors import FlatlabError
 
 
@@ -38,47 +51,67 @@ class TraceEstimate:
     samples: np.ndarray
 
 
-def _rademacher(rng: np.random.Generator, n: int, count: int) -> np.ndarray:
-    return rng.integers(0, 2, size=(n, count)).astype(np.float64) * 2.0 - 1.0
-
-
-def _apply(op: CountingOperator, vectors: np.ndarray) -> np.ndarray:
-    return np.column_stack([op.matvec(vectors[:, i]) for i in range(vectors.shape[1])])
-
-
 def _stderr(samples: np.ndarray) -> float:
     return float(np.std(samples, ddof=1) / np.sqrt(len(samples))) if len(samples) > 1 else float("nan")
 
 
 def hutchinson_trace(operator: Any, num_products: int = 100, seed: int = 0) -> TraceEstimate:
-    """Hutchinson's estimate of :math:`\\operatorname{tr}(A)` from ``num_products`` Rademacher probes."""
+    """Hutchinson's estimate of :math:`\\operatorname{tr}(A)` from ``num_products`` Rademacher probes.
+
+    Args:
+        operator: any curvature operator (Hessian, GGN, empirical Fisher), ``LinearOperator`` or
+            matrix.
+        num_products: probes (one product each), at least 1.
+        seed: seeds the probes.
+    """
     if num_products < 1:
-        raise FlatlabError(f"the trace needs at least one product, got {num_products}")
+        raise FlatlabError(f"num_products must be at least 1 for Hutchinson's trace, got {num_products}")
     op = CountingOperator(operator)
     rng = np.random.default_rng(seed)
+    apply, dtype, device = torch_product(op)
     n = op.shape[0]
+    product = torch.empty(n, dtype=dtype, device=device)
+    probe = torch.empty((1, n), dtype=dtype, device=device)
+    z = probe[0]
     samples = np.empty(num_products)
     for i in range(num_products):
-        z = _rademacher(rng, n, 1)[:, 0]
-        samples[i] = z @ op.matvec(z)
+        rademacher(rng, 1, n, dtype, device, out=probe)
+        apply(z, product)
+        samples[i] = dot64(z, product)
     return TraceEstimate(float(samples.mean()), _stderr(samples), op.count, "hutchinson", samples)
 
 
 def hutchpp_trace(operator: Any, num_products: int = 99, seed: int = 0) -> TraceEstimate:
-    """Hutch++'s estimate of :math:`\\operatorname{tr}(A)` from ``num_products`` products (>= 3)."""
+    """Hutch++'s estimate of :math:`\\operatorname{tr}(A)` from ``num_products`` products (>= 3).
+
+    ``num_products // 3`` sketch vectors :math:`S`, as many products with :math:`Q`, and the rest
+    Hutchinson probes :math:`g` of the deflated operator (see the module docstring). When the
+    sketch spans the whole space (``num_products // 3 >= n``) the estimate is exact.
+    """
     if num_products < 3:
-        raise FlatlabError(f"Hutch++ needs at least 3 products, got {num_products}")
+        raise FlatlabError(f"num_products must be at least 3 for Hutch++, got {num_products}")
     op = CountingOperator(operator)
     rng = np.random.default_rng(seed)
+    apply, dtype, device = torch_product(op)
     n = op.shape[0]
     sketch = num_products // 3
     probes = num_products - 2 * sketch
-    s = _rademacher(rng, n, sketch)
-    g = _rademacher(rng, n, probes)
-    q, _ = np.linalg.qr(_apply(op, s))
-    low_rank = float(np.trace(q.T @ _apply(op, q)))
-    g_perp = g - q @ (q.T @ g)
-    samples = np.einsum("ij,ij->j", g_perp, _apply(op, g_perp))
+    s = rademacher(rng, sketch, n, dtype, device)
+    g = rademacher(rng, probes, n, dtype, device)
+    for i in range(sketch):  # A S, in place of S (rows)
+        apply(s[i].clone(), s[i])
+    q = torch.linalg.qr(s.T).Q.T.contiguous()  # orthonormal rows spanning A S (at most n of them)
+    del s
+    product = torch.empty(n, dtype=dtype, device=device)
+    low_rank = 0.0
+    for row in q:
+        apply(row, product)
+        low_rank += dot64(row, product)
+    g -= (g @ q.T) @ q  # deflate: g_perp = (I - Q Q^T) g
+    samples = np.empty(probes)
+    for i in range(probes):
+        apply(g[i], product)
+        samples[i] = dot64(g[i], product)
     trace = low_rank + float(samples.mean())
     return TraceEstimate(trace, _stderr(samples), op.count, "hutch++", samples + low_rank)
 
@@ -89,7 +122,7 @@ TRACE_METHODS = {"hutchinson": hutchinson_trace, "hutch++": hutchpp_trace}
 def estimate_trace(operator: Any, num_products: int = 99, method: str = "hutch++", seed: int = 0) -> TraceEstimate:
     """Dispatch to :func:`hutchinson_trace` or :func:`hutchpp_trace`."""
     if method not in TRACE_METHODS:
-        raise FlatlabError(f"unknown trace method {method!r}: choose one of {', '.join(TRACE_METHODS)}")
+        raise FlatlabError(f"unknown trace method {method!r}: method must be one of {', '.join(TRACE_METHODS)}")
     return TRACE_METHODS[method](operator, num_products, seed)
 
 
