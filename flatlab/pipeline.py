@@ -78,7 +78,7 @@ class Measurement:
         groups as they would be stored)."""
         run: dict[str, Any] = {}
         for name, result in self.results.items():
-            group = get_measure(name).group
+            group = get_measure(name).group_for(result.config)
             node = run
             for part in group.split("/"):
                 node = node.setdefault(part, {"attrs": {}})
@@ -94,14 +94,14 @@ def _check_groups(configs: Sequence[MeasureConfig]) -> None:
     by_group: dict[str, MeasureConfig] = {}
     for config in configs:
         measure = get_measure(config.measure)
-        first = by_group.setdefault(measure.group, config)
+        first = by_group.setdefault(measure.group_for(config), config)
         if first is config:
             continue
         shared = {s.name for s in config.setting_specs() if s.shared} & {s.name for s in first.setting_specs() if s.shared}
         for name in sorted(shared):
             a, b = getattr(first, name), getattr(config, name)
             if a != b:
-                raise FlatlabError(f"{first.measure} and {config.measure} write one results group ({measure.group}) "
+                raise FlatlabError(f"{first.measure} and {config.measure} write one results group ({measure.group_for(config)}) "
                                    f"but differ in {name} ({a!r} vs {b!r}): measure them in separate calls")
     names = [c.measure for c in configs]
     twice = sorted({n for n in names if names.count(n) > 1})
@@ -145,7 +145,7 @@ def _run(ctx: MeasureContext, configs: Sequence[MeasureConfig], results: str | o
     threads = torch.get_num_threads()
     groups: dict[str, list[MeasureConfig]] = {}
     for config in configs:
-        groups.setdefault(get_measure(config.measure).group, []).append(config)
+        groups.setdefault(get_measure(config.measure).group_for(config), []).append(config)
     stored = {group: _stored_records(path, run_id, group) for group in groups}
     done: dict[str, dict[str, Any]] = {group: {} for group in groups}  # group -> measure -> record
     out = Measurement({}, ctx.settings, ctx.device.type, run_id, path)
@@ -164,34 +164,35 @@ def _run(ctx: MeasureContext, configs: Sequence[MeasureConfig], results: str | o
     try:
         for config in configs:
             measure = get_measure(config.measure)
+            group = measure.group_for(config)
             status["measure"] = measure.name
             bar.set_postfix_str(measure.name)
             stamp = fingerprint(config, context_part)
-            record = stored[measure.group].get(measure.name)
+            record = stored[group].get(measure.name)
             if isinstance(record, dict) and record.get("fingerprint") == stamp:
                 result = MeasureResult(measure.name, config, from_jsonable(record["payload"]),
                                        from_jsonable(record["arrays"]), dict(record["attrs"]),
                                        int(record.get("products", 0)), resumed=True)
                 out.resumed.append(measure.name)
-                if notes.get(measure.group):
-                    out.notes.append(notes[measure.group])  # type: ignore[arg-type]
-                    notes[measure.group] = None
+                if notes.get(group):
+                    out.notes.append(notes[group])  # type: ignore[arg-type]
+                    notes[group] = None
             else:
                 result = measure.compute(ctx, config)
                 record = {"fingerprint": stamp, "payload": to_jsonable(result.payload),
                           "arrays": to_jsonable(result.arrays), "attrs": to_jsonable(result.attrs),
                           "products": int(result.products)}
             out.results[measure.name] = result
-            done[measure.group][measure.name] = record
-            attrs = _group_attrs(measure.family, [out.results[n] for n in done[measure.group]], threads, ctx)
-            attrs["complete"] = len(done[measure.group]) == len(groups[measure.group])
-            out.group_attrs[measure.group] = attrs
+            done[group][measure.name] = record
+            attrs = _group_attrs(measure.family, [out.results[n] for n in done[group]], threads, ctx)
+            attrs["complete"] = len(done[group]) == len(groups[group])
+            out.group_attrs[group] = attrs
             if path is not None and run_id is not None and not result.resumed:
                 arrays: dict[str, Any] = {}
-                for name in done[measure.group]:
+                for name in done[group]:
                     arrays.update(out.results[name].arrays)
-                write_group(path, run_id, run_attrs or {}, measure.group, arrays,
-                            {**attrs, RECORDS_ATTR: json.dumps(done[measure.group])})
+                write_group(path, run_id, run_attrs or {}, group, arrays,
+                            {**attrs, RECORDS_ATTR: json.dumps(done[group])})
             bar.update(1)
         # A group whose measures were all resumed is rewritten only if its completeness changed.
         if path is not None and run_id is not None:

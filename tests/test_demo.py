@@ -71,7 +71,7 @@ def test_rerun_continues_and_other_settings_are_refused(demo_dir: Path, capsys):
 def test_non_demo_folder_is_refused(tmp_path: Path, capsys):
     (tmp_path / "notes.txt").write_text("mine")
     assert main(["demo", "--quick", "--out", str(tmp_path), "--quiet"]) == 2
-    assert "not a flatlab demo folder" in capsys.readouterr().err
+    assert "not part of a flatlab demo" in capsys.readouterr().err
     assert (tmp_path / "notes.txt").read_text() == "mine"
 
 

@@ -176,8 +176,8 @@ def payload_of(measurement: Any, checkpoint: Any) -> dict[str, Any]:
     curvature = [r for r in measurement.results.values() if get_measure(r.measure).family == "curvature"]
     if curvature:
         attrs = measurement.group_attrs.get("curvature", {})
-        payload.update({k: attrs.get(k) for k in ("split", "wrt", "params", "solver", "n_samples", "num_params",
-                                                  "hvp_method", "hvps")})
+        payload.update({k: attrs.get(k) for k in ("curvature", "mode", "split", "wrt", "params", "solver",
+                                                  "n_samples", "num_params", "hvp_method", "hvps")})
     for result in measurement.results.values():
         family = FAMILIES[get_measure(result.measure).family]
         if family.nest:
@@ -197,9 +197,9 @@ def payload_of(measurement: Any, checkpoint: Any) -> dict[str, Any]:
 
 def curvature_table(payload: dict[str, Any]) -> str:
     lines = [f"checkpoint {payload['checkpoint']}",
-             f"split {payload['split']} ({payload.get('n_samples', '-')} samples), wrt {payload['wrt']}, "
-             f"params {payload['params']} ({payload.get('num_params', '-')}), solver {payload['solver']}, "
-             f"{payload.get('hvps', 0)} Hessian-vector products"]
+             f"{payload.get('curvature', 'hessian')} ({payload.get('mode', 'eval')} mode) on split {payload['split']} "
+             f"({payload.get('n_samples', '-')} samples), wrt {payload['wrt']}, params {payload['params']} "
+             f"({payload.get('num_params', '-')}), solver {payload['solver']}, {payload.get('hvps', 0)} products"]
     if "top_eigenvalues" in payload:
         rows = [[i + 1, v, r] for i, (v, r) in enumerate(zip(payload["top_eigenvalues"], payload["residuals"]))]
         lines += ["", table(rows, ["k", "eigenvalue", "residual ||Hv - lv||"])]

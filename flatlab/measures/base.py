@@ -362,6 +362,13 @@ class Measure:
     in_all: bool = False
     #: A short line for tables: how to print the result (payload -> text rows).
     table: Callable[[dict[str, Any]], list[list[Any]]] | None = None
+    #: The results group as a function of the config, where it depends on a setting (the
+    #: curvature measures store the Hessian's, the GGN's and the empirical Fisher's apart).
+    group_of: Callable[[Any], str] | None = None
+
+    def group_for(self, config: Any) -> str:
+        """The results group this config's result lives in."""
+        return self.group_of(config) if self.group_of is not None else self.group
 
     @property
     def value_field(self) -> str | None:

@@ -27,6 +27,7 @@ import numpy as np
 
 from flatlab.curvature.hvp import HVP_METHODS
 from flatlab.curvature.lanczos import DEFAULT_RTOL
+from flatlab.curvature.operator import CURVATURES, MODES
 from flatlab.curvature.params import PARAM_CHOICES
 from flatlab.errors import FlatlabError
 from flatlab.measures.base import (
@@ -48,15 +49,26 @@ SOLVERS = ("lanczos", "pyhessian", "dense")
 PYHESSIAN_NOTE = ("pyhessian runs power iteration with deflation: its eigenvalues are the largest in "
                   "magnitude (a large negative one can appear), in the order found, not sorted")
 
-FAMILY = Family("curvature", "curvature of the loss (Hessian)", request="keys", nest=False,
-                description="Hessian spectrum, trace, spectral density and per-layer curvature")
+FAMILY = Family("curvature", "curvature of the loss (Hessian, GGN or empirical Fisher)", request="keys",
+                nest=False, description="Hessian (or GGN / empirical Fisher) spectrum, trace, spectral density "
+                                        "and per-layer curvature")
 GROUP = "curvature"
+#: The results group of each curvature (the Hessian keeps release 0.1's group name).
+GROUPS = {"hessian": "curvature", "ggn": "ggn", "empirical-fisher": "empirical_fisher"}
+#: Column prefix of each curvature (the Hessian's columns have none: top_eigenvalue, trace).
+PREFIXES = {"hessian": "", "ggn": "ggn_", "empirical-fisher": "empirical_fisher_"}
+NAMES = {"hessian": "Hessian", "ggn": "GGN (Fisher)", "empirical-fisher": "empirical Fisher"}
 
 
 @dataclass(frozen=True, kw_only=True)
 class CurvatureConfig(MeasureConfig):
     """Settings every curvature measure shares (one flag each on the command line)."""
 
+    curvature: str = setting("hessian", "the matrix: hessian (default), ggn (generalized Gauss-Newton, the Fisher "
+                                        "for cross-entropy) or empirical-fisher (mean of per-sample gradient "
+                                        "outer products)", choices=CURVATURES, shared=True)
+    mode: str = setting("eval", "eval (default: BatchNorm running statistics, no dropout) or train (a stochastic "
+                                "curvature with dropout active: each product differs)", choices=MODES, shared=True)
     split: str = setting("source", "data to measure on: source (training set, default), source-out, target",
                          choices=SPLITS, shared=True)
     solver: str = setting("lanczos", "lanczos (default; early-stopping Lanczos, or ARPACK with tol), pyhessian "
@@ -72,7 +84,15 @@ class CurvatureConfig(MeasureConfig):
 
     def validate(self) -> None:
         super().validate()
+        if self.hvp != "auto" and self.curvature != "hessian":
+            raise ConfigError("hvp", f"= {self.hvp} picks a Hessian-vector product method: with curvature "
+                                     f"{self.curvature} leave it at auto")
+        if self.solver == "dense" and self.mode != "eval":
+            raise ConfigError("solver", "dense builds the eval-mode matrix only: use solver lanczos with mode train")
         if self.solver == "pyhessian":
+            if self.curvature != "hessian":
+                raise ConfigError("solver", "pyhessian computes Hessian eigenvalues only: use solver lanczos "
+                                            f"for curvature {self.curvature}")
             from flatlab.curvature.power_iteration import import_pyhessian
 
             import_pyhessian()
@@ -158,15 +178,15 @@ class PerLayerConfig(_EigenSolverConfig):
 # --- the shared operator ---------------------------------------------------------------------
 
 def operator(ctx: MeasureContext, config: CurvatureConfig) -> Any:
-    """The Hessian operator for these settings, built once per context (its graph cache too)."""
-    from flatlab.curvature import HessianOperator
+    """The curvature operator for these settings, built once per context (its caches too)."""
+    from flatlab.curvature import curvature_operator
 
-    key = ("hessian", config.split, config.wrt, config.params, config.hvp)
+    key = (config.curvature, config.mode, config.split, config.wrt, config.params, config.hvp)
     if key not in ctx.cache:
         model = ctx.model(config.wrt)
-        progress = ctx.progress
-        ctx.cache[key] = HessianOperator(model, ctx.batches(config.split), ctx.loss_fn, params=config.params,
-                                         method=config.hvp, progress=progress)
+        ctx.cache[key] = curvature_operator(config.curvature, model, ctx.batches(config.split), ctx.loss_fn,
+                                            params=config.params, method=config.hvp, mode=config.mode,
+                                            progress=lambda: ctx.progress() if ctx.progress else None)
     return ctx.cache[key]
 
 
@@ -176,21 +196,28 @@ def _dense(ctx: MeasureContext, config: CurvatureConfig) -> tuple[Any, int]:
     from flatlab.curvature.dense import dense_hessian, dense_spectrum
 
     op = operator(ctx, config)
-    key = ("dense", config.split, config.wrt, config.params)
+    key = ("dense", config.curvature, config.mode, config.split, config.wrt, config.params)
     if key in ctx.cache:
         return ctx.cache[key], 0
     if op.dim > MAX_DENSE_PARAMS:
         raise FlatlabError(f"solver dense is limited to {MAX_DENSE_PARAMS} parameters and this model has {op.dim} "
                            "selected: use solver lanczos (dense is the float64 validation mode for small models)")
-    ctx.cache[key] = dense_spectrum(dense_hessian(ctx.model(config.wrt), ctx.batches(config.split),
-                                                  params=config.params))
+    if config.curvature == "hessian" and config.mode == "eval":
+        matrix = dense_hessian(ctx.model(config.wrt), ctx.batches(config.split), params=config.params)
+    else:
+        from flatlab.curvature.dense import dense_curvature
+
+        matrix = dense_curvature(config.curvature, ctx.model(config.wrt), ctx.batches(config.split),
+                                 params=config.params)
+    ctx.cache[key] = dense_spectrum(matrix)
     return ctx.cache[key], op.dim  # one column per parameter
 
 
 def common_attrs(ctx: MeasureContext, config: CurvatureConfig) -> dict[str, Any]:
     """Attributes of the curvature group every curvature measure shares."""
     op = operator(ctx, config)
-    return {"solver": config.solver, "wrt": config.wrt if ctx.quantized else "fp", "params": config.params,
+    return {"curvature": config.curvature, "mode": config.mode,
+            "solver": config.solver, "wrt": config.wrt if ctx.quantized else "fp", "params": config.params,
             "split": config.split, "n_samples": op.num_samples, "seed": ctx.settings.seed,
             "num_params": op.dim, "hvp_method": op.method}
 
@@ -308,26 +335,49 @@ def compute_per_layer(ctx: MeasureContext, config: PerLayerConfig) -> MeasureRes
 
 # --- reading columns back ----------------------------------------------------------------------
 
-def read_top_eigenvalue(run: Any) -> dict[str, Estimate]:
-    node = group_node(run, GROUP)
+def _read_top_eigenvalue(run: Any, kind: str) -> dict[str, Estimate]:
+    node = group_node(run, GROUPS[kind])
     if node is None or "top_eigenvalues" not in node:
         return {}
     values = np.asarray(node["top_eigenvalues"], dtype=np.float64).ravel()
     if not values.size or not np.isfinite(values).any():
         return {}
     i = int(np.nanargmax(values))
-    return {"top_eigenvalue": Estimate(float(values[i]), None)}
+    residuals = np.asarray(node.get("residuals", []), dtype=np.float64).ravel()
+    # A Ritz value is within its residual of the spectrum: the residual serves as its error bound.
+    bound = float(residuals[i]) if residuals.size > i and np.isfinite(residuals[i]) else None
+    return {f"{PREFIXES[kind]}top_eigenvalue": Estimate(float(values[i]), bound)}
 
 
-def read_trace(run: Any) -> dict[str, Estimate]:
-    node = group_node(run, GROUP)
+def _read_trace(run: Any, kind: str) -> dict[str, Estimate]:
+    node = group_node(run, GROUPS[kind])
     if node is None or "trace" not in node:
         return {}
     value = scalar(node["trace"])
     if np.isnan(value):
         return {}
     se = scalar(node.get("trace_stderr"))
-    return {"trace": Estimate(value, None if np.isnan(se) else se)}
+    return {f"{PREFIXES[kind]}trace": Estimate(value, None if np.isnan(se) else se)}
+
+
+def read_top_eigenvalue(run: Any) -> dict[str, Estimate]:
+    """The largest eigenvalue of every curvature a run holds, with its Lanczos residual."""
+    out: dict[str, Estimate] = {}
+    for kind in CURVATURES:
+        out.update(_read_top_eigenvalue(run, kind))
+    return out
+
+
+def read_trace(run: Any) -> dict[str, Estimate]:
+    """The trace of every curvature a run holds, with its standard error."""
+    out: dict[str, Estimate] = {}
+    for kind in CURVATURES:
+        out.update(_read_trace(run, kind))
+    return out
+
+
+def _group_of(config: CurvatureConfig) -> str:
+    return GROUPS[config.curvature]
 
 
 def _eigen_cost(config: TopEigenvaluesConfig) -> Cost:
@@ -337,21 +387,25 @@ def _eigen_cost(config: TopEigenvaluesConfig) -> Cost:
 MEASURES = [
     Measure("top_eigenvalues", FAMILY.name, "largest Hessian eigenvalues with residuals", TopEigenvaluesConfig,
             compute_top_eigenvalues, GROUP,
-            (Column("top_eigenvalue", r"top Hessian eigenvalue $\lambda_{\max}$", "",
-                    "largest Hessian eigenvalue lambda_max"),),
-            read_top_eigenvalue, _eigen_cost, request_flag="--top-k", request_key="top_k"),
-    Measure("trace", FAMILY.name, "Hessian trace with standard error", TraceConfig, compute_trace, GROUP,
-            (Column("trace", "Hessian trace tr(H)", "", "Hessian trace tr(H) (Hutchinson / Hutch++ / exact)"),),
-            read_trace, lambda c: Cost(gradient=2.0 * c.trace_products), request_flag="--trace", request_key="trace"),
+            tuple(Column(f"{PREFIXES[k]}top_eigenvalue", rf"top {NAMES[k]} eigenvalue $\lambda_{{\max}}$", "",
+                         f"largest {NAMES[k]} eigenvalue lambda_max (error bound: its Lanczos residual)")
+                  for k in CURVATURES),
+            read_top_eigenvalue, _eigen_cost, request_flag="--top-k", request_key="top_k", group_of=_group_of),
+    Measure("trace", FAMILY.name, "trace with standard error", TraceConfig, compute_trace, GROUP,
+            tuple(Column(f"{PREFIXES[k]}trace", f"{NAMES[k]} trace", "",
+                         f"{NAMES[k]} trace (Hutchinson / Hutch++ / exact) with standard error")
+                  for k in CURVATURES),
+            read_trace, lambda c: Cost(gradient=2.0 * c.trace_products), request_flag="--trace", request_key="trace",
+            group_of=_group_of),
     Measure("density", FAMILY.name, "spectral density by stochastic Lanczos quadrature", DensityConfig,
             compute_density, GROUP, (), lambda run: {},
             lambda c: Cost(gradient=2.0 * c.density_steps * c.density_runs),
-            request_flag="--density", request_key="density"),
+            request_flag="--density", request_key="density", group_of=_group_of),
     Measure("per_layer", FAMILY.name, "top eigenvalue and trace of every layer's Hessian block", PerLayerConfig,
             compute_per_layer, GROUP, (), lambda run: {},
             lambda c: Cost(gradient=2.0 * 10 * (20 + min(c.trace_products, 30))),
-            request_flag="--per-layer", request_key="per_layer"),
+            request_flag="--per-layer", request_key="per_layer", group_of=_group_of),
 ]
 
-__all__ = ["FAMILY", "GROUP", "MEASURES", "PYHESSIAN_NOTE", "SOLVERS", "CurvatureConfig", "DensityConfig",
+__all__ = ["FAMILY", "GROUP", "GROUPS", "MEASURES", "PYHESSIAN_NOTE", "SOLVERS", "CurvatureConfig", "DensityConfig",
            "PerLayerConfig", "TopEigenvaluesConfig", "TraceConfig", "common_attrs", "operator"]
