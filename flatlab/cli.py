@@ -18,7 +18,7 @@ import sys
 from collections.abc import Sequence
 
 from flatlab import __version__
-from flatlab.errors import FlatlabError
+from flatlab.errors import ConfigError, FlatlabError
 
 #: Sub-command modules, in the order ``flatlab --help`` lists them.
 COMMANDS = ["train", "evaluate", "info", "export", "ensemble", "sharpness", "surface", "report", "figures", "demo",
@@ -64,6 +64,20 @@ def close_progress_bars() -> None:
             pass
 
 
+def flag_names(parser: argparse.ArgumentParser, command: str | None) -> dict[str, str]:
+    """Parameter (argparse destination) -> its ``--flag`` in a sub-command, so that a library
+    :class:`~flatlab.errors.ConfigError` about ``quant_start`` reads ``--quant-start``."""
+    sub = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+    if sub is None or command not in sub.choices:
+        return {}
+    names: dict[str, str] = {}
+    for action in sub.choices[command]._actions:
+        longs = [o for o in action.option_strings if o.startswith("--") and action.help != argparse.SUPPRESS]
+        if longs and action.dest not in names:
+            names[action.dest] = longs[0]
+    return names
+
+
 def error_line(message: str) -> str:
     """The one line a user error prints: ``flatlab: error: MESSAGE`` with whitespace collapsed."""
     return "flatlab: error: " + " ".join(str(message).split()) + "\n"
@@ -80,6 +94,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         result = args.func(args)
+    except ConfigError as exc:
+        close_progress_bars()
+        sys.stderr.write(error_line(str(exc.renamed(flag_names(parser, args.command)))))
+        return 2
     except FlatlabError as exc:
         close_progress_bars()
         sys.stderr.write(error_line(str(exc)))

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from flatlab.checkpoint import Checkpoint, load_checkpoint
-from flatlab.errors import FlatlabError
+from flatlab.errors import ConfigError, FlatlabError
 from flatlab.evaluate import evaluate_models
 from flatlab.io import atomic_write_text, dumps_json, sha256_file
 from flatlab.quant.packing import size_report
@@ -121,7 +121,7 @@ def write_ensemble_record(out_dir: str | os.PathLike[str], result: dict[str, Any
     """Write ``out_dir/ensemble.json`` (members, their SHA-256, metrics) atomically."""
     path = Path(out_dir) / "ensemble.json"
     if Path(out_dir).exists() and not Path(out_dir).is_dir():
-        raise FlatlabError(f"--out {out_dir} is a file: give a folder for ensemble.json")
+        raise ConfigError("out", f"{out_dir} is a file: give a folder for ensemble.json")
     record = {"format": ENSEMBLE_FORMAT, "format_version": 1, **result}
     atomic_write_text(path, dumps_json(record) + "\n")
     return path

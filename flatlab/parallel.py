@@ -39,7 +39,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from flatlab.errors import FlatlabError
+from flatlab.errors import ConfigError, FlatlabError
 
 BACKENDS = ("local", "ray")
 
@@ -60,13 +60,13 @@ def parse_address(address: str) -> tuple[str, int]:
     host, sep, port_text = text.rpartition(":")
     host = host.strip("[]")
     if not sep or not host:
-        raise FlatlabError(f"--address {address!r} is not HOST:PORT (e.g. 10.0.0.5:6379, the head node's GCS port)")
+        raise ConfigError("address", f"{address!r} is not HOST:PORT (e.g. 10.0.0.5:6379, the head node's GCS port)")
     try:
         port = int(port_text)
     except ValueError:
-        raise FlatlabError(f"--address {address!r}: the port {port_text!r} is not a number") from None
+        raise ConfigError("address", f"{address!r}: the port {port_text!r} is not a number") from None
     if not 0 < port < 65536:
-        raise FlatlabError(f"--address {address!r}: port {port} is outside 1..65535")
+        raise ConfigError("address", f"{address!r}: port {port} is outside 1..65535")
     return host, port
 
 
@@ -154,9 +154,9 @@ def fan_out(setup: Callable[[Any], Any], setup_arg: Any, work: Callable[[Any, An
     if backend not in BACKENDS:
         raise FlatlabError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
     if workers is not None and workers < 1:
-        raise FlatlabError(f"--workers must be at least 1, got {workers}")
+        raise ConfigError("workers", f"must be at least 1, got {workers}")
     if address is not None and backend != "ray":
-        raise FlatlabError("--address names a Ray cluster: add --backend ray")
+        raise ConfigError("address", "names a Ray cluster: use backend ray")
     if backend == "ray":
         yield from _fan_out_ray(setup, setup_arg, work, tasks, workers, address)
         return
@@ -210,7 +210,7 @@ def _import_ray() -> Any:
     try:
         import ray
     except ImportError:
-        raise FlatlabError("--backend ray needs Ray: pip install 'flatlab[ray]' (or 'ray[default]')") from None
+        raise FlatlabError("the ray backend needs Ray: pip install 'flatlab[ray]' (or 'ray[default]')") from None
     return ray
 
 

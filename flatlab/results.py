@@ -439,7 +439,7 @@ def read_results(path: str | os.PathLike[str]) -> dict[str, Any]:
     if not p.exists():
         raise FlatlabError(f"no such results file: {p}")
     if not is_results_file(p):
-        raise FlatlabError(f"{p} is not a flatlab results file (HDF5 written by flatlab --out)")
+        raise FlatlabError(f"{p} is not a flatlab results file (HDF5 written by flatlab, e.g. sharpness --results)")
     with open_for_reading(p) as handle:
         _check_layout(handle, p)
         view = _read_node(handle)

@@ -664,7 +664,7 @@ def _prepare_out(study: Study, out: Path, jobs: list[Job]) -> None:
     """Check OUT holds nothing of another study definition, then write the job definitions."""
     marker = out / "study.toml"
     if out.exists() and any(out.iterdir()) and not marker.exists():
-        raise FlatlabError(f"{out} exists and holds no sweep (no study.toml): choose another --out")
+        raise FlatlabError(f"{out} exists and holds no sweep (no study.toml): choose another output folder")
     for job in jobs:
         path = out / "jobs" / job.job_id / "job.json"
         if path.exists():
@@ -739,10 +739,10 @@ def run_sweep(study: Study, out: str | os.PathLike[str], *, backend: str = "loca
     if backend not in BACKENDS:
         raise FlatlabError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
     if workers < 1:
-        raise FlatlabError(f"--workers must be at least 1, got {workers}")
+        raise ConfigError("workers", f"must be at least 1, got {workers}")
     if address is not None:
         if backend != "ray":
-            raise FlatlabError("--address names a Ray cluster: add --backend ray")
+            raise ConfigError("address", "names a Ray cluster: use backend ray")
         check_address(address)
     if not study.data_available or study.notes:
         raise FlatlabError(f"{study.path}: {'; '.join(study.notes)}")

@@ -227,10 +227,10 @@ CASES = [
     Case("report-csv-sys", lambda i, t: ["report", str(i.ckpt), "--csv", "/sys/flatlab-r.csv", "--quiet"],
          "cannot write /sys/flatlab-r.csv"),
     Case("sharpness-out-sys", lambda i, t: ["sharpness", str(i.ckpt), "--trace", "--trace-products", "6",
-                                            "--max-samples", "50", "--out", "/sys/flatlab-m.h5", "--quiet"],
+                                            "--max-samples", "50", "--results", "/sys/flatlab-m.h5", "--quiet"],
          "cannot write /sys/flatlab-m.h5: permission denied"),
     Case("sharpness-out-is-folder", lambda i, t: ["sharpness", str(i.ckpt), "--trace", "--trace-products", "6",
-                                                  "--max-samples", "50", "--out", str(i.folder), "--quiet"],
+                                                  "--max-samples", "50", "--results", str(i.folder), "--quiet"],
          "it is a folder, not a file"),
     Case("report-runs-dataset", lambda i, t: ["report", str(i.runs_dataset), "--quiet"], "/runs is a dataset"),
 ]

@@ -151,7 +151,7 @@ def test_bad_folder_input(tree: Path, tmp_path: Path, capsys):
     for f in (no_images / "beta").rglob("*.*"):
         f.unlink()
     cases = [
-        (["--dataset", "PACS"], "pass --data-dir"),
+        (["--dataset", "PACS"], "--data-dir must be given"),
         (["--data-dir", str(tmp_path / "missing")], "does not exist"),
         (["--data-dir", str(empty)], "needs at least 2"),
         (["--data-dir", str(no_images)], "holds no readable images"),

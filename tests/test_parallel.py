@@ -48,7 +48,7 @@ def test_bad_options():
         list(fan_out(_setup_offset, 0, _work_square, [1], backend="mpi"))
     with pytest.raises(FlatlabError, match="workers"):
         list(fan_out(_setup_offset, 0, _work_square, [1], workers=0))
-    with pytest.raises(FlatlabError, match="--backend ray"):
+    with pytest.raises(FlatlabError, match="backend ray"):
         list(fan_out(_setup_offset, 0, _work_square, [1], address="127.0.0.1:1"))
 
 

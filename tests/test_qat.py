@@ -75,9 +75,9 @@ def test_default_quant_start_and_hparam_errors() -> None:
     assert _algorithm(quant_start=None, steps=10).quant_start == 4
     from flatlab.errors import FlatlabError
 
-    with pytest.raises(FlatlabError, match="--quant-start"):
+    with pytest.raises(FlatlabError, match="quant_start"):
         _algorithm(quant_start=10, steps=10)
-    with pytest.raises(FlatlabError, match="--bits must be from 2 to 8"):
+    with pytest.raises(FlatlabError, match="bits must be from 2 to 8"):
         _algorithm(quant_start=2, bits=1)
     with pytest.raises(FlatlabError, match="keep_first_fp"):
         _algorithm(quant_start=2, keep_first_fp="maybe")
@@ -87,9 +87,9 @@ def test_default_quant_start_and_hparam_errors() -> None:
 @pytest.mark.parametrize("argv, needle", [
     (["--bits", "9"], "--bits must be from 2 to 8, got 9"),
     (["--bits", "1"], "--bits must be from 2 to 8, got 1"),
-    (["--quant-start", "30", "--steps", "30"], "--quant-start (30) must be smaller than --steps (30)"),
+    (["--quant-start", "30", "--steps", "30"], "--quant-start (30) must be smaller than steps (30)"),
     (["--act-bits", "16"], "--act-bits must be from 2 to 8"),
-    (["--grad-scale-n", "layer"], "grad_scale_n must be one of"),
+    (["--grad-scale-n", "layer"], "--grad-scale-n must be one of"),
 ])
 def test_cli_bad_input_exits_2_with_one_line(tmp_path: Path, capsys, argv: list[str], needle: str) -> None:
     args = ["train", "--algorithm", "qat", "--steps", "30", "--out", str(tmp_path / "r"), "--quiet", *argv]

@@ -133,11 +133,11 @@ def test_layer_grad_scale_n(n_mode: str, per_channel: bool) -> None:
 
 def test_config_validation_and_round_trip() -> None:
     for bad in (1, 9, 0, -3):
-        with pytest.raises(FlatlabError, match="--bits must be from 2 to 8"):
+        with pytest.raises(FlatlabError, match="bits must be from 2 to 8"):
             QuantConfig(bits=bad)
     with pytest.raises(FlatlabError, match="integer"):
         QuantConfig(bits="4")  # type: ignore[arg-type]
-    with pytest.raises(FlatlabError, match="--act-bits"):
+    with pytest.raises(FlatlabError, match="act_bits"):
         QuantConfig(act_bits=12)
     with pytest.raises(FlatlabError, match="grad_scale_n"):
         QuantConfig(grad_scale_n="layer")

@@ -10,7 +10,6 @@ top-5 eigenvalues and the trace are computed.
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from collections.abc import Iterable
 from typing import Any
@@ -26,9 +25,6 @@ from flatlab.commands.common import (
 )
 
 DEFAULT_REQUEST = {"top_eigenvalues": 5, "trace": True}
-#: Setting names that are also plain words: a message keeps them as they are (only the setting
-#: an error is about is rewritten into its flag).
-_PLAIN_WORDS = {"split", "solver", "params", "samples", "seed", "device", "wrt", "hvp"}
 
 
 def _specs() -> tuple[list[Any], list[Any]]:
@@ -106,20 +102,11 @@ def _flag_names() -> dict[str, str]:
 
 
 def in_flag_words(exc: Exception) -> Exception:
-    """A :class:`~flatlab.measures.base.ConfigError` reworded with command-line flags."""
-    from flatlab.measures import ConfigError
+    """A :class:`~flatlab.errors.ConfigError` reworded with this command's flags (also when the
+    configs are built for another command, as ``report --measure-args`` does)."""
+    from flatlab.errors import ConfigError
 
-    if not isinstance(exc, ConfigError):
-        return exc
-    flags = _flag_names()
-    problem = exc.problem
-    for name in sorted(flags, key=len, reverse=True):
-        if name in _PLAIN_WORDS:
-            continue
-        problem = re.sub(rf"(?<![\w-]){re.escape(name)}(?![\w-])", flags[name], problem)
-    from flatlab.errors import FlatlabError
-
-    return FlatlabError(f"{flags.get(exc.key, exc.key)} {problem}")
+    return exc.renamed(_flag_names()) if isinstance(exc, ConfigError) else exc
 
 
 def requested_measures(args: argparse.Namespace) -> list[str]:

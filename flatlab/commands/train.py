@@ -53,7 +53,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "command after an interruption to resume.")
     p.add_argument("--dataset", default="rotated-digits", help="data set name (default rotated-digits)")
     p.add_argument("--data-dir", default=None, help="root folder of a DomainBed-layout data set")
-    p.add_argument("--test-env", nargs="+", default=["0"], metavar="DOMAIN",
+    p.add_argument("--test-env", nargs="+", default=["0"], metavar="DOMAIN", dest="test_envs",
                    help="test domain(s), by index or name (default 0)")
     p.add_argument("--algorithm", default="erm", help="training algorithm (default erm)")
     p.add_argument("--model", default=None, help="model name (default: the data set's, cnn for rotated-digits)")
@@ -92,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
     dataset_opts = {k: v for k, v in (("resolution", args.resolution), ("cache_mb", args.cache_mb),
                                       ("workers", args.decode_threads)) if v is not None}
     config = TrainConfig(
-        dataset=args.dataset, test_envs=list(args.test_env), algorithm=args.algorithm, model=args.model,
+        dataset=args.dataset, test_envs=list(args.test_envs), algorithm=args.algorithm, model=args.model,
         model_options={k: v for k, v in model_opts.items() if v is not None}, dataset_options=dataset_opts,
         data_dir=args.data_dir, steps=args.steps, eval_every=args.eval_every, seed=args.seed,
         trial_seed=args.trial_seed, holdout_fraction=args.holdout_fraction,

@@ -26,7 +26,7 @@ from flatlab.data.folder import (
     make_named_dataset,
 )
 from flatlab.data.rotated_digits import RotatedDigits
-from flatlab.errors import FlatlabError
+from flatlab.errors import ConfigError, FlatlabError
 
 DatasetFactory = Callable[..., MultiDomainDataset]
 
@@ -59,7 +59,7 @@ def build_dataset(name: str, data_dir: str | None = None, **options: Any) -> Mul
     factory, needs_dir = DATASETS[key]
     if needs_dir:
         if not data_dir:
-            raise FlatlabError(f"data set {key} is read from disk: pass --data-dir DIR")
+            raise ConfigError("data_dir", f"must be given: data set {key} is read from disk")
         return factory(data_dir=data_dir, **options)
     return factory(**options)
 

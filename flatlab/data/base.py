@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from flatlab.errors import FlatlabError
+from flatlab.errors import ConfigError, FlatlabError
 
 SPLIT_NAMES = ("source", "source-out", "target")
 
@@ -103,7 +103,7 @@ def resolve_domains(dataset: MultiDomainDataset, specs: Sequence[str | int]) -> 
             )
         out.add(idx)
     if not out:
-        raise FlatlabError("no test domain given: pass --test-env with a domain index or name")
+        raise ConfigError("test_envs", "is empty: give a domain index or name")
     if len(out) == len(dataset.domains):
         raise FlatlabError("every domain is a test domain: leave at least one source domain for training")
     return sorted(out)
@@ -189,7 +189,7 @@ class DomainSplits:
             raise FlatlabError(f"split {split!r} is empty: check the test domains and the data")
         if max_samples is not None and max_samples < total:
             if max_samples <= 0:
-                raise FlatlabError(f"--max-samples must be positive, got {max_samples}")
+                raise ConfigError("max_samples", f"must be positive, got {max_samples}")
             flat = np.concatenate([np.stack([np.full(len(p.indices), p.env), p.indices], 1) for p in parts])
             rng = np.random.RandomState(seed_hash("subset", seed, split))
             chosen = flat[np.sort(rng.choice(total, size=max_samples, replace=False))]

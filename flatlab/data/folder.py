@@ -37,7 +37,7 @@ from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
 from flatlab.data.base import Batch, MultiDomainDataset
-from flatlab.errors import FlatlabError
+from flatlab.errors import ConfigError, FlatlabError
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
@@ -134,7 +134,7 @@ class ImageFolderDomains(MultiDomainDataset):
                  workers: int = 4, expected_domains: list[str] | None = None, subdir: str | None = None) -> None:
         root = Path(data_dir).expanduser()
         if not root.is_dir():
-            raise FlatlabError(f"--data-dir {root} does not exist or is not a folder")
+            raise ConfigError("data_dir", f"{root} does not exist or is not a folder")
         if subdir and (root / subdir).is_dir():
             root = root / subdir
         self.name = name
@@ -154,7 +154,7 @@ class ImageFolderDomains(MultiDomainDataset):
         else:
             domains = present
         if len(domains) < 2:
-            raise FlatlabError(f"--data-dir {root} holds {len(domains)} domain folder(s); "
+            raise ConfigError("data_dir", f"{root} holds {len(domains)} domain folder(s); "
                                "a domain-generalization data set needs at least 2 (root/domain/class/image)")
         self.domains = domains
         classes, files, skipped = _scan_tree(root, domains)

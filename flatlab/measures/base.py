@@ -32,28 +32,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from flatlab.errors import FlatlabError
-
-# --- errors ----------------------------------------------------------------------------------
-
-
-class ConfigError(FlatlabError):
-    """A bad setting: ``key`` is the parameter, ``problem`` what is wrong with its value.
-
-    ``str(error)`` reads ``"<key> <problem>"`` (e.g. ``"top_k must be at least 1, got 0"``); a
-    caller that knows the parameter by another name (a CLI flag, a study-file key) rewrites it
-    with :meth:`renamed`.
-    """
-
-    def __init__(self, key: str, problem: str) -> None:
-        self.key = key
-        self.problem = problem
-        super().__init__(f"{key} {problem}")
-
-    def renamed(self, name: str, prefix: str = "") -> FlatlabError:
-        """The same error with the parameter called ``name`` (and ``prefix`` before it)."""
-        return FlatlabError(f"{prefix}{name} {self.problem}")
-
+# --- errors ---------------------------------------------------------------------------------
+from flatlab.errors import ConfigError  # noqa: E402  (defined with FlatlabError; re-exported here)
 
 # --- settings --------------------------------------------------------------------------------
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from flatlab.errors import FlatlabError
+from flatlab.errors import ConfigError, FlatlabError
 
 #: Bit-widths LSQ supports here (2-bit is the lowest QT-DoG reports; 8 fits a uint8 code).
 MIN_BITS = 2
@@ -53,15 +53,14 @@ class QuantConfig:
                     object.__setattr__(self, name, int(value))
                     value = int(value)
                 else:
-                    raise FlatlabError(f"{name} must be an integer from {MIN_BITS} to {MAX_BITS}, got {value!r}")
+                    raise ConfigError(name, f"must be an integer from {MIN_BITS} to {MAX_BITS}, got {value!r}")
             if not MIN_BITS <= value <= MAX_BITS:
-                flag = "--bits" if name == "bits" else "--act-bits"
-                raise FlatlabError(f"{flag} must be from {MIN_BITS} to {MAX_BITS}, got {value}")
+                raise ConfigError(name, f"must be from {MIN_BITS} to {MAX_BITS}, got {value}")
         if self.grad_scale_n not in GRAD_SCALE_N:
-            raise FlatlabError(f"grad_scale_n must be one of {', '.join(GRAD_SCALE_N)}, got {self.grad_scale_n!r}")
+            raise ConfigError("grad_scale_n", f"must be one of {', '.join(GRAD_SCALE_N)}, got {self.grad_scale_n!r}")
         for name in ("per_channel", "keep_first_fp", "quantize_classifier"):
             if not isinstance(getattr(self, name), bool):
-                raise FlatlabError(f"{name} must be true or false, got {getattr(self, name)!r}")
+                raise ConfigError(name, f"must be true or false, got {getattr(self, name)!r}")
         if not isinstance(self.classifier_name, str) or not self.classifier_name:
             raise FlatlabError(f"classifier_name must be a module name, got {self.classifier_name!r}")
 

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from flatlab.data.base import seed_hash
-from flatlab.errors import FlatlabError
+from flatlab.errors import ConfigError, FlatlabError
 
 Direction = dict[str, Tensor]
 
@@ -81,7 +81,7 @@ def normalize_direction(raw: Direction, weights: dict[str, Tensor], norm: str = 
     if norm not in NORMS:
         raise FlatlabError(f"unknown normalization {norm!r}: choose one of {', '.join(NORMS)}")
     if ignore not in IGNORES:
-        raise FlatlabError(f"unknown --ignore {ignore!r}: choose one of {', '.join(IGNORES)}")
+        raise ConfigError("ignore", f"must be one of {', '.join(IGNORES)}, got {ignore!r}")
     check_matches(raw, weights, "the directions")
     out: Direction = {}
     for name, w in weights.items():

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from flatlab.errors import FlatlabError
+from flatlab.errors import ConfigError, FlatlabError
 from flatlab.io import array_sha256, check_writable, settings_fingerprint, sha256_file
 from flatlab.surface.compute import Surface, assemble_surface, compute_surface
 from flatlab.surface.directions import (
@@ -104,30 +104,30 @@ def validate_request(req: SurfaceRequest) -> tuple[Axis, Axis | None]:
     """
     x = parse_axis(req.x, "--x")
     if req.model3 is not None and req.model2 is None:
-        raise FlatlabError("--model3 needs --model2: the plane goes through three checkpoints")
+        raise ConfigError("model3", "needs model2: the plane goes through three checkpoints")
     if req.model2 is not None:
         if req.directions != "random":
-            raise FlatlabError("--directions does not apply to interpolation (--model2/--model3 give the axes)")
+            raise ConfigError("directions", "does not apply to interpolation (model2/model3 give the axes)")
         req.dims = 2 if req.model3 is not None else 1
     if req.dims not in (1, 2):
         raise FlatlabError(f"a surface is 1D or 2D, not {req.dims}D")
     y = parse_axis(req.y, "--y") if req.dims == 2 else None
     if req.norm not in NORMS:
-        raise FlatlabError(f"unknown --norm {req.norm!r}: choose one of {', '.join(NORMS)}")
+        raise ConfigError("norm", f"must be one of {', '.join(NORMS)}, got {req.norm!r}")
     if req.ignore not in IGNORES:
-        raise FlatlabError(f"unknown --ignore {req.ignore!r}: choose one of {', '.join(IGNORES)}")
+        raise ConfigError("ignore", f"must be one of {', '.join(IGNORES)}, got {req.ignore!r}")
     if req.out is not None and req.results is not None:
-        raise FlatlabError("give either --out (a standalone surface file) or --results (a results file), not both")
+        raise ConfigError("out", "(a standalone surface file) and results (a results file) exclude each other: give one")
     if req.max_samples is not None and req.max_samples <= 0:
-        raise FlatlabError(f"--max-samples must be positive, got {req.max_samples}")
+        raise ConfigError("max_samples", f"must be positive, got {req.max_samples}")
     if req.batch_size <= 0:
-        raise FlatlabError(f"--batch-size must be positive, got {req.batch_size}")
+        raise ConfigError("batch_size", f"must be positive, got {req.batch_size}")
     if req.points_per_pass < 1:
-        raise FlatlabError(f"--points-per-pass must be at least 1, got {req.points_per_pass}")
+        raise ConfigError("points_per_pass", f"must be at least 1, got {req.points_per_pass}")
     if req.workers is not None and req.workers < 1:
-        raise FlatlabError(f"--workers must be at least 1, got {req.workers}")
+        raise ConfigError("workers", f"must be at least 1, got {req.workers}")
     if req.address is not None and req.backend != "ray":
-        raise FlatlabError("--address names a Ray cluster: add --backend ray")
+        raise ConfigError("address", "names a Ray cluster: use backend ray")
     check_grid_memory(x, y)
     _check_outputs(req)
     return x, y
@@ -165,13 +165,13 @@ def _load_models(req: SurfaceRequest, device: str) -> tuple[list[Any], list[nn.M
     if req.requantize:
         plain = [str(c.path) for c in ckpts if not c.is_quantized]
         if plain:
-            raise FlatlabError(f"--requantize needs quantized checkpoints; {plain[0]} is full precision")
+            raise ConfigError("requantize", f"needs quantized checkpoints; {plain[0]} is full precision")
     if len(ckpts) > 1:
         from flatlab.surface.interpolate import check_same_architecture
 
         check_same_architecture([c.meta for c in ckpts], [str(c.path) for c in ckpts])
         if req.requantize and len({repr(c.meta.get("quant")) for c in ckpts}) > 1:
-            raise FlatlabError("--requantize interpolation needs checkpoints with the same quantization settings")
+            raise ConfigError("requantize", "interpolation needs checkpoints with the same quantization settings")
     # Deployed model: effective (de-quantized) weights; --requantize: the fake-quantized model,
     # whose latent weights are perturbed and re-quantized at every point.
     models = [c.build_model("cpu", effective=not req.requantize) for c in ckpts]

@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from flatlab.errors import FlatlabError
+from flatlab.errors import ConfigError, FlatlabError
 from flatlab.train.algorithms import Minibatches, register_algorithm
 from flatlab.train.optional_qat import OptionalQAT
 
@@ -59,7 +59,7 @@ class _AveragingBase(OptionalQAT):
     def validate_hparams(cls, hparams: dict[str, Any], total_steps: int) -> None:
         super().validate_hparams(hparams, total_steps)
         if int(hparams["bn_update_steps"]) < 0:
-            raise FlatlabError("--bn-update-steps must be >= 0")
+            raise ConfigError("bn_update_steps", "must be >= 0")
 
     def averaging_allowed(self, step: int) -> bool:
         return not self.uses_quantization or self.quantized
@@ -109,7 +109,7 @@ class SWA(_AveragingBase):
 
     def final_model(self, train_batches) -> nn.Module | None:
         if self.avg is None:
-            raise FlatlabError(f"swa averaged no step: --swa-start ({self.swa_start}) is beyond the last step")
+            raise ConfigError("swa_start", f"({self.swa_start}) is beyond the last step: swa averaged no step")
         return self._finish(self.avg, train_batches)
 
     def after_training_meta(self) -> dict[str, Any]:
@@ -196,7 +196,7 @@ class SWAD(_AveragingBase):
         if self.converge_step is None or self.final is None:
             # SWAD's own fallback: the last segment's average when the loss never converged.
             if not self.queue:
-                raise FlatlabError("swad averaged nothing: train longer or evaluate more often (--eval-every)")
+                raise FlatlabError("swad averaged nothing: train longer or evaluate more often (eval_every)")
             return self._finish(self.queue[-1]["avg"], train_batches)
         if not self.dead:
             while self.queue and min(s["loss"] for s in self.queue) <= self.threshold:

@@ -28,7 +28,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from flatlab.errors import FlatlabError
+from flatlab.errors import ConfigError
 from flatlab.quant import quantized_layers
 from flatlab.train.algorithms import register_algorithm
 from flatlab.train.sam import SAGM
@@ -61,21 +61,21 @@ class GAQAT(SAGM):
     @classmethod
     def validate_hparams(cls, hparams: dict[str, Any], total_steps: int) -> None:
         if hparams.get("bits") is None:
-            raise FlatlabError("gaqat quantizes: give --bits (2..8)")
+            raise ConfigError("bits", "must be given: gaqat quantizes (2..8)")
         super().validate_hparams(hparams, total_steps)
         k, n = int(hparams["freeze_interval"]), int(hparams["disorder_window"])
         if n < 2:
-            raise FlatlabError(f"--disorder-window (n) must be at least 2 steps, got {n}")
+            raise ConfigError("disorder_window", f"(n) must be at least 2 steps, got {n}")
         if k < n:
-            raise FlatlabError(f"--freeze-interval (K = {k}) must be at least --disorder-window (n = {n}): "
+            raise ConfigError("freeze_interval", f"(K = {k}) must be at least disorder_window (n = {n}): "
                                "the disorder is measured over the last n steps of each K")
         tau = float(hparams["tau"])
         if not 0.0 <= tau <= 1.0:
-            raise FlatlabError(f"--tau must lie in [0, 1], got {tau}")
+            raise ConfigError("tau", f"must lie in [0, 1], got {tau}")
         if hparams["freeze_part"] not in ("task", "smooth"):
-            raise FlatlabError(f"--freeze-part must be task or smooth, got {hparams['freeze_part']!r}")
+            raise ConfigError("freeze_part", f"must be task or smooth, got {hparams['freeze_part']!r}")
         if hparams["disorder_watch"] not in ("applied", "task", "smooth"):
-            raise FlatlabError(f"--disorder-watch must be applied, task or smooth, got {hparams['disorder_watch']!r}")
+            raise ConfigError("disorder_watch", f"must be applied, task or smooth, got {hparams['disorder_watch']!r}")
         hparams.update(freeze_interval=k, disorder_window=n, tau=tau)
 
     def __init__(self, model: nn.Module, hparams: dict[str, Any], total_steps: int,

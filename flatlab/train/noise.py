@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flatlab.errors import FlatlabError
+from flatlab.errors import ConfigError
 from flatlab.quant import QuantConfig, eligible_layers, init_scale
 from flatlab.train.algorithms import Algorithm, Minibatches, register_algorithm
 from flatlab.train.qat import default_quant_start
@@ -53,11 +53,11 @@ class WeightNoise(Algorithm):
         else:
             amp = float(hparams["noise_amplitude"])
             if not amp > 0:
-                raise FlatlabError(f"--noise-amplitude must be positive, got {hparams['noise_amplitude']}")
+                raise ConfigError("noise_amplitude", f"must be positive, got {hparams['noise_amplitude']}")
             hparams["noise_amplitude"] = amp
         start = hparams["quant_start"]
         if start is not None and not 0 <= int(start) < total_steps:
-            raise FlatlabError(f"--quant-start ({start}) must lie in [0, --steps) for the noise warm-up")
+            raise ConfigError("quant_start", f"({start}) must lie in [0, steps) for the noise warm-up")
 
     def __init__(self, model: nn.Module, hparams: dict[str, Any], total_steps: int,
                  generator: torch.Generator) -> None:

@@ -24,9 +24,9 @@ class OptionalQAT(QAT):
     def validate_hparams(cls, hparams: dict[str, Any], total_steps: int) -> None:
         if hparams.get("bits") is None:
             if hparams.get("act_bits") is not None:
-                from flatlab.errors import FlatlabError
+                from flatlab.errors import ConfigError
 
-                raise FlatlabError("--act-bits needs --bits (weights are quantized whenever activations are)")
+                raise ConfigError("act_bits", "needs bits (weights are quantized whenever activations are)")
             return
         super().validate_hparams(hparams, total_steps)
 

@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from flatlab.errors import FlatlabError
+from flatlab.errors import ConfigError, FlatlabError
 from flatlab.quant import QuantConfig, quantize_model
 from flatlab.train.algorithms import Algorithm, register_algorithm
 
@@ -87,9 +87,9 @@ class QAT(Algorithm):
         if start is not None:
             start = _as_int("quant_start", "--quant-start", start)
             if start < 0:
-                raise FlatlabError(f"--quant-start must be >= 0, got {start}")
+                raise ConfigError("quant_start", f"must be >= 0, got {start}")
             if start >= total_steps:
-                raise FlatlabError(f"--quant-start ({start}) must be smaller than --steps ({total_steps}): "
+                raise ConfigError("quant_start", f"({start}) must be smaller than steps ({total_steps}): "
                                    "quantized training needs at least one step")
             hparams["quant_start"] = start
 

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flatlab.errors import FlatlabError
+from flatlab.errors import ConfigError
 from flatlab.train.algorithms import Minibatches, register_algorithm
 from flatlab.train.optional_qat import OptionalQAT
 
@@ -57,7 +57,7 @@ class SAM(OptionalQAT):
         super().validate_hparams(hparams, total_steps)
         rho = float(hparams["rho"])
         if not rho > 0:
-            raise FlatlabError(f"--rho must be positive, got {hparams['rho']}")
+            raise ConfigError("rho", f"must be positive, got {hparams['rho']}")
         hparams["rho"] = rho
 
     def perturbed_parameters(self) -> list[nn.Parameter]:
@@ -124,7 +124,7 @@ class SAGM(SAM):
         super().validate_hparams(hparams, total_steps)
         alpha = float(hparams["alpha"])
         if alpha < 0:
-            raise FlatlabError(f"--alpha must be >= 0, got {hparams['alpha']}")
+            raise ConfigError("alpha", f"must be >= 0, got {hparams['alpha']}")
         hparams["alpha"] = alpha
 
     def perturbation(self, grads: list[torch.Tensor], grad_norm: torch.Tensor) -> list[torch.Tensor]:

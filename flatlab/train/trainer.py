@@ -523,7 +523,7 @@ def _train_locked(config: TrainConfig, out: Path, plan: _RunPlan, run_json: Path
             t_last = time.perf_counter()
     bar.close()
     if best["step"] is None:
-        raise FlatlabError("no evaluation was eligible for model selection: check --eval-every and the schedule")
+        raise FlatlabError("no evaluation was eligible for model selection: check eval_every and the schedule")
     averaged = algorithm.final_model(lambda n: [b for _ in range(n) for b in draw_minibatches()])
     if averaged is not None:
         # Weight averaging (SWA/SWAD): the averaged model replaces the selected one.
