@@ -53,14 +53,18 @@ def _attention_blocks(model: nn.Module) -> list[str]:
 
 
 def test_vit_defaults_parameter_count_and_options() -> None:
-    assert model_options("vit") == {"width": 64, "depth": 4, "heads": 4, "patch": 4, "mlp_ratio": 2}
+    assert model_options("vit") == {"width": 48, "depth": 3, "heads": 4, "patch": 4, "mlp_ratio": 2}
+    # Closed form: patch embedding, class token, position embeddings (1 + (S/p)^2 tokens), per block
+    # two LayerNorms, in_proj (3E x E + 3E), out_proj, MLP E -> rE -> E; final LayerNorm; classifier.
+    for options, count in (({}, 59_146), ({"width": 64, "depth": 4}, 136_906)):
+        model = build_model("vit", (1, 16, 16), 10, **options)
+        e, depth = model_options("vit", **options)["width"], model_options("vit", **options)["depth"]
+        tokens, hidden = 17, 2 * e
+        block = 2 * 2 * e + (3 * e * e + 3 * e) + (e * e + e) + (e * hidden + hidden) + (hidden * e + e)
+        assert num_parameters(model) == (16 * e + e) + e + tokens * e + depth * block + 2 * e + (e * 10 + 10) == count
     model = build_model("vit", (1, 16, 16), 10)
-    # Closed form: patch embedding, class token, position embeddings (17 tokens), per block two
-    # LayerNorms, in_proj (3E x E + 3E), out_proj, MLP E -> 2E -> E; final LayerNorm; classifier.
-    e, tokens, hidden = 64, 17, 128
-    block = 2 * 2 * e + (3 * e * e + 3 * e) + (e * e + e) + (e * hidden + hidden) + (hidden * e + e)
-    assert num_parameters(model) == (16 * e + e) + e + tokens * e + 4 * block + 2 * e + (e * 10 + 10) == 136_906
-    assert type(model.classifier) is nn.Linear and model.classifier.in_features == 64
+    assert type(model.classifier) is nn.Linear and model.classifier.in_features == 48
+    assert len(model.features.encoder.layers) == 3
     attn = model.features.encoder.layers.encoder_layer_0.self_attention
     assert isinstance(attn, nn.MultiheadAttention) and attn.batch_first and attn.num_heads == 4
     small = build_model("vit", (1, 8, 8), 3, width=12, depth=1, heads=3, patch=2, mlp_ratio=3)
