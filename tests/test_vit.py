@@ -18,7 +18,13 @@ from flatlab.checkpoint import load_checkpoint
 from flatlab.cli import main
 from flatlab.errors import FlatlabError
 from flatlab.models import build_model, load_pretrained, model_options, num_parameters
-from flatlab.quant import QuantConfig, effective_model, quantize_model, quantized_layers
+from flatlab.quant import (
+    QuantConfig,
+    effective_model,
+    eligible_weights,
+    quantize_model,
+    quantized_layers,
+)
 from flatlab.quant.attention import InputQuantMultiheadAttention, QuantMultiheadAttention
 from flatlab.quant.layers import QuantLinear
 from flatlab.quant.lsq import grad_scale_factor, signed_range
@@ -292,6 +298,33 @@ def test_attention_edge_cases_keep_first_fp_and_refusals() -> None:
     assert torch.equal(effective_model(net)(x), net(x))
     with pytest.raises(FlatlabError, match="attention layer 'attn' has separate query/key/value weights"):
         quantize_model(Net(kdim=4), QuantConfig(bits=4))
+
+
+def test_eligible_weights_are_the_latent_weights_qat_quantizes() -> None:
+    fp = _tiny_vit()
+    weights = eligible_weights(fp, QuantConfig(bits=4))
+    blocks = _attention_blocks(fp)
+    for b in blocks:
+        assert weights[b] is fp.get_submodule(b).in_proj_weight
+        assert weights[f"{b}.out_proj"] is fp.get_submodule(b).out_proj.weight
+    assert "classifier" not in weights
+    model = quantize_model(fp, QuantConfig(bits=4))
+    layers = quantized_layers(model)
+    assert list(weights) == list(layers)
+    assert all(weights[name] is layer.weight for name, layer in layers.items())
+
+
+@pytest.mark.xfail(strict=True, raises=AttributeError,
+                   reason="flatlab/train/noise.py reads layer.weight, which attention lacks; the fix is to "
+                          "iterate flatlab.quant.eligible_weights (see the report of the vit branch)")
+def test_weight_noise_trains_a_vit(tmp_path: Path) -> None:
+    from flatlab.train import TrainConfig, train
+
+    with _one_thread():
+        train(TrainConfig(out=str(tmp_path / "noise"), quiet=True, steps=4, eval_every=2, model="vit",
+                          model_options={"width": 16, "depth": 1, "heads": 2}, dataset_options={"resolution": 8},
+                          algorithm="noise", hparam_flags={"bits": 4, "quant_start": 2}))
+    assert load_checkpoint(tmp_path / "noise").meta["algorithm"] == "noise"
 
 
 # --- a ViT trained with 4-bit QAT ------------------------------------------------------------------

@@ -11,6 +11,7 @@ from flatlab.quant.lsq import LSQFunction, grad_scale_factor, init_scale, lsq_co
 from flatlab.quant.prepare import (
     effective_model,
     eligible_layers,
+    eligible_weights,
     is_quantized,
     quantize_model,
     quantized_layers,
@@ -27,6 +28,7 @@ __all__ = [
     "effective_attention",
     "effective_model",
     "eligible_layers",
+    "eligible_weights",
     "grad_scale_factor",
     "init_scale",
     "is_quantized",

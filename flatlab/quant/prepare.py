@@ -80,6 +80,17 @@ def eligible_layers(model: nn.Module, config: QuantConfig) -> list[str]:
     return names
 
 
+def eligible_weights(model: nn.Module, config: QuantConfig) -> dict[str, nn.Parameter]:
+    """The latent weight :func:`quantize_model` would quantize in each eligible layer, by layer name
+    (as :func:`eligible_layers`): ``weight`` for conv and linear layers, ``in_proj_weight`` for
+    attention. The Parameter objects themselves (they stay the latent weights after quantization).
+    For code that perturbs or inspects "the weights QAT would quantize" (e.g. the ``noise``
+    algorithm), which must not assume every such layer has a ``weight``."""
+    modules = dict(model.named_modules())
+    return {name: getattr(modules[name], "in_proj_weight" if isinstance(modules[name], nn.MultiheadAttention)
+                          else "weight") for name in eligible_layers(model, config)}
+
+
 def quantize_model(model: nn.Module, config: QuantConfig) -> nn.Module:
     """Replace the eligible layers of ``model`` in place by LSQ fake-quantized layers.
 
