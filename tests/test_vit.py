@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -87,16 +88,22 @@ def test_vit_defaults_parameter_count_and_options() -> None:
     ({"heads": 2.5}, (1, 16, 16), "heads must be a positive integer"),
 ])
 def test_vit_refuses_bad_options(options: dict, shape: tuple[int, ...], needle: str) -> None:
-    with pytest.raises(FlatlabError, match=re_escape(needle)):
+    with pytest.raises(FlatlabError, match=re.escape(needle)):
         build_model("vit", shape, 10, **options)
     with pytest.raises(FlatlabError, match="model vit_b_16 has no option 'width'"):
         model_options("vit_b_16", width=8)
 
 
-def re_escape(text: str) -> str:
-    import re
-
-    return re.escape(text)
+@pytest.mark.parametrize("argv, needle", [
+    (["--model", "vit", "--heads", "5"], "vit option width (48) must be divisible by heads (5)"),
+    (["--model", "vit", "--patch", "3"], "vit option patch (3) must divide the image side 16"),
+    (["--model", "cnn", "--heads", "2"], "model cnn has no option 'heads'"),
+])
+def test_cli_vit_flags_and_bad_values_exit_2(tmp_path: Path, capsys, argv: list[str], needle: str) -> None:
+    assert main(["train", *argv, "--steps", "2", "--out", str(tmp_path / "r"), "--quiet", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("flatlab: error: ") and needle in err, err
+    assert not (tmp_path / "r" / "model.pt").exists()
 
 
 def test_vit_b_16_is_torchvisions_architecture() -> None:
