@@ -1,7 +1,23 @@
-"""Model registry: small MLP and CNN for the digits, torchvision ResNets for image data sets.
+"""Model registry: small MLP, CNN and ViT for the digits, torchvision ResNets and ViT-B/16 for
+image data sets.
 
 Every model names its final layer ``classifier`` (an ``nn.Linear``): quantization leaves it in
 full precision by default (QT-DoG), and measurements can address it by name.
+
+=========  ================================================  ===========================  ==========
+name       architecture                                      options (defaults)           parameters
+=========  ================================================  ===========================  ==========
+mlp        flatten, [Linear, (BatchNorm), ReLU] x depth      width 64, depth 2            21,258
+cnn        3 conv-BatchNorm-ReLU blocks, pool, linear        width 32                     56,554
+vit        torchvision VisionTransformer, class token,       width 48, depth 3, heads 4,  59,146
+           pre-norm blocks (MultiheadAttention, GELU MLP)    patch 4, mlp_ratio 2
+resnet18   torchvision ResNet-18                             freeze_bn                    11,181,642
+resnet50   torchvision ResNet-50                             freeze_bn                    23,528,522
+vit_b_16   torchvision ViT-B/16 (patch 16, 12 x 768, 12 h)   -                            85,806,346
+=========  ================================================  ===========================  ==========
+
+(parameter counts with the defaults and 10 classes: 1x16x16 inputs for mlp, cnn and vit, 3x224x224
+for the ResNets and ViT-B/16.)
 """
 
 from __future__ import annotations
@@ -115,6 +131,84 @@ class ResNet(nn.Module):
         return self.classifier(self.features(x))
 
 
+class ViT(nn.Module):
+    r"""A Vision Transformer (Dosovitskiy et al. 2021) built on torchvision's ``VisionTransformer``:
+    ``features`` is everything up to the class token's final LayerNorm output, ``classifier`` a
+    linear layer on it.
+
+    For an image x of side S with C channels and patch side p, with width (hidden size) D, the
+    forward pass is
+
+    .. math::
+
+        z_0 &= [x_\text{cls};\ \mathrm{Conv}_{p\times p,\ \text{stride } p}(x)] + E_\text{pos},
+            \qquad z_0 \in \mathbb R^{(1 + (S/p)^2) \times D},\\
+        y_l &= z_{l-1} + \mathrm{MHA}(\mathrm{LN}(z_{l-1})),\qquad
+        z_l = y_l + W_2\, \mathrm{GELU}(W_1 \mathrm{LN}(y_l) + b_1) + b_2 \quad (l = 1..L),\\
+        \text{logits} &= W_c\, \mathrm{LN}(z_L)_0 + b_c,
+
+    with :math:`W_1 \in \mathbb R^{rD \times D}` (r = ``mlp_ratio``), LayerNorm eps 1e-6, and
+    multi-head self-attention :math:`\mathrm{MHA}(u) = W_o\, [\mathrm{softmax}(Q_h K_h^\top /
+    \sqrt{D/H}) V_h]_{h=1..H} + b_o`, where :math:`[Q; K; V] = W_\text{in} u + b_\text{in}`
+    (``in_proj_weight`` :math:`W_\text{in} \in \mathbb R^{3D \times D}`, one
+    ``nn.MultiheadAttention`` per block, which runs ``scaled_dot_product_attention``). The class
+    token starts at zero and the position embeddings at N(0, 0.02^2), as in torchvision; the
+    classifier has PyTorch's default ``nn.Linear`` initialisation (torchvision zeroes its own head,
+    which flatlab replaces). No dropout.
+
+    Args:
+        input_shape: (C, S, S); the patch embedding takes C channels (torchvision's takes 3).
+        num_classes: outputs of the classifier.
+        width: hidden size D (divisible by ``heads``).
+        depth: number of encoder blocks L.
+        heads: attention heads H.
+        patch: patch side p (divides S).
+        mlp_ratio: hidden units of each block's MLP per unit of width, r.
+
+    Raises:
+        FlatlabError: a non-square image, a patch that does not divide it, a width not divisible
+            by the heads, or a non-positive option.
+    """
+
+    def __init__(self, input_shape: tuple[int, ...], num_classes: int, width: int = 48, depth: int = 3,
+                 heads: int = 4, patch: int = 4, mlp_ratio: int = 2) -> None:
+        super().__init__()
+        from torchvision.models.vision_transformer import VisionTransformer
+
+        for name, value in (("width", width), ("depth", depth), ("heads", heads), ("patch", patch),
+                            ("mlp_ratio", mlp_ratio)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise FlatlabError(f"vit option {name} must be a positive integer, got {value!r}")
+        if len(input_shape) != 3 or input_shape[1] != input_shape[2]:
+            raise FlatlabError(f"vit needs square images (C, S, S), got input shape {tuple(input_shape)}")
+        channels, side = int(input_shape[0]), int(input_shape[1])
+        if side % patch:
+            raise FlatlabError(f"vit option patch ({patch}) must divide the image side {side} "
+                               "(set --resolution or the patch)")
+        if width % heads:
+            raise FlatlabError(f"vit option width ({width}) must be divisible by heads ({heads})")
+        net = VisionTransformer(image_size=side, patch_size=patch, num_layers=depth, num_heads=heads,
+                                hidden_dim=width, mlp_dim=mlp_ratio * width)
+        if channels != 3:
+            net.conv_proj = nn.Conv2d(channels, width, kernel_size=patch, stride=patch)
+            # torchvision's initialisation of the patch embedding
+            nn.init.trunc_normal_(net.conv_proj.weight, std=math.sqrt(1 / (channels * patch * patch)))
+            nn.init.zeros_(net.conv_proj.bias)
+        net.heads = nn.Identity()
+        self.features = net
+        self.classifier = nn.Linear(width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+def _vit_b_16(input_shape: tuple[int, ...], num_classes: int) -> ViT:
+    """torchvision's ViT-B/16 (patch 16, 12 blocks of width 768, 12 heads, MLP 3072) at the data
+    set's resolution; ``--pretrained PATH`` loads a torchvision ``vit_b_16`` state dict (at 224x224:
+    the position embeddings have one row per patch of the training resolution)."""
+    return ViT(input_shape, num_classes, width=768, depth=12, heads=12, patch=16, mlp_ratio=4)
+
+
 def _resnet18(input_shape: tuple[int, ...], num_classes: int, freeze_bn: bool = True) -> ResNet:
     return ResNet(input_shape, num_classes, depth=18, freeze_bn=freeze_bn)
 
@@ -128,8 +222,9 @@ def load_pretrained(model: nn.Module, path: str) -> dict[str, list[str]]:
 
     Accepts a torchvision-style state dict (``conv1.weight``, ..., ``fc.*``), a dict holding one
     under ``state_dict`` or ``model``, or a flatlab checkpoint. Keys are matched with or without
-    the ``features.`` prefix; the source classifier (``fc``/``classifier``) is dropped because
-    the class count differs. Loaded with ``torch.load(weights_only=True)``.
+    the ``features.`` prefix; the source classifier (``fc``/``classifier``, torchvision ViT's
+    ``heads``) is dropped because the class count differs. A tensor whose shape differs from the
+    model's (e.g. ViT position embeddings at another resolution) is not loaded and is reported. Loaded with ``torch.load(weights_only=True)``.
 
     Returns:
         ``{"loaded": [...], "missing": [...]}`` parameter names.
@@ -153,7 +248,7 @@ def load_pretrained(model: nn.Module, path: str) -> dict[str, list[str]]:
         if not isinstance(tensor, torch.Tensor):
             continue
         name = key[len("module."):] if key.startswith("module.") else key
-        if name.startswith(("fc.", "classifier.")):
+        if name.startswith(("fc.", "classifier.", "heads.")):
             continue
         for candidate in (name, f"features.{name}"):
             if candidate in own and own[candidate].shape == tensor.shape:
@@ -179,6 +274,10 @@ MODELS: dict[str, tuple[ModelFactory, dict[str, Any]]] = {
     "cnn": (SmallCNN, {"width": 32, "batchnorm": True, "bias": True}),
     "resnet18": (_resnet18, {"freeze_bn": True}),
     "resnet50": (_resnet50, {"freeze_bn": True}),
+    # About the default CNN's parameter count (59,146 vs 56,554 at 16x16): on the 2-core CPU,
+    # width 64 / depth 4 (136,906) took 1.8x the time for the same id_acc (docs/readme_vit.md).
+    "vit": (ViT, {"width": 48, "depth": 3, "heads": 4, "patch": 4, "mlp_ratio": 2}),
+    "vit_b_16": (_vit_b_16, {}),
 }
 
 

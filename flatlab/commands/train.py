@@ -41,8 +41,10 @@ HPARAM_FLAGS: list[tuple[str, str, type, str]] = [
 
 #: (flag, model option, type, help).
 MODEL_FLAGS: list[tuple[str, str, type, str]] = [
-    ("--width", "width", int, "model width (hidden units for mlp, first-block channels for cnn)"),
-    ("--depth", "depth", int, "hidden layers (mlp)"),
+    ("--width", "width", int, "model width (hidden units for mlp, first-block channels for cnn, hidden size for vit)"),
+    ("--depth", "depth", int, "hidden layers (mlp), encoder blocks (vit)"),
+    ("--heads", "heads", int, "vit: attention heads (default 4)"),  # ViT options (docs/readme_vit.md)
+    ("--patch", "patch", int, "vit: patch side in pixels (default 4)"),
 ]
 
 

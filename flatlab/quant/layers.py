@@ -12,7 +12,7 @@ input quantizer whose scale is a buffer, so the parameters are exactly the FP ar
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +30,18 @@ from flatlab.quant.lsq import (
 
 
 class QuantLayerMixin:
-    """The quantizer state and logic shared by :class:`QuantConv2d` and :class:`QuantLinear`."""
+    """The quantizer state and logic shared by the quantized layers (:class:`QuantConv2d`,
+    :class:`QuantLinear`, :class:`~flatlab.quant.attention.QuantMultiheadAttention`).
+
+    Each quantized layer quantizes one weight tensor, read as :attr:`weight`, with the LSQ step
+    sizes :attr:`weight_scale`; :attr:`weight_attr` and :attr:`scale_attr` are their parameter
+    names in the state dict (``weight``/``weight_scale`` for conv and linear layers,
+    ``in_proj_weight``/``in_proj_weight_scale`` for attention).
+    """
+
+    #: Parameter name of the quantized (latent) weight, and of its LSQ scale.
+    weight_attr: ClassVar[str] = "weight"
+    scale_attr: ClassVar[str] = "weight_scale"
 
     weight: nn.Parameter
     weight_scale: nn.Parameter
@@ -57,7 +68,7 @@ class QuantLayerMixin:
         self.grad_scale_n = config.grad_scale_n
         self.act_bits = config.act_bits
         qn, qp = signed_range(self.bits)
-        self.weight_scale = nn.Parameter(init_scale(self.weight.detach(), qp, self.per_channel))
+        setattr(self, self.scale_attr, nn.Parameter(init_scale(self.weight.detach(), qp, self.per_channel)))
         if self.act_bits is not None:
             dev, dt = self.weight.device, self.weight.dtype
             self.act_scale = nn.Parameter(torch.ones(1, device=dev, dtype=dt))
@@ -79,9 +90,19 @@ class QuantLayerMixin:
         return grad_scale_factor(n, qp)
 
     def quantized_weight(self) -> torch.Tensor:
-        """The fake-quantized weight ``round(clip(w/s, -Qn, Qp)) * s`` (differentiable, LSQ)."""
+        """The fake-quantized weight ``round(clip(w/s, -Qn, Qp)) * s`` (differentiable, LSQ).
+
+        Without autograd (``torch.no_grad``) the result carries the latent weight's
+        ``requires_grad`` flag, as the effective model's Parameter does: PyTorch's matmul picks
+        its kernel by that flag even when nothing is recorded (it folds a non-contiguous 3-D input
+        into one matrix product for a weight that requires grad; attention's transposed inputs
+        take that path), so with the same flag both models run the same kernels bit for bit.
+        """
         qn, qp = self.weight_range
-        return lsq_quantize(self.weight, self.weight_scale, qn, qp, self.weight_grad_scale())
+        w = lsq_quantize(self.weight, self.weight_scale, qn, qp, self.weight_grad_scale())
+        if not torch.is_grad_enabled() and self.weight.requires_grad and not w.requires_grad:
+            w.requires_grad_(True)
+        return w
 
     def weight_codes(self) -> torch.Tensor:
         """Integer weight codes in [-Qn, Qp] (int64, same shape as the weight)."""
@@ -114,7 +135,8 @@ class QuantLayerMixin:
         base = super().extra_repr()  # type: ignore[misc]
         gran = "per-channel" if self.per_channel else "per-tensor"
         act = f", act_bits={self.act_bits}" if self.act_bits is not None else ""
-        return f"{base}, bits={self.bits}, {gran}, grad_scale_n={self.grad_scale_n}{act}"
+        quant = f"bits={self.bits}, {gran}, grad_scale_n={self.grad_scale_n}{act}"
+        return f"{base}, {quant}" if base else quant
 
 
 def _conv_kwargs(conv: nn.Conv2d) -> dict[str, Any]:
@@ -184,7 +206,8 @@ class InputQuantLinear(_FixedInputQuant, nn.Linear):
 
 
 def effective_layer(layer: QuantLayerMixin) -> nn.Module:
-    """A plain layer holding ``layer``'s de-quantized weight (fresh Parameters, same names)."""
+    """A plain layer holding ``layer``'s de-quantized weight (fresh Parameters, same names).
+    Attention has its own: :func:`flatlab.quant.attention.effective_attention`."""
     if isinstance(layer, QuantConv2d):
         kwargs, plain, with_act = _conv_kwargs(layer), nn.Conv2d, InputQuantConv2d
     elif isinstance(layer, QuantLinear):

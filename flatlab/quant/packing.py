@@ -6,13 +6,16 @@ A packed file is a ``dict`` that ``torch.load(weights_only=True)`` reads::
       "format": "flatlab-packed", "format_version": 1,
       "meta": {... the checkpoint's meta ..., "export": {source, source_sha256, packed_bytes, ...}},
       "layers": {layer_name: {"codes": uint8[ceil(numel * bits / 8)], "bits": b,
-                              "shape": [C, ...], "numel": n}},
+                              "shape": [C, ...], "numel": n,
+                              "weight_key": "weight", "scale_key": "weight_scale"}},
       "state_dict": {every other tensor in full precision: weight_scale, biases, BatchNorm,
                      the FP classifier, activation scales},
       "w0": {...}   # optional (``flatlab export --with-init``): initial FP weights
     }
 
-Codes ``c = round(clip(w/s, -Qn, Qp))`` are stored offset to unsigned ``c + Qn`` in [0, 2^b - 1],
+``weight_key``/``scale_key`` name the layer's quantized weight and its scale (``in_proj_weight`` and
+``in_proj_weight_scale`` for attention; absent in files of flatlab 0.2 and earlier, which only had
+``weight``/``weight_scale``). Codes ``c = round(clip(w/s, -Qn, Qp))`` are stored offset to unsigned ``c + Qn`` in [0, 2^b - 1],
 least significant bit first, consecutive in one byte stream per layer. Loading unpacks them and
 puts ``c * s`` back as the latent weight: the fake quantizer maps it to exactly ``c * s`` again
 (|c*s/s - c| is a rounding error far below 1/2), so the rebuilt model gives bit-identical logits.
@@ -35,7 +38,10 @@ PACKED_FORMAT = "flatlab-packed"
 PACKED_FORMAT_VERSION = 1
 
 #: Tensors that exist only in the quantized model (not in the FP architecture).
-QUANTIZER_SUFFIXES = (".weight_scale", ".act_scale", ".act_initialized", ".act_signed")
+QUANTIZER_SUFFIXES = (".weight_scale", ".in_proj_weight_scale", ".act_scale", ".act_initialized", ".act_signed")
+
+#: (weight_key, scale_key) pairs a packed layer entry may name: conv/linear, attention in_proj.
+WEIGHT_KEYS = {"weight": "weight_scale", "in_proj_weight": "in_proj_weight_scale"}
 
 _CHUNK = 1 << 20  # elements per packing chunk (a multiple of 8 keeps byte alignment for any b)
 
@@ -114,7 +120,7 @@ def size_report(model: nn.Module) -> dict[str, Any]:
     For an FP model, packed = FP32 and the ratios are 1.
     """
     layers = quantized_layers(model)
-    qweights = {f"{name}.weight": layer for name, layer in layers.items()}
+    qweights = {f"{name}.{layer.weight_attr}": layer for name, layer in layers.items()}
     fp32 = packed = 0
     expected = 0.0
     quantized_params = scale_params = 0
@@ -143,15 +149,18 @@ def size_report(model: nn.Module) -> dict[str, Any]:
 def layer_stats(model: nn.Module) -> list[dict[str, Any]]:
     """Per quantized layer: bits, shape, and the number of distinct weight values per output channel.
 
-    ``max_distinct_per_channel`` (max over channels of the distinct de-quantized values) is at
-    most ``limit`` = 2^b.
+    ``layer`` is the module name (as in :func:`quantized_layers`), ``weight`` the quantized
+    parameter's name (``<attention>.in_proj_weight`` for an attention's input projection, whose
+    3E output channels are the rows of W_q, W_k and W_v). ``max_distinct_per_channel`` (max over
+    channels of the distinct de-quantized values) is at most ``limit`` = 2^b.
     """
     rows = []
     for name, layer in quantized_layers(model).items():
         codes = layer.weight_codes().reshape(layer.weight.shape[0], -1)
         distinct = [int(torch.unique(row).numel()) for row in codes]
         scale = layer.weight_scale.detach()
-        rows.append({"layer": name, "type": type(layer).__name__, "bits": layer.bits,
+        rows.append({"layer": name, "weight": f"{name}.{layer.weight_attr}", "type": type(layer).__name__,
+                     "bits": layer.bits,
                      "shape": list(layer.weight.shape), "per_channel": layer.per_channel,
                      "max_distinct_per_channel": max(distinct), "mean_distinct_per_channel": sum(distinct) / len(distinct),
                      "limit": 2**layer.bits, "scale_min": float(scale.min()), "scale_max": float(scale.max()),
@@ -166,8 +175,9 @@ def pack_model_state(model: nn.Module) -> tuple[dict[str, dict[str, Any]], dict[
     for name, layer in quantized_layers(model).items():
         codes = layer.weight_codes()
         layers[name] = {"codes": pack_codes(codes, layer.bits), "bits": int(layer.bits),
-                        "shape": list(codes.shape), "numel": int(codes.numel())}
-        weights.add(f"{name}.weight")
+                        "shape": list(codes.shape), "numel": int(codes.numel()),
+                        "weight_key": layer.weight_attr, "scale_key": layer.scale_attr}
+        weights.add(f"{name}.{layer.weight_attr}")
     rest = {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if k not in weights}
     return layers, rest
 
@@ -220,14 +230,19 @@ def unpack_payload(payload: dict[str, Any], path: Path | None = None) -> dict[st
         numel = int(entry["numel"])
         if math.prod(shape) != numel:
             raise FlatlabError(f"{what}: shape {shape} does not hold {numel} weights")
-        scale = state.get(f"{name}.weight_scale")
+        weight_key = entry.get("weight_key", "weight")
+        scale_key = entry.get("scale_key", "weight_scale")
+        if not isinstance(weight_key, str) or WEIGHT_KEYS.get(weight_key) != scale_key:
+            raise FlatlabError(f"{what}: unknown weight/scale names {weight_key!r}/{scale_key!r} "
+                               f"(known: {', '.join(f'{w}/{k}' for w, k in WEIGHT_KEYS.items())})")
+        scale = state.get(f"{name}.{scale_key}")
         if not isinstance(scale, torch.Tensor) or not scale.is_floating_point():
-            raise FlatlabError(f"{what}: no floating-point weight_scale for the codes")
+            raise FlatlabError(f"{what}: no floating-point {scale_key} for the codes")
         if not bool(torch.isfinite(scale).all()) or bool((scale == 0).any()):
             raise FlatlabError(f"{what}: the scales must be finite and non-zero")
         codes = unpack_codes(entry["codes"], bits, numel, what).reshape(shape)
         try:
-            state[f"{name}.weight"] = codes.to(scale.dtype) * scale
+            state[f"{name}.{weight_key}"] = codes.to(scale.dtype) * scale
         except RuntimeError:
             raise FlatlabError(f"{what}: scale of shape {list(scale.shape)} does not fit weights {shape}") from None
     return {"format": FORMAT, "format_version": FORMAT_VERSION, "meta": meta, "state_dict": state,

@@ -1,4 +1,12 @@
-"""Turn a full-precision model into a fake-quantized one, and back into its effective FP form."""
+"""Turn a full-precision model into a fake-quantized one, and back into its effective FP form.
+
+What gets quantized (QT-DoG: every conv and linear layer except the final classifier): every
+``nn.Conv2d`` and ``nn.Linear`` module, and every ``nn.MultiheadAttention``, whose input
+projection is the parameter ``in_proj_weight`` and whose output projection ``out_proj`` is a
+Linear subclass read by the attention kernel; both are quantized through
+:class:`~flatlab.quant.attention.QuantMultiheadAttention` (``<name>`` for ``in_proj_weight`` and
+``<name>.out_proj`` in :func:`eligible_layers` / :func:`quantized_layers`).
+"""
 
 from __future__ import annotations
 
@@ -7,12 +15,19 @@ import copy
 from torch import nn
 
 from flatlab.errors import FlatlabError
+from flatlab.quant.attention import (
+    QuantMultiheadAttention,
+    check_quantizable_attention,
+    effective_attention,
+)
 from flatlab.quant.config import QuantConfig
 from flatlab.quant.layers import QuantConv2d, QuantLayerMixin, QuantLinear, effective_layer
 
-#: Exact layer types that get quantized. Subclasses (e.g. attention's out_proj, whose weight is
-#: read directly by F.multi_head_attention_forward) are left alone on purpose.
-_SWAP: dict[type[nn.Module], type[QuantLayerMixin]] = {nn.Conv2d: QuantConv2d, nn.Linear: QuantLinear}
+#: Exact layer types that get quantized. Subclasses are left alone on purpose: attention's
+#: ``out_proj`` (a ``NonDynamicallyQuantizableLinear``, whose weight F.multi_head_attention_forward
+#: reads directly) is quantized by its ``QuantMultiheadAttention``, never as a module of its own.
+_SWAP: dict[type[nn.Module], type[QuantLayerMixin]] = {nn.Conv2d: QuantConv2d, nn.Linear: QuantLinear,
+                                                      nn.MultiheadAttention: QuantMultiheadAttention}
 
 
 def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
@@ -21,46 +36,87 @@ def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
+def _candidates(model: nn.Module) -> list[str]:
+    """Names of the swappable layers in module order, each attention followed by its out_proj."""
+    names = []
+    for name, module in model.named_modules():
+        if type(module) in _SWAP:
+            names.append(name)
+            if type(module) is nn.MultiheadAttention:
+                names.append(f"{name}.out_proj" if name else "out_proj")
+    return names
+
+
 def eligible_layers(model: nn.Module, config: QuantConfig) -> list[str]:
     """Qualified names of the layers :func:`quantize_model` replaces, in module order.
 
-    Every ``nn.Conv2d`` and ``nn.Linear`` except ``config.classifier_name`` (unless
-    ``quantize_classifier``) and the first such layer when ``keep_first_fp``.
+    Every ``nn.Conv2d`` and ``nn.Linear`` and every ``nn.MultiheadAttention`` (its
+    ``in_proj_weight``) followed by its ``out_proj``, except ``config.classifier_name`` (unless
+    ``quantize_classifier``) and the first such layer when ``keep_first_fp`` (an attention layer
+    kept in full precision keeps its ``out_proj`` too).
 
     Raises:
         FlatlabError: no layer named ``classifier_name`` while the classifier should stay FP,
-            or nothing left to quantize.
+            nothing left to quantize, or attention with separate q/k/v weights.
     """
-    names = [n for n, m in model.named_modules() if type(m) in _SWAP]
+    candidates = _candidates(model)
+    names = list(candidates)
     modules = dict(model.named_modules())
     if not config.quantize_classifier:
         if config.classifier_name not in modules:
             raise FlatlabError(f"the model has no module named {config.classifier_name!r} to keep in full "
                                "precision: set classifier_name to its final layer (e.g. 'fc') or quantize_classifier")
         names = [n for n in names if n != config.classifier_name]
-    if config.keep_first_fp and names:
-        first = next(n for n, m in model.named_modules() if type(m) in _SWAP)
+    if config.keep_first_fp and candidates:
+        first = candidates[0]
         names = [n for n in names if n != first]
+        if type(modules[first]) is nn.MultiheadAttention:
+            names = [n for n in names if n != f"{first}.out_proj"]
     if not names:
         raise FlatlabError("the model has no conv or linear layer left to quantize with this configuration")
+    for n in names:
+        if type(modules[n]) is nn.MultiheadAttention:
+            check_quantizable_attention(n, modules[n])  # type: ignore[arg-type]
     return names
+
+
+def eligible_weights(model: nn.Module, config: QuantConfig) -> dict[str, nn.Parameter]:
+    """The latent weight :func:`quantize_model` would quantize in each eligible layer, by layer name
+    (as :func:`eligible_layers`): ``weight`` for conv and linear layers, ``in_proj_weight`` for
+    attention. The Parameter objects themselves (they stay the latent weights after quantization).
+    For code that perturbs or inspects "the weights QAT would quantize" (e.g. the ``noise``
+    algorithm), which must not assume every such layer has a ``weight``."""
+    modules = dict(model.named_modules())
+    return {name: getattr(modules[name], "in_proj_weight" if isinstance(modules[name], nn.MultiheadAttention)
+                          else "weight") for name in eligible_layers(model, config)}
 
 
 def quantize_model(model: nn.Module, config: QuantConfig) -> nn.Module:
     """Replace the eligible layers of ``model`` in place by LSQ fake-quantized layers.
 
     The latent weights are the same ``Parameter`` objects as before (so their names and values are
-    unchanged); each quantized layer gains ``weight_scale`` initialised to 2 mean|w| / sqrt(Qp).
-    An optimizer built before this call does not know the scales: rebuild it.
+    unchanged); each quantized layer gains ``weight_scale`` (``in_proj_weight_scale`` for
+    attention) initialised per output channel to 2 mean|w_c| / sqrt(Qp). An optimizer built
+    before this call does not know the scales: rebuild it.
 
     Returns:
         ``model`` itself (for chaining).
     """
     if any(isinstance(m, QuantLayerMixin) for m in model.modules()):
         raise FlatlabError("the model is already quantized")
-    for name in eligible_layers(model, config):
+    names = eligible_layers(model, config)
+    chosen = set(names)
+    for name in names:
         layer = model.get_submodule(name)
-        _set_submodule(model, name, _SWAP[type(layer)].from_float(layer, config))
+        if type(layer) is nn.MultiheadAttention:
+            out_proj = f"{name}.out_proj" if name else "out_proj"
+            new: nn.Module = QuantMultiheadAttention.from_float(layer, config, name=name,
+                                                                quantize_out_proj=out_proj in chosen)
+        elif type(layer) in _SWAP:
+            new = _SWAP[type(layer)].from_float(layer, config)  # type: ignore[attr-defined]
+        else:  # an out_proj, quantized with its attention just before
+            continue
+        _set_submodule(model, name, new)
     return model
 
 
@@ -81,6 +137,11 @@ def effective_model(model: nn.Module) -> nn.Module:
     surfaces) use it to study the deployed weights. An FP model gives a plain deep copy.
     """
     copied = copy.deepcopy(model)
+    replaced: list[str] = []
     for name, layer in quantized_layers(copied).items():
-        _set_submodule(copied, name, effective_layer(layer))
+        if any(name.startswith(f"{r}.") for r in replaced):
+            continue  # an attention's out_proj: rebuilt with its attention
+        plain = effective_attention(layer) if isinstance(layer, QuantMultiheadAttention) else effective_layer(layer)
+        _set_submodule(copied, name, plain)
+        replaced.append(name)
     return copied
