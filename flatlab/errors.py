@@ -47,6 +47,7 @@ class ConfigError(FlatlabError):
 #: these words inside a sentence.
 PLAIN_WORDS = frozenset({"split", "solver", "params", "samples", "seed", "device", "wrt", "hvp", "mode", "kind",
                          "steps", "method", "x", "y", "name", "norm", "ignore", "directions", "out", "results",
-                         "workers", "backend", "address", "curvature", "layer", "points", "bn", "p", "m", "rho"})
+                         "workers", "backend", "address", "curvature", "layer", "points", "bn", "p", "m", "rho",
+                         "model", "bits", "dataset", "algorithm", "data", "lr", "alpha", "tau", "members", "a", "b"})
 
 __all__ = ["PLAIN_WORDS", "ConfigError", "FlatlabError"]

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from flatlab.errors import FlatlabError
+from flatlab.errors import ConfigError, FlatlabError
 
 
 class MLP(nn.Module):
@@ -302,11 +302,11 @@ def check_model_option(model: str, key: str, value: Any, default: Any) -> Any:
     """
     if isinstance(default, bool):
         if not isinstance(value, bool):
-            raise FlatlabError(f"{key} of model {model} must be true or false, got {value!r}")
+            raise ConfigError(key, f"must be true or false (model {model} option), got {value!r}")
         return value
     if isinstance(default, int):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise FlatlabError(f"{key} of model {model} must be a positive integer, got {value!r}")
+            raise ConfigError(key, f"must be a positive integer (model {model} option), got {value!r}")
         return value
     return value
 

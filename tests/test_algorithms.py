@@ -124,7 +124,7 @@ def test_noise_trains_on_clean_weights_after_warmup():
     algo = make("noise", bits=4, quant_start=3)
     run(algo, 1, 5)
     assert all(p.isfinite().all() for p in algo.model.parameters())
-    assert set(algo.noisy_layers) == {"features.0", "features.3", "features.6"}
+    assert set(algo.noisy_weights) == {"features.0", "features.3", "features.6"}
 
 
 def test_swa_average_equals_mean_of_visited_weights():

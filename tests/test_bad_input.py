@@ -144,10 +144,10 @@ CASES = [
     Case("train-hparams-unknown", _train("--hparams", '{"lrr": 1}'), "unknown hyperparameter", _no_run),
     Case("train-hparams-not-object", _train("--hparams", "[1]"), "must be a JSON object", _no_run),
     Case("train-width-negative", lambda i, t: [*TRAIN, "--width", "-3", "--out", str(t / "run")],
-         "width of model mlp must be a positive integer, got -3", _no_run),
+         "--width must be a positive integer (model mlp option), got -3", _no_run),
     Case("train-width-zero", lambda i, t: [*TRAIN, "--width", "0", "--out", str(t / "run")],
-         "width of model mlp must be a positive integer, got 0", _no_run),
-    Case("train-depth-zero", _train("--depth", "0"), "depth of model mlp must be a positive integer", _no_run),
+         "--width must be a positive integer (model mlp option), got 0", _no_run),
+    Case("train-depth-zero", _train("--depth", "0"), "--depth must be a positive integer (model mlp option)", _no_run),
     Case("train-steps-zero", _train("--steps", "0"), "steps must be at least 1", _no_run),
     Case("train-eval-every-negative", _train("--eval-every", "-1"), "eval_every must be at least 1", _no_run),
     Case("train-seed-negative", _train("--seed", "-1"), "seed must be at least 0", _no_run),
@@ -271,7 +271,7 @@ def test_cli_error_subprocess_has_no_traceback(inputs: Inputs, tmp_path: Path):
     proc = subprocess.run([sys.executable, "-m", "flatlab.cli", *_train("--width", "0")(inputs, tmp_path)],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
-    assert_one_error_line(proc.stderr, "width of model mlp must be a positive integer, got 0")
+    assert_one_error_line(proc.stderr, "--width must be a positive integer (model mlp option), got 0")
     assert not (tmp_path / "run").exists()
 
 

@@ -321,9 +321,6 @@ def test_eligible_weights_are_the_latent_weights_qat_quantizes() -> None:
     assert all(weights[name] is layer.weight for name, layer in layers.items())
 
 
-@pytest.mark.xfail(strict=True, raises=AttributeError,
-                   reason="flatlab/train/noise.py reads layer.weight, which attention lacks; the fix is to "
-                          "iterate flatlab.quant.eligible_weights (see the report of the vit branch)")
 def test_weight_noise_trains_a_vit(tmp_path: Path) -> None:
     from flatlab.train import TrainConfig, train
 
@@ -495,14 +492,8 @@ def _check_hessian_measures(vit_qat_run: Path) -> None:
     ref_trace, ref_se = quad.mean(), quad.std(ddof=1) / math.sqrt(len(quad))
     assert abs(trace["trace"] - ref_trace) <= 4 * math.hypot(trace["trace_stderr"], ref_se)
 
-    # As a user calls it, without choosing a kernel: needs the SDPA fallback that another engineer
-    # is adding to flatlab/curvature/hvp.py. Until it lands, PyTorch's CPU flash-attention kernel
-    # has no double backward and this raises; once it lands the results must be the math kernel's.
-    try:
-        plain = measure_checkpoint(vit_qat_run, configs, settings=settings)
-    except RuntimeError as exc:
-        if "_scaled_dot_product_flash_attention_for_cpu_backward" in str(exc):
-            pytest.xfail("Hessian products under SDPA need the math-kernel fallback in flatlab/curvature/hvp.py")
-        raise
+    # As a user calls it, without choosing a kernel: the operators fall back to the math kernel
+    # (PyTorch's CPU flash-attention kernel has no double backward), with the same numbers.
+    plain = measure_checkpoint(vit_qat_run, configs, settings=settings)
     assert plain["top_eigenvalues"].payload["top_eigenvalues"] == pytest.approx(eig["top_eigenvalues"], rel=1e-6)
     assert plain["trace"].payload["trace"] == pytest.approx(trace["trace"], rel=1e-6)

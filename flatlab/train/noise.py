@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from flatlab.errors import ConfigError
-from flatlab.quant import QuantConfig, eligible_layers, init_scale
+from flatlab.quant import QuantConfig, init_scale
+from flatlab.quant.prepare import eligible_weights
 from flatlab.train.algorithms import Algorithm, Minibatches, register_algorithm
 from flatlab.train.qat import default_quant_start
 
@@ -66,8 +67,8 @@ class WeightNoise(Algorithm):
         self.noise_start = default_quant_start(total_steps) if start is None else int(start)
         config = QuantConfig(bits=int(hparams["bits"]), keep_first_fp=bool(hparams["keep_first_fp"]),
                              quantize_classifier=bool(hparams["quantize_classifier"]))
-        modules = dict(model.named_modules())
-        self.noisy_layers = {name: modules[name] for name in eligible_layers(model, config)}
+        # The weight QAT would quantize in each layer (attention: in_proj_weight), by layer name.
+        self.noisy_weights = eligible_weights(model, config)
 
     def update(self, minibatches: Minibatches, step: int) -> dict[str, Any]:
         if step < self.noise_start:
@@ -76,15 +77,15 @@ class WeightNoise(Algorithm):
         y = torch.cat([b[1] for b in minibatches])
         eps = {}
         with torch.no_grad():
-            for name, layer in self.noisy_layers.items():
-                eps[name] = sample_weight_noise(layer.weight, self.generator, bits=int(self.hparams["bits"]),
+            for name, weight in self.noisy_weights.items():
+                eps[name] = sample_weight_noise(weight, self.generator, bits=int(self.hparams["bits"]),
                                                 amplitude=self.hparams["noise_amplitude"])
-                layer.weight.add_(eps[name])
+                weight.add_(eps[name])
         self.optimizer.zero_grad(set_to_none=True)
         loss = F.cross_entropy(self.model(x), y)
         loss.backward()
         with torch.no_grad():
-            for name, layer in self.noisy_layers.items():
-                layer.weight.sub_(eps[name])
+            for name, weight in self.noisy_weights.items():
+                weight.sub_(eps[name])
         self.optimizer.step()
         return {"loss": float(loss.detach()), "log": {"noise": True}}
