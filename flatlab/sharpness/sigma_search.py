@@ -1,4 +1,5 @@
-"""The noise search of Jiang et al. (2019): the largest sigma whose expected accuracy drop is the target.
+"""The noise search of Jiang et al. (2019): the largest sigma whose expected accuracy drop is the
+target, with a confidence interval.
 
 For a model with weights w and training accuracy a(w), sigma* solves
 
@@ -6,41 +7,67 @@ For a model with weights w and training accuracy a(w), sigma* solves
 
 where sigma is the noise **standard deviation** (the widely used reference code passes sigma^2
 to ``torch.normal`` as the standard deviation; flatlab does not). The magnitude-aware variant
-draws u_i ~ N(0, sigma'^2 w_i^2 + eps^2). The expectation is a Monte Carlo mean over K weight
-samples, D_K(sigma); the search returns a sigma with |D_K(sigma) - d| < tol, evaluated on the
-K samples over the whole data (``converged``), within the bracket [0, sigma_max].
+draws u_i ~ N(0, sigma'^2 w_i^2 + eps^2). The plain and the magnitude-aware searches draw their
+noise from different streams (:data:`PLAIN_STREAM`, :data:`MAGNITUDE_STREAM`), so their Monte
+Carlo errors are independent.
 
-The reference procedure bisects [0, sigma_max] with fresh noise at every step and K full passes
-per step (up to depth x K = 150 passes). flatlab finds a sigma of the same definition with far
-fewer passes:
+Shared by both searches below:
 
-* **Common random numbers.** The K draws z_1..z_K ~ N(0, I) are fixed once (seeded) and
-  reused at every step, u_k = sigma z_k (or sigma-dependent magnitude scaling of z_k). D_K is
-  then one fixed, smooth, nearly monotone function of sigma, close to a power law
-  D_K ~ c sigma^p below saturation, so its root can be interpolated.
-* **Interpolated probes.** Probes are placed by a safeguarded root finder on log D_K against
-  log sigma (regula falsi on the bracket [largest sigma below, smallest sigma above], Brent-style
-  fallback to the geometric midpoint when the bracket does not halve in two steps; log-log
-  extrapolation with a clamped step while only one side is known). A probe near the answer
-  usually lands in the band at once; the bisection needs 2-4 near-answer steps.
-* **Deciding early, chunk by chunk.** A probe evaluates all K samples on one chunk of the data
-  (chunks visited in a seeded random order) before the next chunk, so a partial probe already
-  estimates the K-sample mean. It stops as soon as either
-  - the exact bounds on the mean decide (the predictions still to come are 0 .. all correct):
+* **Common random numbers.** Noise draw k, z_k ~ N(0, I), is fixed (seeded by stream and index)
+  and reused at every probe, u_k = sigma z_k (or the magnitude scaling of z_k). The Monte Carlo
+  drop is then one fixed, smooth, nearly monotone function of sigma, close to a power law
+  D ~ c sigma^p below saturation, so its root can be interpolated.
+* **Interpolated probes** (:func:`interpolate_radius`, :func:`next_radius`). Probes are placed
+  by a safeguarded root finder on log D against log sigma: regula falsi (Illinois) on the
+  bracket [largest sigma below, smallest sigma above], with a Brent-style fallback to the
+  geometric midpoint when the bracket does not halve in two steps, and log-log extrapolation
+  with a clamped step while only one side is known.
 
-        D_K in [a - (C + R) / (m K), a - C / (m K)],  C = correct so far, R = still to come;
+**The adaptive search** (default, :class:`DrawTest`). A probe adds draws until it is decided.
+Each draw u is evaluated on one seeded slice of about ``draw_examples`` training examples and
+gives Y_u = (J / n) x (slice's drop count). Y_u is an unbiased estimate of the full-data drop
+under that noise, and its mean D_U = mean_u Y_u is an unbiased estimate of D(sigma), with
+standard error SE = s_Y / sqrt(U) (floored, see :class:`DrawTest`). A probe is decided:
 
-  - or the chunks seen put the mean outside the band with z = 3 standard errors to spare
-    (per-example mean drops over the chunks seen, finite-population corrected):
-    |mean - d| >= tol + z SE. Such a statistical decision only steers where the next probe
-    goes; if the bracket closes on a statistically decided end, that probe is resumed to the
-    end and re-decided exactly.
+* precisely, once SE <= tol / 2: WITHIN iff |D_U - d| <= min(tol, max(t SE, tol / 4)), else
+  ABOVE / BELOW;
+* statistically, earlier, if |D_U - d| >= t_z SE (the z = 3 tail of Student's t). This only
+  steers the search: such a bracket end is settled (continued to precision) once the bracket is
+  narrower than 0.25 in log sigma, or before the search stops;
+* or by the cap of ``max_samples`` draws, with a note.
 
-  A probe whose estimate stays near the band is evaluated in full, so the returned sigma's
-  drop is always the exact K-sample mean over the whole data, never an estimate.
+Probes are looked at on a geometric schedule (x1.2), not after every draw. The answer gets a
+partner probe on the same draws near it, for the local slope p of the drop curve (the secant,
+:func:`paired_log_slope`). The interval on sigma (:func:`radius_interval`) is then
 
-A "pass" is one weight sample evaluated over the whole data; a partial pass counts as its
-fraction of the samples.
+    [ sigma ((d - t SE) / D)^(1/p),  sigma ((d + t SE) / D)^(1/p) ],
+
+every s whose drop interval D(s) +- t SE contains d under the local power law, with t the 97.5%
+Student-t quantile at U - 1 degrees of freedom. To first order this is the delta method: the
+standard error of sigma* is SE sigma / (p D). Since the answer has |D - d| <= t SE, the interval
+contains the reported sigma.
+
+**The fixed-draw search** (``fixed_draws=True``, flatlab 0.2's, :class:`ChunkedDropTest`). K
+draws over the whole data at every probe. A probe evaluates all K samples on one chunk of the
+data (chunks in a seeded random order) before the next chunk, and stops as soon as one of these
+holds:
+
+* the exact bounds on the K-sample mean decide (the predictions still to come are 0 .. all
+  correct):
+
+      D_K in [a - (C + R) / (m K), a - C / (m K)],  C = correct so far, R = still to come;
+
+* the chunks seen put the mean outside the band with z = 3 standard errors to spare:
+  |mean - d| >= tol + z SE. This only steers; a bracket end decided this way is resumed to the
+  end before the search stops on it.
+
+The returned sigma's drop is the exact K-sample mean, within tol of d. That holds for those K
+draws only: its standard error sd / sqrt(K) is typically larger than tol, and the interval the
+search reports (the same inversion, with the slope to the nearest other probe clamped to
+[1, 6]) says so.
+
+A "pass" is one noise draw evaluated over the whole data; a draw on a slice, or a partial pass,
+counts as its share.
 """
 
 
@@ -660,13 +687,16 @@ class DrawTest:
     Treating the draws as independent overstates the error slightly: the cyclic slice order
     stratifies the data (conservative).
 
-    A probe stops adding draws (after at least ``min_draws``) as soon as
+    A probe is looked at after ``min_draws`` draws and then on a geometric schedule (x1.2, or
+    sooner where U (SE / target)^2 predicts the target SE), and stops adding draws as soon as
 
     * SE <= ``target_stderr``: decided precisely, WITHIN iff |D_U - d| <= band with
-      band = min(tol, max(z_c SE, tol / 4)) (z_c = 1.96: the target lies inside the drop's 95%
-      interval, so the interval on sigma contains the probe), else ABOVE / BELOW;
-    * |D_U - d| >= ``z_score`` SE: decided statistically (steers the search; a bracket end
-      decided this way is settled, i.e. continued to precision, before the search relies on it);
+      band = min(tol, max(t SE, tol / 4)), t the 97.5% quantile of Student's t at U - 1 degrees
+      of freedom (the target lies inside the drop's 95% interval, so the interval on sigma
+      contains the probe), else ABOVE / BELOW;
+    * |D_U - d| >= t' SE, t' the quantile of Student's t with the tail of ``z_score`` (3):
+      decided statistically (steers the search; a bracket end decided this way is settled, i.e.
+      continued to precision, before the search relies on it);
     * U = ``max_draws``: decided by the band with the SE it has (``capped``).
 
     Why slices: a draw's drop varies between draws (sd about 0.06 on a digits CNN at a 0.1
