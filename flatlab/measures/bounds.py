@@ -58,7 +58,9 @@ class _SearchConfig(MeasureConfig):
 
     target_drop: float = setting(0.1, "training-accuracy drop that defines sigma and alpha' (default 0.1)",
                                  shared=True)
-    drop_tolerance: float = setting(0.01, "the search stops once |drop - target| < this (default 0.01)", shared=True)
+    drop_tolerance: float = setting(0.01, "the band |drop - target| < this around the target; the noise searches "
+                                          "also add draws until the drop's standard error is at most this / 2 "
+                                          "(default 0.01)", shared=True)
     bisection_depth: int = setting(15, "maximum bisection steps (default 15)", minimum=1, shared=True)
     sigma_max: float = setting(2.0, "initial bracket [0, sigma_max] for sigma and alpha' (default 2)",
                                minimum=0.0, exclusive_minimum=True, shared=True)
