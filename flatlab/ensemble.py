@@ -77,7 +77,8 @@ def evaluate_ensemble(members: Sequence[Checkpoint], device: torch.device | str 
         ``members`` (path, sha256, algorithm, bits, seed, its own recorded accuracies and storage
         size), ``num_members``, ``total_size_bytes`` (sum of the members' storage: packed size for
         quantized members, FP32 for the others), ``fp32_model_bytes`` (one FP32 model of the first
-        member's architecture) and ``size_x_fp32`` = total / that (EoQ with 5 7-bit members: ~1.1).
+        member's architecture), ``size_x_fp32`` = total / that (EoQ with 5 7-bit members: ~1.1) and
+        ``environment`` (:func:`flatlab.environment.environment`: threads, versions, device, CPU).
     """
     models = [ckpt.build_model(device) for ckpt in members]
     metrics = evaluate_models(models, members[0].splits(data_dir), batch_size, device)
@@ -93,9 +94,12 @@ def evaluate_ensemble(members: Sequence[Checkpoint], device: torch.device | str 
                      "size_bytes": sizes["packed_bytes"], "fp32_bytes": sizes["fp32_bytes"]})
     total = sum(r["size_bytes"] for r in rows)
     fp32_one = rows[0]["fp32_bytes"]
+    from flatlab.environment import environment
+
     return {**metrics, "dataset": members[0].meta["dataset"], "test_envs": members[0].meta["test_envs"],
             "members": rows, "num_members": len(rows), "ensemble_id": ensemble_id([r["sha256"] or "" for r in rows]),
-            "total_size_bytes": total, "fp32_model_bytes": fp32_one, "size_x_fp32": total / fp32_one}
+            "total_size_bytes": total, "fp32_model_bytes": fp32_one, "size_x_fp32": total / fp32_one,
+            "environment": environment(device)}
 
 
 def check_ensemble_outputs(out_dir: str | os.PathLike[str] | None, results_file: str | os.PathLike[str] | None) -> None:
@@ -134,8 +138,9 @@ def write_ensemble_results(path: str | os.PathLike[str], members: Sequence[Check
     The run id is :func:`ensemble_id`; run attributes are the first member's provenance with
     ``algorithm = "eoq"`` (``"ensemble"`` if a member is full precision), ``members`` (JSON list of
     paths and SHA-256s) and the ensemble's own accuracies. The group ``ensemble`` holds each
-    member's recorded id/ood accuracy and size. ``provenance`` (e.g. ``{"command_line": ...}``) is
-    recorded with the run.
+    member's recorded id/ood accuracy and size, and the environment record (threads, versions,
+    device, CPU: what the rounding depends on) as attributes. ``provenance`` (e.g.
+    ``{"command_line": ...}``) is recorded with the run.
     """
     from flatlab import results
 
@@ -169,7 +174,10 @@ def write_ensemble_results(path: str | os.PathLike[str], members: Sequence[Check
     }
     import numpy as np
 
+    from flatlab.environment import environment
+
     results.write_group(path, run_id, run_attrs, "ensemble", {k: np.asarray(v) for k, v in arrays.items()},
                         {"algorithm": run_attrs["algorithm"], "members": run_attrs["members"],
-                         "combine": "mean of logits", "id_acc": result["id_acc"], "ood_acc": result["ood_acc"]})
+                         "combine": "mean of logits", "id_acc": result["id_acc"], "ood_acc": result["ood_acc"],
+                         **(result.get("environment") or environment())})
     return run_id

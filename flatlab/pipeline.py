@@ -15,9 +15,12 @@ sweep``, ``flatlab demo`` and ``flatlab report --measure`` call. Given measure c
    :class:`~flatlab.measures.base.MeasureResult` per measure.
 
 What a result depends on besides its settings is recorded with it: every group written gets
-``torch_threads`` and ``device`` attributes and the run the flatlab/torch versions; a resume
-under another thread count says so on stderr (floating-point sums, hence the last digits, depend
-on it). The provenance a result records (the command that made it) is passed in by the caller.
+the environment record of :func:`flatlab.environment.environment` as attributes
+(``torch_threads``, ``device``, ``device_name``, ``torch_version``, ``flatlab_version``,
+``cpu``, ``cpu_flags``, ``machine``, ``python_version``); a resume under another thread count,
+torch or flatlab version, device or instruction set says so in a note (on stderr from the CLI):
+floating-point sums, hence the last digits, depend on them. The provenance a result records
+(the command that made it) is passed in by the caller.
 """
 
 from __future__ import annotations
@@ -122,13 +125,15 @@ def _stored_records(path: Path | None, run_id: str | None, group: str) -> dict[s
     return records if isinstance(records, dict) else {}
 
 
-def _threads_note(path: Path | None, run_id: str | None, group: str) -> str | None:
-    text = stored_attr(path, run_id, group, "torch_threads") if run_id else None
-    threads = torch.get_num_threads()
-    if text is not None and text.isdigit() and int(text) != threads:
-        return (f"{group}: measured earlier with {text} torch threads, now {threads}: resumed values keep the "
-                "earlier thread count's rounding; new ones get this one's")
-    return None
+def _environment_note(path: Path | None, run_id: str | None, group: str, device: torch.device) -> str | None:
+    """A note if ``group`` was stored under another environment than this one (None otherwise)."""
+    from flatlab.environment import REPRODUCIBILITY_KEYS, environment, environment_note
+
+    if path is None or not run_id:
+        return None
+    stored = {key: stored_attr(path, run_id, group, key) for key in REPRODUCIBILITY_KEYS}
+    stored = {k: v for k, v in stored.items() if v is not None}
+    return environment_note(stored, environment(device), group) if stored else None
 
 
 def _run(ctx: MeasureContext, configs: Sequence[MeasureConfig], results: str | os.PathLike[str] | None,
@@ -142,14 +147,13 @@ def _run(ctx: MeasureContext, configs: Sequence[MeasureConfig], results: str | o
     configs = sorted(configs, key=lambda c: order[c.measure])
     path = Path(results) if results is not None else None
     context_part = ctx.settings.fingerprint_part(ctx.device)
-    threads = torch.get_num_threads()
     groups: dict[str, list[MeasureConfig]] = {}
     for config in configs:
         groups.setdefault(get_measure(config.measure).group_for(config), []).append(config)
     stored = {group: _stored_records(path, run_id, group) for group in groups}
     done: dict[str, dict[str, Any]] = {group: {} for group in groups}  # group -> measure -> record
     out = Measurement({}, ctx.settings, ctx.device.type, run_id, path)
-    notes = {g: _threads_note(path, run_id, g) for g in groups}
+    notes = {g: _environment_note(path, run_id, g, ctx.device) for g in groups}
 
     bar = tqdm(total=len(configs), desc="measures", unit="measure", disable=not progress, file=sys.stderr,
                dynamic_ncols=True, leave=False)
@@ -184,7 +188,7 @@ def _run(ctx: MeasureContext, configs: Sequence[MeasureConfig], results: str | o
                           "products": int(result.products)}
             out.results[measure.name] = result
             done[group][measure.name] = record
-            attrs = _group_attrs(measure.family, [out.results[n] for n in done[group]], threads, ctx)
+            attrs = _group_attrs(measure.family, [out.results[n] for n in done[group]], ctx)
             attrs["complete"] = len(done[group]) == len(groups[group])
             out.group_attrs[group] = attrs
             if path is not None and run_id is not None and not result.resumed:
@@ -209,7 +213,7 @@ def _run(ctx: MeasureContext, configs: Sequence[MeasureConfig], results: str | o
     return out
 
 
-def _group_attrs(family: str, results: Sequence[MeasureResult], threads: int, ctx: MeasureContext) -> dict[str, Any]:
+def _group_attrs(family: str, results: Sequence[MeasureResult], ctx: MeasureContext) -> dict[str, Any]:
     attrs: dict[str, Any] = {}
     if family == "curvature":
         from flatlab.measures.curvature import common_attrs
@@ -219,7 +223,9 @@ def _group_attrs(family: str, results: Sequence[MeasureResult], threads: int, ct
         attrs.update(result.attrs)
     if family in PRODUCTS_ATTR:
         attrs[PRODUCTS_ATTR[family]] = int(sum(r.products for r in results))
-    attrs.update(torch_threads=threads, device=ctx.device.type)
+    from flatlab.environment import environment
+
+    attrs.update(environment(ctx.device))
     return attrs
 
 

@@ -905,7 +905,7 @@ def estimate_seconds(study: Study, jobs: list[Job], workers: int = 1) -> dict[st
             for config in configs:
                 cost = get_measure(config.measure).cost(config)
                 n = sum(n_src_in if split == "source" else n_tgt for split in cost.splits)
-                seconds += (cost.gradient * t_fb + cost.forward * t_f) * n
+                seconds += (cost.gradient * t_fb + cost.forward * t_f) * n + cost.examples * t_f
         for s in study.surfaces:
             if s.get("variants") and job.variant not in s["variants"]:
                 continue

@@ -119,9 +119,10 @@ def test_scale_identity_sigma_scales_and_sigma_prime_does_not():
 
 
 def test_early_stopping_changes_passes_not_the_answer():
+    """Fixed draws (flatlab 0.2's search): deciding probes early saves passes, not the answer."""
     model, _, _, _, batches = linear_problem(seed=2)
-    fast = sigma_search(model, batches, mc_samples=10, seed=4)
-    full = sigma_search(model, batches, mc_samples=10, seed=4, early_stop=False)
+    fast = sigma_search(model, batches, mc_samples=10, seed=4, fixed_draws=True)
+    full = sigma_search(model, batches, mc_samples=10, seed=4, early_stop=False, fixed_draws=True)
     assert fast.radius == full.radius
     assert fast.drop == full.drop
     assert fast.passes < full.passes

@@ -259,11 +259,14 @@ class MeasureResult:
 class Cost:
     """A measure's work in passes over its data: ``forward`` forward passes and ``gradient``
     forward+backward passes over each split in ``splits`` (a sweep multiplies by sample counts
-    and the model's measured seconds per sample)."""
+    and the model's measured seconds per sample), plus ``examples`` forward evaluations of
+    single examples that do not scale with the split's size (e.g. noise draws evaluated on
+    slices of a fixed number of examples)."""
 
     forward: float = 0.0
     gradient: float = 0.0
     splits: tuple[str, ...] = ("source",)
+    examples: float = 0.0
 
 
 # --- columns ---------------------------------------------------------------------------------

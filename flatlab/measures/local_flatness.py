@@ -8,6 +8,12 @@ value with its Monte Carlo standard error (:func:`flatlab.sharpness.local_flatne
 are absolute (``gammas``; QT-DoG: 0..60 for ResNet-50) or relative to :math:`\|w\|`
 (``gammas_rel``, the default: 0, 0.02, ..., 0.1).
 
+``antithetic`` names the splits whose directions come in pairs :math:`(\Delta, -\Delta)`
+(default ``target``): with :math:`E, O` the even and odd parts of :math:`L(w + \Delta)`,
+pairs give variance :math:`2\,\mathrm{Var}\,E / N` instead of :math:`(\mathrm{Var}\,E +
+\mathrm{Var}\,O) / N`, a gain only where the odd (gradient) part dominates: on the target
+domain, not at the training minimum (measured in ``benchmarks/bench_local_flatness.py``).
+
 Columns: ``local_flatness_<source|target>@<radius>[rel]``, one per stored radius.
 """
 
@@ -53,6 +59,10 @@ class LocalFlatnessConfig(MeasureConfig):
                                                    minimum=0.0)
     samples: int = setting(100, "Monte Carlo samples per radius for local flatness (default 100, as SWAD)",
                            flag="--flatness-samples", minimum=2)
+    antithetic: str = setting("target", "splits whose local-flatness directions come in antithetic pairs "
+                                        "(+Delta, -Delta): target (default: the pairs cancel the large gradient term "
+                                        "there), source, both or none (independent directions)",
+                              choices=("target", "source", "both", "none"))
 
     def validate(self) -> None:
         super().validate()
@@ -80,11 +90,13 @@ def compute_local_flatness(ctx: MeasureContext, config: LocalFlatnessConfig) -> 
     seed = ctx.settings.seed
     source, target = ctx.batches("source"), ctx.batches("target")
     out = local_flatness(ctx.model("effective"), {"source": source, "target": target}, radii, relative=relative,
-                         samples=config.samples, seed=seed, loss_fn=ctx.loss_fn)
+                         samples=config.samples, seed=seed, loss_fn=ctx.loss_fn, antithetic=config.antithetic)
     splits = out["splits"]
     values: dict[str, Any] = {
         "gammas": out["gammas"], "radii": out["radii"], "relative": out["relative"],
-        "weight_norm": out["weight_norm"], "samples": out["samples"], "antithetic": out["antithetic"],
+        "weight_norm": out["weight_norm"], "samples": out["samples"], "antithetic": config.antithetic,
+        "source_antithetic": splits["source"]["antithetic"], "target_antithetic": splits["target"]["antithetic"],
+        "source_evaluations": splits["source"]["evaluations"], "target_evaluations": splits["target"]["evaluations"],
         "num_parameters": out["num_parameters"], "seed": seed,
         "source": splits["source"]["flatness"], "source_stderr": splits["source"]["stderr"],
         "target": splits["target"]["flatness"], "target_stderr": splits["target"]["stderr"],

@@ -10,6 +10,12 @@ search finds sigma' (a relative noise level, unchanged when a layer is rescaled)
 
 The sum runs over the weights (no biases); the denominator uses w - w0 for both bounds, as the
 formula is given. BatchNorm is folded first.
+
+sigma' comes with a 95% interval from the same adaptive search as sigma (``sigma_search``) and
+1/sigma'^2 with the interval [1/sigma'_hi^2, 1/sigma'_lo^2] and a standard error. The search draws
+its noise from its own stream (``magnitude-search``), independent of the plain search's, so the
+Monte Carlo errors of sigma and sigma' do not move together. The bounds are reported without an
+interval: they are not monotone in sigma' in general.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from flatlab.sharpness.pacbayes import FoldedPair, search_inputs
+from flatlab.sharpness.pacbayes import FoldedPair, interval_of, search_inputs
 from flatlab.sharpness.perturb import Batch, check_batches
 from flatlab.sharpness.sigma_search import SIGMA_IS_STD_NOTE, sigma_search
 
@@ -38,22 +44,25 @@ def magnitude_bound(reference: Tensor, w: Tensor, w0: Tensor, sigma: float, m: i
 def magnitude_bounds(model: nn.Module, batches: Sequence[Batch], initial_model: nn.Module | None = None, *,
                      m: int | None = None, eps: float = MAGNITUDE_EPS, target_drop: float = 0.1,
                      tolerance: float = 0.01, mc_samples: int = 10, depth: int = 15, sigma_max: float = 2.0,
-                     seed: int = 0, fold_bn: bool = True, early_stop: bool = True) -> dict[str, Any]:
+                     seed: int = 0, fold_bn: bool = True, early_stop: bool = True, fixed_draws: bool = False,
+                     max_samples: int = 1000, draw_examples: int = 128) -> dict[str, Any]:
     """sigma', the magnitude-aware orig/init bounds and 1/sigma'^2.
 
     Both bounds need w0 (their denominator holds w - w0): without ``initial_model`` they are None
     and only sigma' and 1/sigma'^2 are reported.
 
     Returns:
-        ``sigma`` (= sigma', relative noise standard deviation), ``orig``, ``init``,
-        ``inv_sigma_sq``, ``epsilon`` and every input (m, omega, norms, target, passes, ...).
+        ``sigma`` (= sigma', relative noise standard deviation) with ``sigma_ci_low`` /
+        ``sigma_ci_high``, ``orig``, ``init``, ``inv_sigma_sq`` with its interval and standard
+        error, ``epsilon`` and every input (m, omega, norms, target, passes, draws, ...).
     """
     pair = FoldedPair(model, initial_model, fold_bn)
     n = check_batches(batches)
     m = int(m if m is not None else n)
     search = sigma_search(pair.model, batches, target_drop=target_drop, tolerance=tolerance,
                           mc_samples=mc_samples, depth=depth, sigma_max=sigma_max, seed=seed,
-                          magnitude_eps=eps, early_stop=early_stop)
+                          magnitude_eps=eps, early_stop=early_stop, fixed_draws=fixed_draws,
+                          max_samples=max_samples, draw_examples=draw_examples)
     sigma = search.radius
     orig = init = None
     if pair.w0 is not None:
@@ -63,7 +72,7 @@ def magnitude_bounds(model: nn.Module, batches: Sequence[Batch], initial_model: 
         "sigma": sigma,
         "orig": orig,
         "init": init,
-        "inv_sigma_sq": 1.0 / sigma ** 2,
+        **interval_of(sigma, search.radius_ci_low, search.radius_ci_high, search.ci_quantile),
         "epsilon": eps,
         "m": m,
         **pair.inputs(),

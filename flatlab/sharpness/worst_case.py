@@ -17,6 +17,16 @@ takes alpha' inside the log (the sources' argument is illegible; flatlab uses al
 The magnitude-aware variant reports alpha' and 1 / alpha'^2 only. All on the BatchNorm-folded
 model, perturbing every parameter.
 
+No Monte Carlo noise enters alpha': the ascent starts at u = 0 (no random start), takes its
+batches in a fixed order, and every probe's drop is counted over all the data. alpha' is
+therefore a deterministic function of the model, the data and the settings (the same inputs
+give the same bits), reported without a standard error or interval. What it does carry is
+deterministic error: the bisection's resolution (the answer is some alpha with |drop - d| <
+tol, or the bracket's end after ``depth`` steps) and the ascent's shortfall from the true
+maximum over the box (alpha' over-estimates the true worst-case radius). Neither shrinks with
+more samples, so the adaptive treatment of sigma (draws until the standard error is small) has
+nothing to act on here; the plain and magnitude-aware searches share no random numbers.
+
 Keskar et al. (2017): with the training loss L and a box |delta_i| <= eps (|w_i| + 1),
 
     epsilon-sharpness = 100 * max_delta (L(w + delta) - L(w)) / (1 + L(w)),

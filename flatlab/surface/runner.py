@@ -393,9 +393,10 @@ def run_surface(req: SurfaceRequest, progress_factory: Callable[[int, int], Any]
 def _write(surface: Surface, path: Path, run_id: str | None, group: str | None, ckpt: Any,
            directions: np.ndarray, raw: np.ndarray | None, names: list[str], shapes: list[list[int]],
            settings: dict[str, Any], fingerprint: str, provenance: dict[str, Any] | None = None) -> None:
-    from flatlab import results
+    from flatlab import environment, results
 
     arrays, attrs = surface_payload(surface, directions, raw, names, shapes, settings, fingerprint)
+    attrs.update(environment.environment(settings["device"]))  # threads, versions, CPU: what rounding depends on
     if run_id is not None and group is not None:
         run_attrs = {**results.run_attrs_from_checkpoint(ckpt), **(provenance or {})}
         results.write_group(path, run_id, run_attrs, group, arrays, attrs)
