@@ -268,3 +268,42 @@ def test_holder_on_another_host_is_refused_with_how_to_clear_it(tmp_path: Path):
                                             r"delete .*x\.lock\)"):
             PidLock(path, busy_message="busy{holder}").acquire()
     assert LockHolder.parse(path.read_text()).host == "elsewhere-node"  # not broken
+
+
+def test_run_json_records_the_environment_and_a_resume_under_another_says_so(tmp_path, capsys, monkeypatch):
+    """run.json keeps the environment of the run's start (threads, torch, device, CPU) apart from
+    its arguments: a rerun with the same arguments is the same run, and resuming under another
+    thread count prints a note (its numbers will not be bit for bit an uninterrupted run's)."""
+    import json
+
+    import flatlab.train.trainer as trainer
+    from flatlab.train import TrainConfig, train
+
+    out = tmp_path / "run"
+    config = TrainConfig(steps=20, eval_every=5, model="mlp", model_options={"width": 8, "depth": 1},
+                         dataset_options={"resolution": 8}, out=str(out), quiet=True)
+    real = trainer.evaluate_models
+    calls = {"n": 0}
+
+    def interrupted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(trainer, "evaluate_models", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            train(config)
+    record = json.loads((out / "run.json").read_text())
+    env = record["environment"]
+    assert env["torch_threads"] >= 1 and env["torch_version"] and env["device"] == "cpu"
+    assert (out / "state.pt").exists()
+    record["environment"]["torch_threads"] = env["torch_threads"] + 7  # as if started elsewhere
+    (out / "run.json").write_text(json.dumps(record))
+    capsys.readouterr()
+    result = train(config)  # the same arguments: resumed, not refused
+    assert result.resumed_from > 0
+    err = capsys.readouterr().err
+    assert "flatlab: note: resuming" in err and "torch_threads" in err
+    assert train(config).already_done

@@ -265,13 +265,30 @@ def _append_line(path: Path, line: str) -> None:
         fh.flush()
 
 
+#: The key of ``run.json`` that records the environment of the run's last start (threads, torch
+#: version, device, CPU); not an argument of the run, so not compared with the arguments.
+ENVIRONMENT_KEY = "environment"
+
+
 def _read_run_json(path: Path) -> dict[str, Any] | None:
-    """The arguments a run folder records, or None when ``run.json`` is damaged (not a JSON object)."""
+    """The arguments a run folder records (without its environment record), or None when
+    ``run.json`` is damaged (not a JSON object)."""
     try:
         previous = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError):
         return None
-    return previous if isinstance(previous, dict) else None
+    if not isinstance(previous, dict):
+        return None
+    previous.pop(ENVIRONMENT_KEY, None)
+    return previous
+
+
+def _read_environment(path: Path) -> dict[str, Any]:
+    try:
+        record = json.loads(path.read_text(encoding="utf-8")).get(ENVIRONMENT_KEY)
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return {}
+    return record if isinstance(record, dict) else {}
 
 
 @dataclass
@@ -404,7 +421,16 @@ def _train_locked(config: TrainConfig, out: Path, plan: _RunPlan, run_json: Path
     device, dataset, test_envs, trial_seed = plan.device, plan.dataset, plan.test_envs, plan.trial_seed
     model_name, opts, algo_cls, steps = plan.model_name, plan.opts, plan.algo_cls, plan.steps
     eval_every, hparams, args, splits = plan.eval_every, plan.hparams, plan.args, plan.splits
-    atomic_write_text(run_json, json.dumps(args, indent=1, sort_keys=True))
+    from flatlab.environment import environment, environment_note
+
+    here = environment(device)
+    if (out / "state.pt").exists():
+        # Floating-point sums depend on the thread count, torch build, device and CPU: a resume
+        # under another environment does not end bit for bit as an uninterrupted run would.
+        note = environment_note(_read_environment(run_json), here, f"resuming {out}")
+        if note:
+            sys.stderr.write(f"flatlab: note: {note}\n")
+    atomic_write_text(run_json, json.dumps({**args, ENVIRONMENT_KEY: here}, indent=1, sort_keys=True))
     source_envs = splits.source_envs
     model = plan.model.to(device)
     w0 = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
