@@ -923,7 +923,8 @@ def _record(t: _Test, alpha: float, p_holm: float, u: Uncertainty) -> dict[str, 
             kwargs.update(margin=claim.margin)
         v = decide(claim.expect, ev, **kwargs)  # type: ignore[arg-type]
         verdict, reason = v.verdict, v.reason
-        needed, unit, p = v.n_needed, v.n_needed_unit, ev.p_value
+        needed, unit = v.n_needed, v.n_needed_unit
+        p = ev.p_value if claim.expect in DIRECTIONS else math.nan  # margin claims use no p-value
         if t.pairing in ("domain", "members"):
             one = "a single ensemble" if t.pairing == "members" else "a single test domain"
             reason = reason.replace("a single seed", one)

@@ -920,8 +920,10 @@ def _bits_order(label: str) -> float:
 
 
 def variants_of(rows: Sequence[dict[str, Any]]) -> list[str]:
-    """The variants among ``rows``, in order of first appearance."""
-    return list(dict.fromkeys(str(r["variant"]) for r in rows))
+    """The variants among ``rows``: single models, then ensembles, each in order of first appearance."""
+    single = [str(r["variant"]) for r in rows if not r.get("ensemble")]
+    ensembles = [str(r["variant"]) for r in rows if r.get("ensemble")]
+    return list(dict.fromkeys([*single, *ensembles]))
 
 
 def variant_summaries(rows: Sequence[dict[str, Any]], columns: Sequence[str],
