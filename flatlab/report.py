@@ -67,6 +67,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import numbers
 import os
 import re
 import warnings
@@ -683,7 +684,7 @@ class Uncertainty:
 
     def __post_init__(self) -> None:
         def unit(name: str, value: Any, upper: float = 1.0) -> None:
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < float(value) < upper:
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 < float(value) < upper:
                 raise FlatlabError(f"{name} must be a number in (0, {upper:g}), got {value!r}")
 
         unit("alpha", self.alpha, 0.5)
@@ -692,14 +693,14 @@ class Uncertainty:
             raise FlatlabError(f"method must be 'bca' or 'percentile', got {self.method!r}")
         for name in ("resamples", "correlation_resamples"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 100:
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 100:
                 raise FlatlabError(f"{name} must be an integer >= 100, got {value!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+        if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral) or self.seed < 0:
             raise FlatlabError(f"seed must be a non-negative integer, got {self.seed!r}")
         effects = self.min_effect.values() if isinstance(self.min_effect, Mapping) else \
             ([] if self.min_effect is None else [self.min_effect])
         for value in effects:
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
                 raise FlatlabError(f"min_effect must be a number > 0, got {value!r}")
 
     @property

@@ -17,7 +17,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "ood_acc) and every measure present as 'value +- se' (its estimation error; missing shown as "
                     "'-', never 0). Then seed-to-seed variation per variant (mean, bootstrap CI over seeds within "
                     "test domains, sd, n); every variant against the reference (paired on seed and test domain: "
-                    "mean difference, CI, sign-flip p, Holm over the report, seeds for 80%% power); Kendall's tau "
+                    "mean difference, CI, sign-flip p, Holm over the report, seeds for 80% power); Kendall's tau "
                     "and Spearman's rho with CIs and p-values against ood_acc and each gap, per test domain and "
                     "pooled; Jiang et al.'s granulated tau with a CI. --claims FILE adds one verdict per claim "
                     "(supported, contradicted, inconclusive, not testable). Run folders and checkpoints "
