@@ -258,7 +258,9 @@ def _check_variant(label: str, key: str, possible: Sequence[str]) -> None:
                            "labels in [claims] variants")
         return
     if label not in possible:
-        near = [p for p in possible if p.rstrip("0123456789") == label.rstrip("0123456789")][:1]
+        import difflib
+
+        near = difflib.get_close_matches(label, possible, n=1)
         hint = f" (did you mean {near[0]!r}?)" if near else ""
         raise _Problem(f"unknown variant {label!r} in {key}{hint}: variants are <algorithm>[<bits 2-8>] (erm, sam, "
                        "qat4, ...), fp, eoq, ensemble or 'reference'; declare a study's own labels in "
@@ -276,7 +278,11 @@ def _check_column(name: str, key: str, extra: Sequence[str]) -> None:
         return
     if _GLOB.search(name) and any(fnmatch.fnmatchcase(c, name) for c in [*known, *_LF_EXAMPLES]):
         return
-    raise _Problem(f"unknown measure {name!r} in {key}: use a report column ({', '.join(known)}), "
+    import difflib
+
+    near = difflib.get_close_matches(name, [*known, "local_flatness_source@max", "local_flatness_target@max"], n=1)
+    hint = f" (did you mean {near[0]!r}?)" if near else ""
+    raise _Problem(f"unknown measure {name!r} in {key}{hint}: use a report column ({', '.join(known)}), "
                    "local_flatness_<source|target>@<radius>[rel] or @max, a glob pattern over them, or list it in "
                    "[claims] extra_columns if a newer flatlab declares it")
 
