@@ -229,7 +229,10 @@ def test_measure_vs_ood_and_bits_hold_the_rows(demo: tuple[Path, dict]) -> None:
     jobs = {job.data["measure"]: job for job in _figures(collection, "measure_vs_ood")}
     fig = jobs["trace"].build()
     ax = fig.axes[0]
-    pts = {tuple(p) for c in ax.collections for p in np.asarray(c.get_offsets())}
+    from matplotlib.collections import PathCollection
+
+    # the scatter points (the error bars of each run's estimation error are LineCollections)
+    pts = {tuple(p) for c in ax.collections if isinstance(c, PathCollection) for p in np.asarray(c.get_offsets())}
     measured = [k for k in known.values() if k["measures"]]
     expect = {(k["measures"]["trace"], 100 * k["attrs"]["ood_acc"]) for k in measured}
     assert len(pts) == len(expect)
@@ -393,3 +396,16 @@ def test_claims_forest_plot(tmp_path: Path, capsys: pytest.CaptureFixture) -> No
     assert Path(forest[0]["files"][0]).read_bytes().startswith(b"\x89PNG")
     _expect_error(["figures", str(path), "--out", str(out), "--claims", str(tmp_path / "missing.toml")], capsys,
                   "no such claims file")
+
+
+def test_correlation_titles_never_print_p_zero() -> None:
+    from flatlab.plots.measures import correlation_title
+    from flatlab.report import rank_correlation
+
+    small = rank_correlation([1.0, 2.0, 3.0, 4.0], [0.4, 0.3, 0.2, 0.1])
+    assert small["kendall_tau"] == -1.0 and math.isnan(small["kendall_p"]) and "n too small" in small["note"]
+    assert "n too small" in correlation_title("trace", small) and "p =" not in correlation_title("trace", small)
+    big = {"n": 40, "kendall_tau": -0.9, "kendall_p": 0.0, "spearman_rho": -0.95, "spearman_p": 1e-30,
+           "kendall_ci": [-0.95, -0.85], "spearman_ci": [-0.97, -0.9]}
+    title = correlation_title("trace", big)
+    assert "0e+00" not in title and "(p < 0.001)" in title and "[-0.95, -0.85]" in title

@@ -139,10 +139,10 @@ def _fmt(v: float, digits: int = 2) -> str:
 
 
 def _pval(p: float) -> str:
-    """p for a title: 3 decimals, '< 0.001' below (never '0e+00'), '–' when undefined."""
+    """'p = 0.012' for a title; 'p < 0.001' below (never '0e+00'); 'p –' when undefined."""
     if p is None or not math.isfinite(p):
-        return "–"
-    return f"{p:.3f}" if p >= 1e-3 else "< 0.001"
+        return "p –"
+    return f"p = {p:.3f}" if p >= 1e-3 else "p < 0.001"
 
 
 def _ci(ci: Sequence[float] | None) -> str:
@@ -158,8 +158,8 @@ def correlation_title(measure_label: str, corr: dict[str, Any], target: str = "O
         return (f"{measure_label} vs {target}\nKendall τ = {_fmt(corr['kendall_tau'])}, Spearman ρ = "
                 f"{_fmt(corr['spearman_rho'])}: n = {corr['n']}, n too small for a p-value or interval")
     return (f"{measure_label} vs {target}\nKendall τ = {_fmt(corr['kendall_tau'])}{_ci(corr.get('kendall_ci'))} "
-            f"(p = {_pval(corr['kendall_p'])}), Spearman ρ = {_fmt(corr['spearman_rho'])}"
-            f"{_ci(corr.get('spearman_ci'))} (p = {_pval(corr['spearman_p'])}), n = {corr['n']}")
+            f"({_pval(corr['kendall_p'])}), Spearman ρ = {_fmt(corr['spearman_rho'])}"
+            f"{_ci(corr.get('spearman_ci'))} ({_pval(corr['spearman_p'])}), n = {corr['n']}")
 
 
 def measure_vs_ood(rows: Sequence[dict[str, Any]], measure: str, measure_label: str,
