@@ -1027,9 +1027,10 @@ def compare_variants(rows: Sequence[dict[str, Any]], a: str, b: str, column: str
                      uncertainty: Uncertainty | None = None, confidence: float | None = None) -> Comparison:
     """Variant ``a`` against variant ``b`` on ``column`` (effect = A - B), matched as the study allows.
 
-    * Both variants have seeds: runs are paired on (seed, test domain); with at least 2 pairs the
-      comparison is paired (:func:`flatlab.stats.paired_comparison`, stratified by test domain;
-      runs without a partner are left out and counted in the note), else unpaired.
+    * Both variants have seeds: runs are paired on (seed, test domain); with at least 2 pairs (or
+      a single pair and no run without a partner) the comparison is paired
+      (:func:`flatlab.stats.paired_comparison`, stratified by test domain; runs without a partner
+      are left out and counted in the note), else unpaired.
     * An ensemble has no seed: a comparison with one is paired on the test domain only, the
       other variant averaged over its runs within each test domain (n = the shared test domains).
     * Unpaired (:func:`flatlab.stats.unpaired_comparison`): over the test domains both variants
@@ -1074,8 +1075,8 @@ def compare_variants(rows: Sequence[dict[str, Any]], a: str, b: str, column: str
     duplicated = len(set(keys_a)) < len(keys_a) or len(set(keys_b)) < len(keys_b)
     by_b = dict(zip(keys_b, rb))
     common = [(k, r) for k, r in zip(keys_a, ra) if k in by_b]
-    if not duplicated and len(common) >= 2:
-        dropped = len(ra) + len(rb) - 2 * len(common)
+    dropped = len(ra) + len(rb) - 2 * len(common)
+    if not duplicated and common and (len(common) >= 2 or dropped == 0):
         ev = paired_comparison([_as_float(r[column]) for _, r in common],
                                [_as_float(by_b[k][column]) for k, _ in common], [k[1] for k, _ in common], **options)
         note = f"{dropped} run(s) without a partner left out" if dropped else None
@@ -1170,11 +1171,15 @@ def comparison_record(c: Comparison, *, alpha: float, p_holm: float, uncertainty
     effect = min_effect if min_effect is not None else abs(ev.mean_diff)
     needed = seeds_per_cell(c, effect, alpha=alpha, power=uncertainty.power)
     kind = {"supported": "greater", "contradicted": "less"}.get(verdict.verdict, "inconclusive")
+    summary = _short_verdict(c.a, c.b, verdict, c.unit)
+    if kind == "inconclusive" and needed is None and not math.isfinite(c.sd):
+        summary = (f"inconclusive: a single {'pair' if c.pairing != 'unpaired' else 'run each'}, no interval "
+                   "(at least 5 seeds per test domain are needed)")
     return {"a": c.a, "b": c.b, "column": c.column, "pairing": c.pairing, "pairing_text": PAIRINGS[c.pairing],
             "n": c.n, "n_a": getattr(ev, "n_a", None), "n_b": getattr(ev, "n_b", None), "mean_diff": ev.mean_diff,
             "ci_low": ev.ci_low, "ci_high": ev.ci_high, "confidence": ev.confidence, "method": ev.method,
             "sd": c.sd, "p_value": ev.p_value, "p_holm": p_holm, "test": ev.test, "exact": ev.exact,
-            "verdict": kind, "summary": _short_verdict(c.a, c.b, verdict, c.unit), "reason": verdict.reason,
+            "verdict": kind, "summary": summary, "reason": verdict.reason,
             "seeds_needed": needed, "seeds_unit": c.unit, "sized_at": "min_effect" if min_effect else "observed effect",
             "small_sample": ev.small_sample, "note": "; ".join(n for n in (c.note, ev.note) if n) or None}
 
