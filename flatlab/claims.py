@@ -899,7 +899,25 @@ def _has_p(t: _Test) -> bool:
             and math.isfinite(getattr(t.evidence, "p_value", math.nan)))
 
 
-def _record(t: _Test, alpha: float, p_holm: float, u: Uncertainty) -> dict[str, Any]:
+def _family_seeds(t: _Test, effect: float, alpha: float, power: float, m: int) -> int | None:
+    """Seeds (runs) per test domain for 80% power within the file's Holm family of m tests: sized
+    at alpha / m (:func:`flatlab.report.seeds_per_cell`; correlations: Fisher z runs)."""
+    from flatlab.report import seeds_per_cell
+    from flatlab.stats import correlation_runs_needed
+    from flatlab.stats._common import MIN_RELIABLE_N
+
+    if t.comparison is not None:
+        return seeds_per_cell(t.comparison, effect, alpha=alpha, power=power, family=m)
+    ev = t.evidence
+    if not math.isfinite(effect) or effect == 0:
+        return None
+    h = max(getattr(ev, "n_strata", 1), 1)
+    n = correlation_runs_needed(min(abs(effect), 1.0), method=ev.method, alpha=alpha / max(m, 1), power=power,
+                                max_n=1000 * h)
+    return None if n is None else max(MIN_RELIABLE_N, math.ceil(n / h))
+
+
+def _record(t: _Test, alpha: float, p_holm: float, u: Uncertainty, m: int = 1) -> dict[str, Any]:
     from flatlab.stats import decide
 
     claim = t.claim
@@ -910,13 +928,13 @@ def _record(t: _Test, alpha: float, p_holm: float, u: Uncertainty) -> dict[str, 
         return {**base, "verdict": "not testable", "reason": f"not testable: {t.not_testable}", "effect": None,
                 "effect_name": None, "ci_low": None, "ci_high": None, "confidence": None, "p_value": None,
                 "p_holm": None, "in_holm": False, "n": None, "n_a": None, "n_b": None, "pairing": None,
-                "seeds_needed": None, "seeds_unit": None, "sd": None, "note": None}
+                "seeds_needed": None, "seeds_needed_single": None, "seeds_unit": None, "sd": None, "note": None}
     ev = t.evidence
     est = float(ev.estimate)
     if t.ci_only:
         verdict, reason = _decide_ci_only(claim.expect, est, ev.ci_low, ev.ci_high, ev.confidence, claim.margin,
                                           ev.small_sample, t.effect_name)
-        needed, unit, p = None, "", math.nan
+        needed, unit, p, single = None, "", math.nan, None
     else:
         if claim.kind.startswith("correlation"):
             min_effect = claim.min_effect
@@ -931,6 +949,14 @@ def _record(t: _Test, alpha: float, p_holm: float, u: Uncertainty) -> dict[str, 
         verdict, reason = v.verdict, v.reason
         needed, unit = v.n_needed, v.n_needed_unit
         p = ev.p_value if claim.expect in DIRECTIONS else math.nan  # margin claims use no p-value
+        single = needed
+        if verdict == "inconclusive" and _has_p(t) and needed is not None:
+            effect = min_effect if min_effect is not None else abs(est)
+            family = _family_seeds(t, effect, alpha, u.power, m)
+            if family is not None and family != needed:
+                reason += (f"; within this file's Holm family of {m} test(s), sized at alpha/{m} = {alpha / m:.3g} "
+                           f"and for the exact p to reach it: about {family} {t.unit or unit}")
+            needed = family
         if t.pairing in ("domain", "members"):
             one = "a single ensemble" if t.pairing == "members" else "a single test domain"
             reason = reason.replace("a single seed", one)
@@ -941,6 +967,7 @@ def _record(t: _Test, alpha: float, p_holm: float, u: Uncertainty) -> dict[str, 
     if sd is None:
         sd = getattr(ev, "sd_pooled", None)
     return {**base, "verdict": verdict, "reason": reason, "effect": est, "effect_name": t.effect_name,
+            "seeds_needed_single": single if not t.ci_only else None,
             "ci_low": float(ev.ci_low), "ci_high": float(ev.ci_high), "confidence": float(ev.confidence),
             "method": getattr(ev, "method", "percentile"), "p_value": p,
             "p_holm": p_holm if _has_p(t) else math.nan, "in_holm": _has_p(t), "n": t.n, "n_a": t.n_a,
@@ -990,7 +1017,7 @@ def evaluate_claims(claims: ClaimsFile, collection: Collection, *, uncertainty: 
     family = [t for t in tests if _has_p(t)]
     adjusted = holm([t.evidence.p_value for t in family]) if family else np.zeros(0)
     p_of = {id(t): float(p) for t, p in zip(family, adjusted)}
-    results = [_record(t, level, p_of.get(id(t), math.nan), u) for t in tests]
+    results = [_record(t, level, p_of.get(id(t), math.nan), u, len(family)) for t in tests]
     counts = {v: sum(1 for r in results if r["verdict"] == v) for v in VERDICTS}
     m = len(family)
     text = (f"Holm-Bonferroni over the {m} direction test(s) of this file with a p-value (p_holm); margin claims "

@@ -1098,16 +1098,39 @@ def compare_variants(rows: Sequence[dict[str, Any]], a: str, b: str, column: str
     return Comparison(a, b, column, "unpaired", ev, note)
 
 
-def seeds_per_cell(comparison: Comparison, effect: float, *, alpha: float, power: float = 0.8,
-                   max_per_cell: int = 1000) -> int | None:
-    r"""Seeds per cell (variant x test domain) at which the comparison's test has ``power`` for a
-    true effect ``effect``, at two-sided level ``alpha``.
+def exact_floor(level: float, *, paired: bool = True, strata: int = 1) -> int:
+    r"""The fewest seeds per test domain at which the exact permutation test can reach p < ``level``
+    at all.
 
-    The t-test stands in for the permutation test (docs/statistics.md section 4): paired, n pairs
-    with the observed sd of the differences; unpaired, n runs per group with the pooled sd
-    (:func:`flatlab.stats.seeds_needed`). The total is spread over the test domains (rounded up)
-    and is at least 5 per test domain, below which a bootstrap interval is unreliable; for a
-    comparison paired on test domains only (an ensemble) the count is of test domains.
+    Paired (sign flip over n = strata x k pairs): the smallest p is 2 / 2^n = 2^(1-n), so
+    n > 1 + log2(1 / level). Unpaired (labels permuted within each of the strata, k runs per
+    variant in each): the smallest p is 2 / C(2k, k)^strata. Below this count no effect, however
+    large, can be significant (5 pairs, e.g., never give p < 0.05: the smallest is 0.0625).
+    """
+    if paired:
+        n = math.floor(1.0 + math.log2(1.0 / level)) + 1
+        return max(1, math.ceil(n / max(strata, 1)))
+    k = 1
+    while 2.0 / math.comb(2 * k, k) ** max(strata, 1) >= level:
+        k += 1
+    return k
+
+
+def seeds_per_cell(comparison: Comparison, effect: float, *, alpha: float, power: float = 0.8,
+                   family: int = 1, max_per_cell: int = 1000) -> int | None:
+    r"""Seeds per cell (variant x test domain) at which the comparison's test has ``power`` for a
+    true effect ``effect`` within a Holm family of ``family`` tests at level ``alpha``.
+
+    Each test is sized at the family's strictest Holm level, the Bonferroni level
+    alpha' = alpha / family (Holm compares the smallest p with it; sizing at it guarantees the
+    power whatever the other p-values). The t-test stands in for the permutation test
+    (docs/statistics.md section 4): paired, n pairs with the observed sd of the differences;
+    unpaired, n runs per group with the pooled sd (:func:`flatlab.stats.seeds_needed` at
+    alpha'). The total is spread over the test domains (rounded up), and is at least 5 per test
+    domain (below which a bootstrap interval is unreliable) and at least :func:`exact_floor`
+    (alpha') (below which the exact permutation p cannot reach alpha'). For a comparison paired on
+    test domains only (an ensemble) the count is of test domains, for an ensemble against its
+    members of ensembles.
 
     Returns:
         The count, or None when the effect is 0, the sd undefined (a single pair), or more than
@@ -1119,12 +1142,13 @@ def seeds_per_cell(comparison: Comparison, effect: float, *, alpha: float, power
     sd = comparison.sd
     if not math.isfinite(sd) or not math.isfinite(effect) or effect == 0:
         return None
+    level = alpha / max(int(family), 1)
+    paired = comparison.pairing != "unpaired"
     h = 1 if comparison.pairing in ("domain", "members") else max(getattr(comparison.evidence, "n_strata", 1), 1)
-    total = seeds_needed(abs(effect), sd, alpha=alpha, power=power, paired=comparison.pairing != "unpaired",
-                         max_n=max_per_cell * h)
+    total = seeds_needed(abs(effect), sd, alpha=level, power=power, paired=paired, max_n=max_per_cell * h)
     if total is None:
         return None
-    return max(MIN_RELIABLE_N, math.ceil(total / h))
+    return max(MIN_RELIABLE_N, math.ceil(total / h), exact_floor(level, paired=paired, strata=h))
 
 
 def default_reference(rows: Sequence[dict[str, Any]]) -> str | None:
@@ -1157,11 +1181,13 @@ def _short_verdict(a: str, b: str, verdict: Any, unit: str) -> str:
     return "inconclusive"
 
 
-def comparison_record(c: Comparison, *, alpha: float, p_holm: float, uncertainty: Uncertainty) -> dict[str, Any]:
+def comparison_record(c: Comparison, *, alpha: float, p_holm: float, uncertainty: Uncertainty,
+                      family: int = 1) -> dict[str, Any]:
     """The JSON view of a two-sided comparison A vs B and its verdict ("greater", "less" or
     "inconclusive", by :func:`flatlab.stats.decide` with the "greater" rule on the two-sided
     test: A > B when the Holm-adjusted p < alpha and the CI lies above 0, A < B when it lies
-    below)."""
+    below). ``seeds_needed`` is :func:`seeds_per_cell` within the Holm family of ``family``
+    comparisons, ``seeds_needed_single`` the same for this test alone (at alpha)."""
     from flatlab.stats import decide
 
     ev = c.evidence
@@ -1169,9 +1195,15 @@ def comparison_record(c: Comparison, *, alpha: float, p_holm: float, uncertainty
     verdict = decide("greater", ev, alpha=alpha, p_adjusted=p_holm if math.isfinite(p_holm) else None,
                      min_effect=min_effect, power=uncertainty.power)
     effect = min_effect if min_effect is not None else abs(ev.mean_diff)
-    needed = seeds_per_cell(c, effect, alpha=alpha, power=uncertainty.power)
+    needed = seeds_per_cell(c, effect, alpha=alpha, power=uncertainty.power, family=family)
+    single = seeds_per_cell(c, effect, alpha=alpha, power=uncertainty.power)
     kind = {"supported": "greater", "contradicted": "less"}.get(verdict.verdict, "inconclusive")
     summary = _short_verdict(c.a, c.b, verdict, c.unit)
+    if kind == "inconclusive" and needed is not None:
+        current = c.n // (1 if c.pairing in ("domain", "members") else max(getattr(ev, "n_strata", 1), 1))
+        summary = (f"inconclusive: about {needed} {c.unit} would settle it" if needed > current else
+                   f"inconclusive: the study has the {needed} {c.unit} 80% power needs; the effect is likely "
+                   "smaller than observed")
     if kind == "inconclusive" and needed is None and not math.isfinite(c.sd):
         summary = (f"inconclusive: a single {'pair' if c.pairing != 'unpaired' else 'run each'}, no interval "
                    "(at least 5 seeds per test domain are needed)")
@@ -1180,7 +1212,8 @@ def comparison_record(c: Comparison, *, alpha: float, p_holm: float, uncertainty
             "ci_low": ev.ci_low, "ci_high": ev.ci_high, "confidence": ev.confidence, "method": ev.method,
             "sd": c.sd, "p_value": ev.p_value, "p_holm": p_holm, "test": ev.test, "exact": ev.exact,
             "verdict": kind, "summary": summary, "reason": verdict.reason,
-            "seeds_needed": needed, "seeds_unit": c.unit, "sized_at": "min_effect" if min_effect else "observed effect",
+            "seeds_needed": needed, "seeds_needed_single": single, "seeds_unit": c.unit,
+            "sized_at": "min_effect" if min_effect else "observed effect",
             "small_sample": ev.small_sample, "note": "; ".join(n for n in (c.note, ev.note) if n) or None}
 
 
@@ -1206,9 +1239,11 @@ def variant_comparisons(rows: Sequence[dict[str, Any]], pairs: Sequence[tuple[st
     pvalues = np.asarray([c.evidence.p_value for c in found], dtype=np.float64)
     adjusted = holm(pvalues) if len(found) else np.zeros(0)
     m = int(np.count_nonzero(np.isfinite(pvalues)))
-    results = [comparison_record(c, alpha=u.alpha, p_holm=float(p), uncertainty=u) for c, p in zip(found, adjusted)]
+    results = [comparison_record(c, alpha=u.alpha, p_holm=float(p), uncertainty=u, family=m)
+               for c, p in zip(found, adjusted)]
     family = (f"Holm-Bonferroni over the {m} comparisons of this report (p_holm); verdicts at alpha = {u.alpha:g} "
-              f"need p_holm < alpha and a {u.confidence:.0%} CI excluding 0")
+              f"need p_holm < alpha and a {u.confidence:.0%} CI excluding 0; seeds are sized at alpha/{m} = "
+              f"{u.alpha / max(m, 1):.3g}, the family's strictest level")
     return {"pairs": [list(p) for p in pairs], "family": family, "m": m, "results": results, "skipped": skipped}
 
 
@@ -1437,7 +1472,7 @@ def _comparisons_text(report: dict[str, Any], conf: str) -> str:
     head = (f"comparisons (effect = A - B; paired on (seed, test domain) where the study pairs them, on the test "
             f"domain only for an ensemble, else unpaired; {conf} bootstrap CI; sign-flip permutation p, exact up "
             f"to 16 pairs; {comps.get('family', 'Holm')}; 'seeds' = seeds per test domain for 80% power at the "
-            "observed effect, or --min-effect):")
+            "observed effect, or --min-effect, and for the exact p to reach that level):")
     notes = [f"  {c['a']} - {c['b']} ({_column_header(c['column'])}): {c['note']}" for c in results
              if c.get("note") and c["pairing"] != "paired"]
     seen: set[str] = set()
@@ -1518,6 +1553,7 @@ __all__ = [
     "comparison_record",
     "default_reference",
     "describe_measure",
+    "exact_floor",
     "gaqat_conflict_of_log",
     "generalization_gap",
     "granulated_tau",

@@ -209,11 +209,17 @@ def test_known_effects_give_each_verdict(study: tuple[Path, dict], tmp_path: Pat
     # a small effect in noise, 8 seeds per test domain: inconclusive, with the seeds that would settle it
     sam = r["sam-better"]
     assert sam["verdict"] == "inconclusive"
+    from flatlab.report import exact_floor
     from flatlab.stats import seeds_needed
 
-    total = seeds_needed(abs(sam["effect"]), sam["sd"], alpha=0.05, power=0.8, paired=True, max_n=2000)
-    assert sam["seeds_needed"] == max(5, math.ceil(total / 2))
-    assert f"about {sam['seeds_needed']} seeds per test domain would settle it" in sam["reason"]
+    single = seeds_needed(abs(sam["effect"]), sam["sd"], alpha=0.05, power=0.8, paired=True, max_n=2000)
+    assert sam["seeds_needed_single"] == max(5, math.ceil(single / 2))  # this test alone, at alpha
+    assert f"about {sam['seeds_needed_single']} seeds per test domain would settle it" in sam["reason"]
+    m = result["m"]  # within the file's Holm family: sized at alpha / m
+    total = seeds_needed(abs(sam["effect"]), sam["sd"], alpha=0.05 / m, power=0.8, paired=True, max_n=2000)
+    assert sam["seeds_needed"] == max(5, math.ceil(total / 2), exact_floor(0.05 / m, strata=2))
+    assert f"Holm family of {m} test(s), sized at alpha/{m}" in sam["reason"]
+    assert f"about {sam['seeds_needed']} seeds per test domain" in sam["reason"].split("Holm family")[1]
     # equivalence: shown for the identical variant, refuted for the one 5 points better
     assert r["q8-equivalent"]["verdict"] == "supported" and r["q8-equivalent"]["confidence"] == pytest.approx(0.9)
     assert r["q4-equivalent"]["verdict"] == "contradicted"

@@ -384,7 +384,7 @@ def test_claims_forest_plot(tmp_path: Path, capsys: pytest.CaptureFixture) -> No
     (corr,) = [r for r in testable if r["kind"] == "correlation"]
     (point,) = [ln for ln in corr_ax.get_lines() if ln.get_gid() == "effect"]
     assert point.get_xdata()[0] == pytest.approx(corr["effect"])
-    texts = " ".join(t.get_text() for t in fig.texts)
+    texts = fig.get_supxlabel()
     assert "not testable: two-bit (needs variant qat2)" in texts
     # through the command line: flatlab figures --claims
     out = tmp_path / "figs"

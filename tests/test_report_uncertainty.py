@@ -119,18 +119,44 @@ def test_comparisons_pair_on_seed_and_domain_or_domain_only(study: tuple[Path, d
 
 
 def test_seed_counts_follow_the_power_formula_and_min_effect(study: tuple[Path, dict]) -> None:
+    from flatlab.report import exact_floor
     from flatlab.stats import seeds_needed
 
     path, _ = study
     report = build_report([path], uncertainty=Uncertainty(resamples=500, correlation_resamples=200,
                                                           min_effect={"ood_acc": 0.02}))
+    m = report["comparisons"]["m"]
     by = {(c["a"], c["column"]): c for c in report["comparisons"]["results"]}
     sam = by[("sam", "ood_acc")]
     total = seeds_needed(0.02, sam["sd"], alpha=0.05, power=0.8, paired=True, max_n=2000)
-    assert sam["sized_at"] == "min_effect" and sam["seeds_needed"] == max(5, math.ceil(total / 2))
+    assert sam["sized_at"] == "min_effect" and sam["seeds_needed_single"] == max(5, math.ceil(total / 2), 3)
+    total = seeds_needed(0.02, sam["sd"], alpha=0.05 / m, power=0.8, paired=True, max_n=2000)
+    assert sam["seeds_needed"] == max(5, math.ceil(total / 2), exact_floor(0.05 / m, strata=2))
+    assert f"about {sam['seeds_needed']} seeds per test domain would settle it" in sam["summary"]
     trace = by[("sam", "trace")]  # not named: sized at its observed effect
-    total = seeds_needed(abs(trace["mean_diff"]), trace["sd"], alpha=0.05, power=0.8, paired=True, max_n=2000)
-    assert trace["sized_at"] == "observed effect" and trace["seeds_needed"] == max(5, math.ceil(total / 2))
+    total = seeds_needed(abs(trace["mean_diff"]), trace["sd"], alpha=0.05 / m, power=0.8, paired=True, max_n=2000)
+    assert trace["sized_at"] == "observed effect"
+    assert trace["seeds_needed"] == max(5, math.ceil(total / 2), exact_floor(0.05 / m, strata=2))
+
+
+def test_exact_floor_is_the_smallest_p_the_permutation_tests_can_reach() -> None:
+    from flatlab.report import exact_floor
+    from flatlab.stats import sign_flip_test, two_sample_permutation_test
+
+    for level in (0.05, 0.05 / 7, 0.05 / 30):
+        n = exact_floor(level)  # pairs, one test domain: all differences positive is the most extreme data
+        assert sign_flip_test(np.ones(n)).p_value < level <= sign_flip_test(np.ones(n - 1)).p_value
+        per_domain = exact_floor(level, strata=2)
+        assert per_domain == math.ceil(n / 2)
+    for strata in (1, 2):
+        k = exact_floor(0.05, paired=False, strata=strata)  # runs per variant and test domain
+
+        def smallest_p(k: int, strata: int = strata) -> float:
+            labels = [f"d{h}" for h in range(strata) for _ in range(k)]
+            a = np.asarray([10.0 + i for i in range(strata * k)])  # every a above every b
+            return two_sample_permutation_test(a, a - 100.0, labels, labels).p_value
+
+        assert smallest_p(k) < 0.05 <= smallest_p(k - 1)
 
 
 def test_unpaired_when_the_seeds_differ(tmp_path: Path) -> None:

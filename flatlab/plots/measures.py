@@ -358,15 +358,11 @@ def claims_forest(results: Sequence[dict[str, Any]], title: str | None = None) -
             lines = [f"not testable: {r['id']} ({r['reason'].removeprefix('not testable: ')})" for r in untestable]
             if len(lines) > 12:
                 lines = lines[:11] + [f"... and {len(lines) - 11} more"]
-            fig.text(0.01, 0.005, "\n".join(lines), fontsize=6.5, ha="left", va="bottom", color="#444444")
-        from matplotlib.lines import Line2D
-
-        handles = [Line2D([], [], color=c, marker="o", markerfacecolor="white" if v == "inconclusive" else c,
-                          label=v) for v, c in VERDICT_COLORS.items()]
-        fig.legend(handles=handles, loc="outside upper right", ncol=3)
-        fig.suptitle(title or "claims: effect and interval per test (95% CI; margin claims 90%)", x=0.02, ha="left")
-        if untestable:
-            fig.get_layout_engine().set(rect=(0, 0.02 + 0.018 * min(len(untestable), 12), 1, 1 - 0.0))
+            # a figure-level x label: constrained layout keeps room for it under the panels
+            fig.supxlabel("\n".join(lines), fontsize=6.5, ha="left", x=0.01, color="#444444")
+        fig.suptitle((title or "claims: effect and interval per test") + "\n95% CI (margin claims 90%); "
+                     "bluish green: supported, vermillion: contradicted, black (hollow): inconclusive",
+                     x=0.02, ha="left", fontsize=8.5)
     return fig
 
 
