@@ -609,11 +609,30 @@ def _run_job_steps(task: dict[str, Any]) -> str:
         run_id = run_id or found
         atomic_write_text(marker, json.dumps({"run_id": run_id}))
     if definition["kind"] == "train":
+        from flatlab.report import gaqat_conflict_of_log
+
         ckpt = load_checkpoint(Path(task["run_dir"]) / "model.pt")
         target = job_dir / "sweep.h5"
         target.unlink(missing_ok=True)
-        write_group(target, run_id, run_attrs_from_checkpoint(ckpt, f"flatlab sweep {definition['study']}"), "sweep", {},
+        attrs = run_attrs_from_checkpoint(ckpt, f"flatlab sweep {definition['study']}")
+        write_group(target, run_id, attrs, "sweep", {},
                     {"job_id": task["job_id"], "variant": definition["variant"], "study": definition["study"]})
+        # GAQAT logs its scale-gradient conflict per evaluation in results.jsonl; the report reads
+        # the step-weighted training mean per layer from /runs/<id>/train (gaqat_conflict_max).
+        conflict = gaqat_conflict_of_log(Path(task["run_dir"]) / "results.jsonl")
+        if conflict:
+            write_group(target, run_id, attrs, "train", {},
+                        {"gaqat_conflict": conflict, "source": "results.jsonl: step-weighted mean of gaqat_conflict"})
+    elif definition["kind"] == "ensemble" and run_id:
+        from flatlab.results import read_results
+
+        # The ensemble's variant label is the study's ensemble name (job id = <name>-te<envs>).
+        target = job_dir / "ensemble.h5"
+        run = read_results(target)["runs"].get(run_id) if target.exists() else None
+        if run is not None:
+            write_group(target, run_id, run.get("attrs", {}), "sweep", {},
+                        {"job_id": task["job_id"], "variant": task["job_id"].rsplit("-te", 1)[0],
+                         "members_variant": definition["variant"], "study": definition["study"]})
     return run_id
 
 

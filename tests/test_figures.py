@@ -229,7 +229,10 @@ def test_measure_vs_ood_and_bits_hold_the_rows(demo: tuple[Path, dict]) -> None:
     jobs = {job.data["measure"]: job for job in _figures(collection, "measure_vs_ood")}
     fig = jobs["trace"].build()
     ax = fig.axes[0]
-    pts = {tuple(p) for c in ax.collections for p in np.asarray(c.get_offsets())}
+    from matplotlib.collections import PathCollection
+
+    # the scatter points (the error bars of each run's estimation error are LineCollections)
+    pts = {tuple(p) for c in ax.collections if isinstance(c, PathCollection) for p in np.asarray(c.get_offsets())}
     measured = [k for k in known.values() if k["measures"]]
     expect = {(k["measures"]["trace"], 100 * k["attrs"]["ood_acc"]) for k in measured}
     assert len(pts) == len(expect)
@@ -327,3 +330,82 @@ def test_shared_direction_surfaces_are_compared_on_one_colour_scale(tmp_path: Pa
     with pytest.raises(Exception, match="different grids"):
         wide = next(s for s in collection.surfaces if s.name == "q-2d-wide")
         splots.contour_2d_shared([collection.surfaces[0], wide])
+
+
+def test_figures_draw_intervals(demo: tuple[Path, dict]) -> None:
+    """Bits sweep: bootstrap CI of the mean over seeds; measure vs OOD: +-1.96 stderr per run."""
+    from flatlab.report import build_rows, grouped_means
+
+    path, known = demo
+    collection = load_inputs([path])
+    (job,) = _figures(collection, "bits_vs_ood")
+    fig = job.build()
+    ax = fig.axes[0]
+    rows, _ = build_rows(collection)
+    qat = next(g for g in grouped_means(rows, ["ood_acc"]) if g["algorithm"] == "qat" and g["bits_label"] == "4b")
+    s = qat["stats"]["ood_acc"]
+    assert s["n"] == 4 and s["ci_low"] < s["mean"] < s["ci_high"]
+    # errorbar draws each bar as a vertical segment from the CI's low to its high end (in percent)
+    segments = [seg for coll in ax.collections for seg in coll.get_segments()]
+    assert any(np.allclose(seg[:, 1], [100 * s["ci_low"], 100 * s["ci_high"]]) for seg in segments)
+    assert "95% bootstrap CI" in fig.get_suptitle()
+
+    jobs = {job.data["measure"]: job for job in _figures(collection, "measure_vs_ood")}
+    ax = jobs["trace"].build().axes[0]
+    widths = {round(float(seg[1, 0] - seg[0, 0]), 9) for c in ax.collections if hasattr(c, "get_segments")
+              for seg in c.get_segments()}
+    assert widths == {round(2 * 1.96 * 1.0, 9)}  # every run: +-1.96 trace_stderr (= 1 in make_results)
+    assert "[" in ax.get_title() and "n = 12" in ax.get_title()  # tau with its CI
+
+
+def test_claims_forest_plot(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from test_claims import CLAIMS, FAST, make_study
+
+    from flatlab.claims import evaluate_claims, load_claims
+    from flatlab.plots import claims_forest
+    from flatlab.plots.measures import VERDICT_COLORS
+
+    path = tmp_path / "study.h5"
+    make_study(path, seeds=5)
+    claims = tmp_path / "claims.toml"
+    claims.write_text(CLAIMS)
+    report = evaluate_claims(load_claims(claims), load_inputs([path]), uncertainty=FAST)
+    fig = claims_forest(report["results"])
+    diff_ax, corr_ax = fig.axes[:2]
+    testable = [r for r in report["results"] if r["verdict"] != "not testable"]
+    drawn = [r for r in testable if r["kind"] != "correlation" and r["sd"] and r["sd"] > 0]
+    labels = [t.get_text() for t in diff_ax.get_yticklabels()]
+    assert set(labels) == {r["id"] for r in testable if r["kind"] != "correlation"}
+    effects = [ln for ln in diff_ax.get_lines() if ln.get_gid() == "effect"]
+    assert len(effects) == len(drawn)
+    for r in drawn:  # standardized effect E / sd, in the verdict's colour
+        assert sum(np.isclose(ln.get_xdata()[0], r["effect"] / r["sd"]) and
+                   ln.get_color() == VERDICT_COLORS[r["verdict"]] for ln in effects) == 1
+    (corr,) = [r for r in testable if r["kind"] == "correlation"]
+    (point,) = [ln for ln in corr_ax.get_lines() if ln.get_gid() == "effect"]
+    assert point.get_xdata()[0] == pytest.approx(corr["effect"])
+    texts = fig.get_supxlabel()
+    assert "not testable: two-bit (needs variant qat2)" in texts
+    # through the command line: flatlab figures --claims
+    out = tmp_path / "figs"
+    assert main(["figures", str(path), "--out", str(out), "--format", "png", "--claims", str(claims),
+                 "--measures", "trace", "--json", "--quiet"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    forest = [f for f in summary["figures"] if f["kind"] == "claims_forest"]
+    assert len(forest) == 1 and forest[0]["counts"]["not testable"] == 2
+    assert Path(forest[0]["files"][0]).read_bytes().startswith(b"\x89PNG")
+    _expect_error(["figures", str(path), "--out", str(out), "--claims", str(tmp_path / "missing.toml")], capsys,
+                  "no such claims file")
+
+
+def test_correlation_titles_never_print_p_zero() -> None:
+    from flatlab.plots.measures import correlation_title
+    from flatlab.report import rank_correlation
+
+    small = rank_correlation([1.0, 2.0, 3.0, 4.0], [0.4, 0.3, 0.2, 0.1])
+    assert small["kendall_tau"] == -1.0 and math.isnan(small["kendall_p"]) and "n too small" in small["note"]
+    assert "n too small" in correlation_title("trace", small) and "p =" not in correlation_title("trace", small)
+    big = {"n": 40, "kendall_tau": -0.9, "kendall_p": 0.0, "spearman_rho": -0.95, "spearman_p": 1e-30,
+           "kendall_ci": [-0.95, -0.85], "spearman_ci": [-0.97, -0.9]}
+    title = correlation_title("trace", big)
+    assert "0e+00" not in title and "(p < 0.001)" in title and "[-0.95, -0.85]" in title

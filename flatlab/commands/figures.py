@@ -16,8 +16,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "one axis; accuracy on a twin axis), 2D contours with log-spaced levels, 3D surfaces "
                     "(static, interactive offline HTML, VTK .vtp for ParaView), Hessian spectral densities "
                     "(log scale), local flatness F_gamma vs gamma per algorithm, each measure vs OOD accuracy "
-                    "with its rank correlation, bit width vs OOD accuracy and vs sharpness with error bars. "
-                    "Reads results only; nothing is recomputed.")
+                    "with its rank correlation (95% CIs) and per-run estimation error bars, bit width vs OOD "
+                    "accuracy and vs sharpness with 95% bootstrap CIs over seeds, and with --claims a forest plot "
+                    "of the claims' verdicts. Reads results only; no measurement is recomputed.")
     p.add_argument("results", nargs="+", metavar="RESULTS",
                    help="results file(s) (.h5) or stand-alone surface files (several: drawn together)")
     p.add_argument("--out", default=None, metavar="DIR",
@@ -27,6 +28,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--measures", default=None, metavar="LIST",
                    help="measures to plot against OOD accuracy (default: every measure present)")
     p.add_argument("--radii", default=None, metavar="LIST", help="local-flatness radii for the measure figures")
+    p.add_argument("--claims", action="append", default=[], metavar="FILE",
+                   help="a claims file (docs/claims.md): also draw its forest plot (effect and CI per claim, "
+                        "coloured by verdict); repeat for several files")
+    p.add_argument("--reference", default=None, metavar="VARIANT",
+                   help="the reference variant of the claims (default: the claims file's, else erm / fp)")
+    p.add_argument("--alpha", type=float, default=None, metavar="A",
+                   help="level of the claims' tests (default: the claims file's alpha, else 0.05)")
     add_output_options(p)
     p.set_defaults(func=run)
 
@@ -40,6 +48,7 @@ def default_out_dir(first: str) -> Path:
 
 def run(args: argparse.Namespace) -> int:
     from flatlab.commands.report import parse_list, parse_radii
+    from flatlab.errors import FlatlabError
     from flatlab.io import check_writable
     from flatlab.plots.collect import parse_formats, write_figures
     from flatlab.report import check_measure_names, load_inputs
@@ -57,7 +66,20 @@ def run(args: argparse.Namespace) -> int:
         if not args.quiet:
             sys.stderr.write(f"figure {stem}\n")
 
-    summary = write_figures(collection, out, formats, measures, radii, progress if not args.json else None)
+    claims = []
+    if args.claims:
+        from flatlab.claims import evaluate_claims, load_claims
+        from flatlab.report import Uncertainty
+
+        known = {r.variant for r in collection.runs.values()}
+        files = [load_claims(path, known) for path in args.claims]
+        if not collection.runs:
+            raise FlatlabError("--claims needs runs: the inputs hold only surfaces")
+        u = Uncertainty() if args.alpha is None else Uncertainty(alpha=args.alpha)
+        claims = [evaluate_claims(f, collection, uncertainty=u, alpha=args.alpha, reference=args.reference)
+                  for f in files]
+    summary = write_figures(collection, out, formats, measures, radii, progress if not args.json else None,
+                            claims=claims)
     lines = [f"{len(summary['figures'])} figure(s) in {summary['out_dir']}"]
     for fig in summary["figures"]:
         lines.append(f"  {fig['kind']:<18} {', '.join(Path(f).name for f in fig['files'])}")

@@ -3,7 +3,8 @@
 * :mod:`flatlab.plots.surfaces`: 1D loss curves, 2D contours (log-spaced levels), static and
   interactive 3D surfaces, VTK PolyData for ParaView;
 * :mod:`flatlab.plots.measures`: Hessian spectral densities, local flatness F_gamma, a measure vs
-  OOD accuracy with its rank correlation, bit-width sweeps with error bars;
+  OOD accuracy with its rank correlation, bit-width sweeps with bootstrap CIs, the forest plot
+  of a claims report;
 * :mod:`flatlab.plots.collect`: which figures a results file supports, and writing them;
 * :mod:`flatlab.plots.style`: Okabe-Ito palette, fonts, vector PDF.
 
@@ -17,6 +18,7 @@ from flatlab.plots.measures import (
     DensityCurve,
     FlatnessSeries,
     bits_sweep,
+    claims_forest,
     local_flatness,
     measure_vs_ood,
     spectral_density,
@@ -37,6 +39,7 @@ __all__ = [
     "DensityCurve",
     "FlatnessSeries",
     "bits_sweep",
+    "claims_forest",
     "contour_2d",
     "contour_2d_shared",
     "local_flatness",

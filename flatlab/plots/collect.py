@@ -127,9 +127,14 @@ def density_curves(collection: Collection) -> list[mplots.DensityCurve]:
 def flatness_series(collection: Collection) -> tuple[list[mplots.FlatnessSeries], bool]:
     """Local flatness per (algorithm, bits), and whether the x axis is relative to ||w||.
 
-    Runs of one group with the same radii are averaged (standard error over runs); a single run
-    keeps its Monte Carlo standard errors; runs whose radii differ are drawn one by one.
+    Runs of one group with the same radii are averaged, with the standard error over runs and,
+    per radius, the 95% stratified bootstrap CI of the mean over seeds (resampled within test
+    domains, :func:`flatlab.stats.summarize_group`); a single run keeps its Monte Carlo standard
+    errors (drawn as +-1.96 s.e.); runs whose radii differ are drawn one by one.
     """
+    from flatlab.report import test_domain
+    from flatlab.stats import summarize_group
+
     found = []
     for run in collection.runs.values():
         node = run.groups.get("local_flatness")
@@ -167,9 +172,21 @@ def flatness_series(collection: Collection) -> tuple[list[mplots.FlatnessSeries]
         n = len(x)
         stacked = {k: np.stack([arr(m[2], k, n) for m in members]) for k in ("source", "target")}
         k = len(members)
+        domains = [str(test_domain(m[0].attrs) or "-") for m in members]
+        cis = {}
+        for split, values in stacked.items():
+            ci = np.full((2, n), np.nan)
+            for j in range(n):
+                col = values[:, j]
+                keep = np.isfinite(col)
+                if keep.sum() >= 2:
+                    g = summarize_group(col[keep], [d for d, kk in zip(domains, keep) if kk])
+                    ci[:, j] = (g.ci_low, g.ci_high)
+            cis[split] = ci
         series.append(mplots.FlatnessSeries(
             label, x, stacked["source"].mean(0), stacked["source"].std(0, ddof=1) / math.sqrt(k),
-            stacked["target"].mean(0), stacked["target"].std(0, ddof=1) / math.sqrt(k), k))
+            stacked["target"].mean(0), stacked["target"].std(0, ddof=1) / math.sqrt(k), k,
+            source_ci=cis["source"], target_ci=cis["target"]))
     return series, relative
 
 
@@ -199,6 +216,34 @@ def shared_group_slug(members: Sequence[SurfaceRecord], collection: Collection) 
     parts = [run_slug(collection.runs[m.run_id]) if m.run_id in collection.runs else slug(Path(m.source).stem)
              for m in members]
     return slug(f"{'-vs-'.join(parts)}-{members[0].name}")
+
+
+def correlation_with_intervals(rows: Sequence[dict[str, Any]], measure: str, target: str = "ood_acc") -> dict[str, Any]:
+    """Pooled Kendall tau and Spearman rho of ``measure`` against ``target`` over the rows where
+    both are finite, with p-values (n >= 5) and 95% percentile bootstrap CIs over runs resampled
+    within test domains (``kendall_ci``, ``spearman_ci``; NaN for n < 5)."""
+    from flatlab.stats import correlation_with_ci
+
+    pts = [r for r in rows if math.isfinite(r.get(measure, math.nan)) and math.isfinite(r.get(target, math.nan))]
+    x, y = [r[measure] for r in pts], [r[target] for r in pts]
+    corr = rank_correlation(x, y)
+    strata = [str(r.get("test_domain") or "-") for r in pts]
+    for method, key in (("kendall", "kendall_ci"), ("spearman", "spearman_ci")):
+        corr[key] = [math.nan, math.nan]
+        if len(pts) >= 2:
+            c = correlation_with_ci(x, y, method=method, strata=strata, n_resamples=1999)
+            corr[key] = [c.ci_low, c.ci_high]
+    return corr
+
+
+def claims_forest_job(results: Sequence[dict[str, Any]], stem: str = "claims_forest",
+                      title: str | None = None) -> FigureJob:
+    """The forest plot of claims results (:func:`flatlab.claims.evaluate_claims`) as a figure job."""
+    counts: dict[str, int] = {}
+    for r in results:
+        counts[r["verdict"]] = counts.get(r["verdict"], 0) + 1
+    return FigureJob("claims_forest", stem, build=lambda: mplots.claims_forest(results, title),
+                     data={"tests": len(results), "counts": counts})
 
 
 # --- jobs --------------------------------------------------------------------------------------
@@ -265,7 +310,7 @@ def figure_jobs(collection: Collection, measures: Sequence[str] | None = None,
             if len(pts) < 2:
                 skipped.append({"figure": f"measure_vs_ood_{name}", "reason": f"{len(pts)} run(s) with {name} and ood_acc; need 2"})
                 continue
-            corr = rank_correlation([r[name] for r in pts], [r["ood_acc"] for r in pts])
+            corr = correlation_with_intervals(pts, name)
             jobs.append(FigureJob("measure_vs_ood", f"measure_vs_ood_{slug(name)}",
                                   build=lambda n=name, c=corr: mplots.measure_vs_ood(rows, n, measure_axis_label(n), c,
                                                                                  colors=colors),
@@ -276,13 +321,15 @@ def figure_jobs(collection: Collection, measures: Sequence[str] | None = None,
             groups = grouped_means(rows, cols)
             jobs.append(FigureJob("bits_vs_ood", "bits_vs_ood_acc",
                                   build=lambda: mplots.bits_sweep(groups, ["ood_acc"], ["OOD accuracy (%)"],
-                                                                  "bit width vs OOD accuracy (mean ± s.e.)", colors)))
+                                                                  "bit width vs OOD accuracy (mean over seeds, 95% "
+                                                                  "bootstrap CI)", colors)))
             sharp = [n for n in names if sum(g["stats"][n]["n"] for g in groups) > 0][:4]
             if sharp:
                 jobs.append(FigureJob("bits_vs_sharpness", "bits_vs_sharpness",
                                       build=lambda s=sharp: mplots.bits_sweep(
                                           groups, s, [measure_axis_label(n) for n in s],
-                                          "bit width vs sharpness (mean ± s.e.; larger = sharper)", colors)))
+                                          "bit width vs sharpness (mean over seeds, 95% bootstrap CI; larger = "
+                                          "sharper)", colors)))
         else:
             skipped.append({"figure": "bits_vs_ood", "reason": f"{len(bit_widths)} bit width(s) among the runs; need 2"})
     return jobs, skipped
@@ -290,8 +337,10 @@ def figure_jobs(collection: Collection, measures: Sequence[str] | None = None,
 
 def write_figures(collection: Collection, out_dir: str | os.PathLike[str], formats: Sequence[str],
                   measures: Sequence[str] | None = None, radii: Sequence[float] | None = None,
-                  progress: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Build and write every figure the collection supports.
+                  progress: Callable[[str], None] | None = None,
+                  claims: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
+    """Build and write every figure the collection supports, plus one forest plot per claims
+    report in ``claims`` (:func:`flatlab.claims.evaluate_claims` results).
 
     Returns:
         ``{"out_dir", "formats", "figures": [{"kind", "stem", "files"}], "skipped": [...]}``.
@@ -301,6 +350,10 @@ def write_figures(collection: Collection, out_dir: str | os.PathLike[str], forma
     """
     out = Path(out_dir)
     jobs, skipped = figure_jobs(collection, measures, radii)
+    for report in claims:
+        name = Path(str(report.get("file", "claims"))).stem
+        jobs.append(claims_forest_job(report["results"], f"claims_forest_{slug(name)}",
+                                      f"claims of {report.get('source') or name}: effect and interval per test"))
     fig_formats = [f for f in formats if f in FIGURE_FORMATS]
     written = []
     for job in _wanted(jobs, formats):
@@ -335,8 +388,9 @@ def _wanted(jobs: Sequence[FigureJob], formats: Sequence[str]) -> Iterator[Figur
             yield job
 
 
-__all__ = ["ALL_FORMATS", "FIGURE_FORMATS", "FigureJob", "density_curves", "figure_jobs", "flatness_series",
-           "measure_axis_label", "parse_formats", "slug", "write_figures"]
+__all__ = ["ALL_FORMATS", "FIGURE_FORMATS", "FigureJob", "claims_forest_job", "correlation_with_intervals",
+           "density_curves", "figure_jobs", "flatness_series", "measure_axis_label", "parse_formats", "slug",
+           "write_figures"]
 
 
 def script_main(doc: str, draw: Callable[[Collection, Path, list[str]], list[Path]],
