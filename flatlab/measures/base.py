@@ -45,9 +45,13 @@ class ConfigError(FlatlabError):
     with :meth:`renamed`.
     """
 
-    def __init__(self, key: str, problem: str) -> None:
+    def __init__(self, key: str, problem: str, measure: str | None = None) -> None:
         self.key = key
         self.problem = problem
+        #: The measure whose setting ``key`` is (set by the config that raised it, or by the
+        #: pipeline for an error raised while computing), so a caller that names settings by
+        #: family (the CLI's flags) picks the right name.
+        self.measure = measure
         super().__init__(f"{key} {problem}")
 
     def renamed(self, name: str, prefix: str = "") -> FlatlabError:
@@ -83,7 +87,7 @@ class SettingSpec:
     """A config field as the CLI and study files see it."""
 
     name: str
-    kind: str  # int, float, str, bool, optional int/float, floats (a tuple of floats)
+    kind: str  # int, float, str, bool, optional int/float/str, floats / strs (tuples of floats / strings)
     default: Any
     help: str
     flag: str
@@ -107,9 +111,15 @@ class SettingSpec:
                 if not values:
                     raise ValueError
                 return values
+            if base == "strs":
+                words = tuple(part.strip() for part in text.split(",") if part.strip())
+                if not words:
+                    raise ValueError
+                return words
         except ValueError:
             example = ("comma-separated numbers, e.g. 0,0.05,0.1" if base == "floats"
-                       else f"a{'n integer' if base == 'int' else ' number'}")
+                       else "comma-separated words, e.g. " + ",".join(map(str, self.choices or ("a", "b")))
+                       if base == "strs" else f"a{'n integer' if base == 'int' else ' number'}")
             raise ConfigError(self.name, f"must be {example}, got {text!r}") from None
         return text
 
@@ -139,6 +149,12 @@ class SettingSpec:
                     isinstance(v, bool) or not isinstance(v, (int, float)) for v in value):
                 raise ConfigError(self.name, f"must be a non-empty list of numbers, got {value!r}")
             return tuple(float(v) for v in value)
+        if base == "strs":
+            if isinstance(value, str):
+                return self.parse_text(value)
+            if not isinstance(value, (list, tuple)) or not value or any(not isinstance(v, str) for v in value):
+                raise ConfigError(self.name, f"must be a non-empty list of strings, got {value!r}")
+            return tuple(value)
         if not isinstance(value, str):
             raise ConfigError(self.name, f"must be a string, got {value!r}")
         return value
@@ -147,8 +163,19 @@ class SettingSpec:
         """Choices and bounds; ConfigError naming the parameter."""
         if value is None:
             return
-        if self.choices is not None and value not in self.choices:
-            raise ConfigError(self.name, f"must be one of {', '.join(map(str, self.choices))}, got {value!r}")
+        if self.choices is not None:
+            # A value among the declared choices is valid as it is (bounds do not apply: e.g. a
+            # norm p in {2, inf}); a tuple setting (strs) checks each element, once each.
+            items = value if isinstance(value, tuple) else (value,)
+            for item in items:
+                if item not in self.choices:
+                    shown = ", ".join(c if isinstance(c, str) else _show(c) for c in self.choices)
+                    got = repr(item) if isinstance(item, str) else _show(item)
+                    kind = "made of" if isinstance(value, tuple) else "one of"
+                    raise ConfigError(self.name, f"must be {kind} {shown}, got {got}")
+            if isinstance(value, tuple) and len(set(value)) != len(value):
+                raise ConfigError(self.name, f"lists {', '.join(map(str, value))}: give each once")
+            return
         values = value if isinstance(value, tuple) else (value,)
         for v in values:
             if not isinstance(v, (int, float)) or isinstance(v, bool):
@@ -164,6 +191,13 @@ class SettingSpec:
                 raise ConfigError(self.name, f"must be at most {self.maximum:g}, got {value!r}")
 
 
+def _show(value: Any) -> str:
+    """A setting value as a user writes it (2 not 2.0, inf, quoted strings)."""
+    if isinstance(value, float):
+        return "inf" if math.isinf(value) and value > 0 else f"{value:g}"
+    return repr(value) if isinstance(value, str) else str(value)
+
+
 def _kind(annotation: Any) -> str:
     """The setting kind of a field's type annotation."""
     args = typing.get_args(annotation)
@@ -172,7 +206,7 @@ def _kind(annotation: Any) -> str:
         inner = [a for a in args if a is not type(None)]
         return "optional " + _kind(inner[0]) if len(inner) == 1 else "str"
     if origin is tuple:
-        return "floats"
+        return "strs" if typing.get_args(annotation)[:1] == (str,) else "floats"
     return {int: "int", float: "float", bool: "bool", str: "str"}.get(annotation, "str")
 
 
@@ -188,11 +222,16 @@ class MeasureConfig:
     measure: ClassVar[str] = ""
 
     def __post_init__(self) -> None:
-        for spec in self.setting_specs():
-            value = spec.coerce(getattr(self, spec.name))
-            object.__setattr__(self, spec.name, value)
-            spec.check(value)
-        self.validate()
+        try:
+            for spec in self.setting_specs():
+                value = spec.coerce(getattr(self, spec.name))
+                object.__setattr__(self, spec.name, value)
+                spec.check(value)
+            self.validate()
+        except ConfigError as exc:
+            if exc.measure is None:
+                exc.measure = self.measure or None
+            raise
 
     def validate(self) -> None:
         """Cross-field checks (field types, choices and bounds are checked before)."""
@@ -279,7 +318,12 @@ class MeasureResult:
 class Cost:
     """A measure's work in passes over its data: ``forward`` forward passes and ``gradient``
     forward+backward passes over each split in ``splits`` (a sweep multiplies by sample counts
-    and the model's measured seconds per sample)."""
+    and the model's measured seconds per sample).
+
+    A split is ``source``, ``source-out`` or ``target`` (each capped at ``max_samples``), or
+    ``domains``: every domain taken alone, each capped at ``max_samples`` (the source domains'
+    in-splits and the target domain(s), as :meth:`MeasureContext.domain_batches` hands them out).
+    """
 
     forward: float = 0.0
     gradient: float = 0.0
@@ -362,6 +406,10 @@ class Measure:
     in_all: bool = False
     #: A short line for tables: how to print the result (payload -> text rows).
     table: Callable[[dict[str, Any]], list[list[Any]]] | None = None
+    #: ``check(context, config)``: input checks that need the model or the data (a layer name,
+    #: a subset size), run by the pipeline for every requested measure before any is computed,
+    #: so a bad input is refused before anything is written. Raises FlatlabError / ConfigError.
+    check: Callable[[Any, Any], None] | None = None
 
     @property
     def value_field(self) -> str | None:
@@ -369,6 +417,29 @@ class Measure:
         if self.request_key and any(s.name == self.request_key for s in self.config.setting_specs()):
             return self.request_key
         return None
+
+
+@dataclass(frozen=True)
+class ColumnSource:
+    """Report and figure columns of results that no one-checkpoint measure computes (e.g. the
+    loss barrier between two checkpoints, stored under one of them by its own runner).
+
+    The registry treats its columns like a measure's (report columns, descriptions, axis labels),
+    but it has no config, no flag and no study-file section of a measure family.
+
+    Attributes:
+        name: an identifier (``barriers``).
+        group: where its results live under ``/runs/<run_id>/``.
+        columns: its :class:`Column` declarations.
+        read: ``read(run_groups) -> {column: Estimate}``.
+        summary: one line on what it is and which command writes it.
+    """
+
+    name: str
+    group: str
+    columns: tuple[Column, ...]
+    read: Callable[[Mapping[str, Any]], dict[str, Estimate]]
+    summary: str = ""
 
 
 def group_node(run: Mapping[str, Any], path: str) -> Mapping[str, Any] | None:
@@ -410,5 +481,5 @@ def attr_estimates(node: Mapping[str, Any] | None, keys: Iterable[tuple[str, str
     return out
 
 
-__all__ = ["Column", "ConfigError", "Cost", "Estimate", "Family", "Measure", "MeasureConfig", "MeasureResult",
+__all__ = ["Column", "ColumnSource", "ConfigError", "Cost", "Estimate", "Family", "Measure", "MeasureConfig", "MeasureResult",
            "SettingSpec", "attr_estimates", "group_node", "scalar", "setting"]
