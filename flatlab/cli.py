@@ -18,7 +18,7 @@ from flatlab import __version__
 from flatlab.errors import FlatlabError
 
 #: Sub-command modules, in the order ``flatlab --help`` lists them.
-COMMANDS = ["train", "evaluate", "info", "export", "ensemble", "sharpness", "surface", "report", "figures", "demo",
+COMMANDS = ["train", "evaluate", "info", "export", "ensemble", "sharpness", "barrier", "surface", "report", "figures", "demo",
             "sweep"]
 
 
