@@ -343,7 +343,7 @@ def pattern_columns(present: Iterable[str]) -> list[str]:
         owner = find_column(name)
         if owner is not None and owner[1].pattern is not None:
             found.append(name)
-    return sorted(found, key=lambda n: (column_order(n), n))
+    return sorted(found, key=lambda n: (column_order(n), find_column(n)[1].order(n)))  # type: ignore[index]
 
 
 def local_flatness_values(run: RunRecord) -> dict[str, float]:

@@ -95,10 +95,14 @@ def _label(m: re.Match[str]) -> str:
     return f"{m.group(1)} barrier on {m.group(2)}, {m.group(3)}{unit}"
 
 
+def _order(m: re.Match[str]) -> tuple[str, int, int]:
+    return (m.group(3), 0 if m.group(1) == "loss" else 1, BARRIER_SPLITS.index(m.group(2)))
+
+
 COLUMNS = ColumnSource(
     "barriers", GROUP,
     (Column("barrier_<loss|error>_<split>@<name>", "loss or error barrier", "", "loss or error barrier between two models",
-            pattern=NAME_PATTERN, describe_match=_describe, label_match=_label),),
+            pattern=NAME_PATTERN, describe_match=_describe, label_match=_label, order_match=_order),),
     read_barriers, summary="loss/error barriers between two checkpoints (flatlab barrier, [[barriers]] in a study)")
 
 __all__ = ["BARRIER_SPLITS", "COLUMNS", "GROUP", "NAME_PATTERN", "barrier_groups", "column_name", "read_barriers"]

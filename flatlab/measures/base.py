@@ -349,6 +349,8 @@ class Column:
     pattern: re.Pattern[str] | None = None
     describe_match: Callable[[re.Match[str]], str] | None = None
     label_match: Callable[[re.Match[str]], str] | None = None
+    #: For a pattern: the order of the matched names in tables (default: by name).
+    order_match: Callable[[re.Match[str]], tuple[Any, ...]] | None = None
 
     def matches(self, name: str) -> re.Match[str] | None:
         if self.pattern is None:
@@ -358,6 +360,11 @@ class Column:
     def describe(self, name: str) -> str:
         m = self.matches(name)
         return self.describe_match(m) if (m and self.describe_match) else self.description
+
+    def order(self, name: str) -> tuple[Any, ...]:
+        """Where ``name`` goes among the names this column matches."""
+        m = self.matches(name)
+        return self.order_match(m) if (m and self.order_match) else (name,)
 
     def axis_label(self, name: str) -> str:
         m = self.matches(name)
