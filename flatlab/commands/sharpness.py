@@ -32,7 +32,8 @@ from flatlab.commands.common import (
 DEFAULT_REQUEST = {"top_eigenvalues": 5, "trace": True}
 #: Setting names that are also plain words: a message keeps them as they are (only the setting
 #: an error is about is rewritten into its flag).
-_PLAIN_WORDS = {"split", "solver", "params", "samples", "seed", "device", "wrt", "hvp"}
+_PLAIN_WORDS = {"split", "solver", "params", "samples", "seed", "device", "wrt", "hvp", "layer", "method", "products",
+                "kinds", "scalings", "steps", "restarts", "p", "m"}
 
 
 def _specs() -> tuple[list[Any], list[Any]]:

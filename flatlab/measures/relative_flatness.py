@@ -85,14 +85,21 @@ class RelativeFlatnessMeasureConfig(MeasureConfig):
 
 def check_relative_flatness(ctx: MeasureContext, config: RelativeFlatnessMeasureConfig) -> None:
     """The layer exists and is an ``nn.Linear``; ``exact`` fits under ``exact_max_size``."""
+    from torch import nn
+
     from flatlab.sharpness.relative_flatness import find_linear_layer
 
+    model = ctx.model("effective")
+    if config.layer is not None and config.layer not in dict(model.named_modules()):
+        linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+        raise ConfigError("layer", f"= {config.layer!r} is not a layer of the model (its nn.Linear layers: "
+                                   f"{', '.join(repr(n) for n in linears) or 'none'})")
     try:
-        name, module = find_linear_layer(ctx.model("effective"), config.layer)
-    except FlatlabError as exc:
+        name, module = find_linear_layer(model, config.layer)
+    except FlatlabError as exc:  # a layer that is not nn.Linear (or a model without one)
         if config.layer is None:
             raise
-        raise ConfigError("layer", f"{config.layer!r}: {exc}") from None
+        raise ConfigError("layer", f"= {config.layer!r}: {exc}") from None
     size = int(module.weight.numel())
     if config.method == "exact" and size > config.exact_max_size:
         raise ConfigError("method", f"exact is limited to exact_max_size = {config.exact_max_size} weights and layer "
