@@ -134,8 +134,9 @@ class SharpnessConfig(MeasureConfig):
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "p", _norm_value(self.p))
-        if not isinstance(self.p, float):
-            raise ConfigError("p", f"must be 2 or inf, got {self.p!r}", self.measure)
+        if not (isinstance(self.p, float) and self.p in NORMS):
+            shown = f"{self.p:g}" if isinstance(self.p, float) else repr(self.p)
+            raise ConfigError("p", f"must be 2 or inf, got {shown}", self.measure)
         super().__post_init__()
 
     def validate(self) -> None:
