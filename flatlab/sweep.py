@@ -1001,16 +1001,25 @@ def estimate_seconds(study: Study, jobs: list[Job], workers: int = 1) -> dict[st
         torch.set_num_threads(saved_threads)
     steps = study.steps if study.steps is not None else default_steps(study.dataset)
     eval_every = study.eval_every or max(1, min(100, steps // 10))
+    holdout = study.holdout_fraction
+
+    def split_samples(split: str, test_envs: list[int], cap: int) -> int:
+        """Samples a measure sees on ``split`` (each capped at ``cap``; ``domains``: every domain
+        alone, each capped)."""
+        src = sum(s for e, s in enumerate(sizes) if e not in test_envs)
+        tgt = sum(s for e, s in enumerate(sizes) if e in test_envs)
+        if split == "domains":
+            return sum(min(int(s * (1 - holdout)), cap) if e not in test_envs else min(s, cap)
+                       for e, s in enumerate(sizes))
+        return {"source": min(int(src * (1 - holdout)), cap), "source-out": min(int(src * holdout), cap),
+                "target": min(tgt, cap)}[split]
+
     n_all = sum(sizes)
     per_job: dict[str, float] = {}
     for job in jobs:
         src = sum(s for e, s in enumerate(sizes) if e not in job.test_envs)
         tgt = n_all - src
         cap = int(study.measure_settings.max_samples or 10**12)
-        n_src_in, n_tgt = min(int(src * (1 - study.holdout_fraction)), cap), min(tgt, cap)
-        # every domain alone, each capped (per-domain measures)
-        n_domains = sum(min(int(size * (1 - study.holdout_fraction)), cap) if e not in job.test_envs else min(size, cap)
-                        for e, size in enumerate(sizes))
         if job.kind in ("ensemble", "barrier"):
             seconds = len(job.members) * n_all * t_f if job.kind == "ensemble" else 0.0
             for _name, step in job.definition["steps"]:
@@ -1025,9 +1034,7 @@ def estimate_seconds(study: Study, jobs: list[Job], workers: int = 1) -> dict[st
         for _family, configs in study.measure_plan:
             for config in configs:
                 cost = get_measure(config.measure).cost(config)
-                n = sum(n_domains if split == "domains" else n_src_in if split == "source" else
-                        min(int(src * study.holdout_fraction), cap) if split == "source-out" else n_tgt
-                        for split in cost.splits)
+                n = sum(split_samples(split, job.test_envs, int(cost.max_samples or cap)) for split in cost.splits)
                 seconds += (cost.gradient * t_fb + cost.forward * t_f) * n
         for s in study.surfaces:
             if s.get("variants") and job.variant not in s["variants"]:

@@ -105,7 +105,7 @@ def test_study_section_is_accepted_by_dry_run(name: str, section: str, tmp_path:
     assert main(["sweep", str(study), "--dry-run", "--json", "--quiet", "--out", str(tmp_path / "o")]) == 0
     payload = json.loads(capsys.readouterr().out)
     assert payload["jobs"][0]["steps"] == [name]
-    assert payload["estimated_seconds"] > 0
+    assert payload["estimated_seconds"] >= 0
     from flatlab.measures import get_measure
     from flatlab.sweep import expand_jobs, load_study
 
@@ -237,6 +237,16 @@ def test_per_domain_top_eigenvalue_within_its_residual_of_the_dense_spectrum(mlp
     assert payload["per_domain_mean_overlap_source_source"] == pytest.approx(off.mean())
     assert payload["per_domain_top_eigenvalue_source"] == pytest.approx(np.mean([e[0] for e in payload["eigenvalues"][:-1]]))
     assert payload["per_domain_trace_target_stderr"] == pytest.approx(payload["trace_stderrs"][-1])
+
+
+def test_per_domain_sample_cap_is_its_own(mlp_run: Path):
+    from flatlab.measures import MeasurementSettings, PerDomainConfig
+    from flatlab.pipeline import measure_checkpoint
+
+    out = measure_checkpoint(mlp_run, [PerDomainConfig(top_k=2, trace_products=0, max_samples=40)],
+                             settings=MeasurementSettings(**SETTINGS))
+    assert out["per_domain"].payload["num_samples"] == [40] * 6
+    assert out["per_domain"].payload["max_samples_per_domain"] == 40
 
 
 def test_model_context_domains_are_the_named_splits_or_the_given_domains(mlp_run: Path):

@@ -116,12 +116,13 @@ def _flag_names(family: str | None = None) -> dict[str, str]:
     """Setting name -> flag: the measurement settings and ``family``'s settings (every family's,
     first declaration winning, when the family is not known)."""
     per_family, shared = _specs()
-    names: dict[str, str] = {}
-    for fam, specs in per_family:
-        if family is None or fam.name == family:
+    names: dict[str, str] = {s.name: s.flag for s in shared}
+    for fam, specs in per_family:  # a family's own setting wins over a shared one of its name
+        if fam.name == family:
+            names.update({s.name: s.flag for s in specs})
+        elif family is None:
             for s in specs:
                 names.setdefault(s.name, s.flag)
-    names.update({s.name: s.flag for s in shared})
     return names
 
 

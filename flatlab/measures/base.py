@@ -328,6 +328,8 @@ class Cost:
     forward: float = 0.0
     gradient: float = 0.0
     splits: tuple[str, ...] = ("source",)
+    #: The measure's own sample cap per split (or per domain), where it has one; else the shared one.
+    max_samples: int | None = None
 
 
 # --- columns ---------------------------------------------------------------------------------

@@ -110,13 +110,16 @@ class MeasureContext:
             self.cache[key] = self._build_batches(split)
         return self.cache[key]
 
-    def domain_batches(self, source_part: str = "in") -> dict[str, list[Any]]:
-        """Every domain's own batches, by domain name (see the module docstring), built once."""
+    def domain_batches(self, source_part: str = "in", max_samples: int | None = None) -> dict[str, list[Any]]:
+        """Every domain's own batches, by domain name (see the module docstring), built once.
+
+        ``max_samples`` overrides the shared ``settings.max_samples`` for these batches (a
+        per-domain measure may want fewer samples per domain than a whole split gets)."""
         if source_part not in ("in", "out"):
             raise FlatlabError(f"source_part must be in or out, got {source_part!r}")
-        key = ("domain_batches", source_part)
+        key = ("domain_batches", source_part, max_samples)
         if key not in self.cache:
-            domains = self._build_domain_batches(source_part)
+            domains = self._build_domain_batches(source_part, max_samples)
             if not domains:
                 raise FlatlabError("there are no domains to measure on")
             self.cache[key] = domains
@@ -126,7 +129,7 @@ class MeasureContext:
         """The names among :meth:`domain_batches` that are target (test) domains."""
         raise NotImplementedError
 
-    def _build_domain_batches(self, source_part: str) -> dict[str, list[Any]]:
+    def _build_domain_batches(self, source_part: str, max_samples: int | None) -> dict[str, list[Any]]:
         raise NotImplementedError
 
 
@@ -161,12 +164,13 @@ class CheckpointContext(MeasureContext):
     def split_size(self, split: str) -> int:
         return int(self._splits.split_size(split))
 
-    def _build_domain_batches(self, source_part: str) -> dict[str, list[Any]]:
+    def _build_domain_batches(self, source_part: str, max_samples: int | None) -> dict[str, list[Any]]:
         from flatlab.curvature.per_domain import domain_batches
 
         s = self.settings
         return domain_batches(self._splits, batch_size=s.batch_size, source_part=source_part, include_target=True,
-                              max_samples=s.max_samples, seed=s.seed, device=self.device)
+                              max_samples=s.max_samples if max_samples is None else max_samples, seed=s.seed,
+                              device=self.device)
 
     def target_domains(self) -> tuple[str, ...]:
         names = self._splits.dataset.domains
@@ -234,8 +238,9 @@ class ModelContext(MeasureContext):
             return int(self._train_size)
         return int(sum(len(y) for _, y in self.batches(split)))
 
-    def _build_domain_batches(self, source_part: str) -> dict[str, list[Any]]:
-        # A user's domains have no in/out parts: source_part applies to checkpoints only.
+    def _build_domain_batches(self, source_part: str, max_samples: int | None) -> dict[str, list[Any]]:
+        # A user's domains have no in/out parts and are used as given: source_part and
+        # max_samples apply to checkpoints only.
         return dict(self._domains if self._domains is not None else self._data)
 
     def target_domains(self) -> tuple[str, ...]:

@@ -3,7 +3,8 @@ r"""Per-domain curvature and the eigenspace overlap between domains, as a regist
 Each domain :math:`d` (a checkpoint's source domains one by one, on their in-splits or, with
 ``source_part = "out"``, their held-out splits, and the target domain(s); for a user's model its
 named domains) gets its own Hessian :math:`H_d = \nabla^2 L_d(w)` of the mean loss over that
-domain's samples (each a seeded subset of ``max_samples``, eval mode), and
+domain's samples (each a seeded subset of the family's ``max_samples``, default the shared one,
+eval mode), and
 :func:`flatlab.curvature.per_domain.per_domain_curvature` computes
 
 * its top-:math:`k` eigenvalues :math:`\lambda^{(d)}_1 \ge \dots \ge \lambda^{(d)}_k` (early-stopping
@@ -88,6 +89,8 @@ class PerDomainConfig(MeasureConfig):
                        flag="--per-domain-wrt", choices=("effective", "latent"))
     source_part: str = setting("in", "source domains on their in-splits (the training data, default) or their "
                                      "held-out out-splits", flag="--per-domain-source-part", choices=("in", "out"))
+    max_samples: int | None = setting(None, "a seeded subset of at most N samples per domain (default: the shared "
+                                            "max_samples)", flag="--per-domain-max-samples", minimum=1)
 
     def validate(self) -> None:
         super().validate()
@@ -122,7 +125,7 @@ def check_per_domain(ctx: MeasureContext, config: PerDomainConfig) -> None:
     n = sum(p.numel() for _, p in select_parameters(ctx.model(config.wrt), config.params))
     if config.top_k > n:
         raise ConfigError("top_k", f"= {config.top_k} exceeds the number of selected parameters ({n})")
-    ctx.domain_batches(config.source_part)
+    ctx.domain_batches(config.source_part, config.max_samples)
 
 
 def compute_per_domain(ctx: MeasureContext, config: PerDomainConfig) -> MeasureResult:
@@ -130,7 +133,7 @@ def compute_per_domain(ctx: MeasureContext, config: PerDomainConfig) -> MeasureR
     from flatlab.curvature.per_domain import per_domain_curvature
 
     model = ctx.model(config.wrt)
-    domains = ctx.domain_batches(config.source_part)
+    domains = ctx.domain_batches(config.source_part, config.max_samples)
     targets = set(ctx.target_domains())
     progress = ctx.progress
 
@@ -157,6 +160,7 @@ def compute_per_domain(ctx: MeasureContext, config: PerDomainConfig) -> MeasureR
         "top_k": config.top_k, "rtol": config.resolved_rtol, "trace_method": config.trace_method,
         "trace_products_per_domain": config.trace_products, "params": config.params,
         "wrt": config.wrt if ctx.quantized else "fp", "source_part": config.source_part, "seed": seed,
+        "max_samples_per_domain": config.max_samples if config.max_samples is not None else ctx.settings.max_samples,
         "num_params": int(res.num_params), "targets": [d for d in res.domains if d in targets],
         "notes": list(res.notes), "hvps": products,
     }
@@ -253,7 +257,8 @@ def per_domain_table(payload: dict[str, Any]) -> list[list[Any]]:
 
 def _cost(config: PerDomainConfig) -> Cost:
     lanczos = max(3 * config.top_k, 20) + 10 if config.max_steps is None else config.max_steps
-    return Cost(gradient=2.0 * (lanczos + config.trace_products), splits=("domains",))
+    return Cost(gradient=2.0 * (lanczos + config.trace_products), splits=("domains",),
+                max_samples=config.max_samples)
 
 
 MEASURES = [
