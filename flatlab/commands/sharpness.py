@@ -67,8 +67,11 @@ def _argument(group: Any, spec: Any, family: str | None, request_value: bool = F
                 kwargs["help"] = f"{kwargs['help']} (comma-separated, from {','.join(map(str, spec.choices))})"
         elif kind == "int":
             kwargs["metavar"] = "K" if request_value else "N"
-        if spec.default is not None and not request_value:
-            kwargs["help"] = spec.help if "default" in spec.help else f"{spec.help} (default {fmt(spec.default)})"
+        elif not spec.choices:
+            kwargs["metavar"] = spec.name.upper()  # not the namespaced destination
+        if spec.default is not None and not request_value and "default" not in spec.help:
+            shown = ",".join(map(str, spec.default)) if isinstance(spec.default, tuple) else fmt(spec.default)
+            kwargs["help"] = f"{kwargs['help']} (default {shown})"
     group.add_argument(spec.flag, **kwargs)
 
 
