@@ -50,6 +50,14 @@ def tiny_cnn(tmp_path_factory) -> Path:
                   model_options={"width": 4}, dataset_options={"resolution": 8}, seed=0)
 
 
+@pytest.fixture(scope="module")
+def qat_mlp(tmp_path_factory) -> Path:
+    """mlp_run's architecture and split, 4-bit QAT (a few steps: only its format matters here)."""
+    return _train(tmp_path_factory.mktemp("runs17") / "qat-mlp", steps=20, eval_every=10, model="mlp",
+                  model_options={"width": 8, "depth": 1}, dataset_options={"resolution": 8}, seed=0,
+                  algorithm="qat", hparam_flags={"bits": 4, "quant_start": 10})
+
+
 def _configs() -> list[Any]:
     from flatlab.measures import PerDomainConfig, RelativeFlatnessMeasureConfig, SharpnessConfig
 
@@ -266,6 +274,34 @@ def test_model_context_domains_are_the_named_splits_or_the_given_domains(mlp_run
                           settings=MeasurementSettings(device="cpu"))
     assert three["per_domain"].payload["targets"] == ["c"]
     assert "per_domain_mean_overlap_source_source" in three.estimates()
+
+
+def test_quantized_checkpoint_effective_by_default_latent_on_request(qat_mlp: Path, mlp_run: Path, tmp_path: Path,
+                                                                      capsys):
+    from flatlab.checkpoint import load_checkpoint
+    from flatlab.measures import MeasurementSettings, PerDomainConfig, SharpnessConfig
+    from flatlab.pipeline import measure_checkpoint
+    from flatlab.sharpness import AdaptiveSharpnessConfig, adaptive_sharpness
+
+    settings = MeasurementSettings(**SETTINGS)
+    cheap = {"kinds": ("average",), "scalings": ("adaptive",), "samples": 4}
+    eff = measure_checkpoint(qat_mlp, [SharpnessConfig(**cheap), PerDomainConfig(top_k=1, trace_products=0,
+                                                                                 max_samples=30)], settings=settings)
+    lat = measure_checkpoint(qat_mlp, [SharpnessConfig(wrt="latent", **cheap)], settings=settings)
+    assert eff["sharpness"].payload["wrt"] == "effective" and lat["sharpness"].payload["wrt"] == "latent"
+    assert eff["per_domain"].payload["wrt"] == "effective"
+    ckpt = load_checkpoint(qat_mlp / "model.pt")
+    torch.manual_seed(0)
+    deployed = ckpt.build_model("cpu", effective=True)
+    batches = ckpt.splits().split_batches("source", 64, 90, 0, "cpu")
+    lib = adaptive_sharpness(deployed, batches, AdaptiveSharpnessConfig(rho=0.002, kind="average", p="inf",
+                                                                        samples=4))
+    assert eff["sharpness"].payload["adaptive_average"] == pytest.approx(lib.value, rel=1e-9, abs=1e-12)
+    # an FP model and a quantized one of one architecture share a line
+    assert main(["barrier", str(mlp_run), str(qat_mlp), "--points", "3", "--max-samples", "40", "--json",
+                 "--quiet"]) == 0
+    line = json.loads(capsys.readouterr().out)
+    assert line["models"]["model2_bits"] == 4 and line["target"]["loss_barrier"] >= 0
 
 
 # --- the CLI: families kept apart, bad input ------------------------------------------------------
