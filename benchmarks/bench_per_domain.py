@@ -1,7 +1,7 @@
 """Per-domain curvature benchmark: its cost against the whole-source Hessian's top-k and trace.
 
-On flatlab's digits CNN (the default width 32, 56,554 parameters, as in the other benchmarks;
-trained 200 steps on rotated digits, test domain 0), eval mode, float32, this times side by side in one run (interleaved: every repeat runs each method
+On flatlab's digits CNN (width 16, 14,458 parameters: three conv-BatchNorm-ReLU blocks; trained
+200 steps on rotated digits, test domain 0), eval mode, float32, this times side by side in one run (interleaved: every repeat runs each method
 once, so all see the same machine load):
 
 * ``whole source``: the Hessian of the pooled source split (N samples: the five source domains'
@@ -13,13 +13,15 @@ once, so all see the same machine load):
 * ``per domain, sources + target``: the same with the target domain added (what ``flatlab
   sharpness --per-domain`` computes), ``N / 5`` target samples.
 
-For each: median wall time, Hessian-vector products, and the time per product-sample (wall time
-/ sum over operators of products x samples), whose ratio to the whole-source one is the overhead
-of measuring the domains one by one (per-operator setup, smaller batches, the overlap). Prints a
+For each: median wall time and process CPU time (less sensitive to other processes' load),
+Hessian-vector products, and the CPU time per product-sample (CPU time / sum over operators of
+products x samples), whose ratio to the whole-source one is the overhead of measuring the
+domains one by one (per-operator setup, smaller batches, the overlap). The order of the methods
+rotates from repeat to repeat. Prints a
 markdown table. Usage::
 
     python benchmarks/bench_per_domain.py [--repeats 3] [--threads 2] [--samples-per-domain 100]
-        [--top-k 3] [--trace-products 20] [--width 32] [--checkpoint model.pt]
+        [--top-k 3] [--trace-products 20] [--width 16] [--checkpoint model.pt]
 
 Progress (each repeat's times) goes to stderr as it happens; the table to stdout at the end.
 """
@@ -81,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--samples-per-domain", type=int, default=100)
     parser.add_argument("--top-k", type=int, default=3)
     parser.add_argument("--trace-products", type=int, default=20)
-    parser.add_argument("--width", type=int, default=32)
+    parser.add_argument("--width", type=int, default=16)
     parser.add_argument("--checkpoint", default=None, help="measure this checkpoint instead of training one")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -100,29 +102,35 @@ def main(argv: list[str] | None = None) -> None:
                                                                             args.trace_products),
     }
     times: dict[str, list[float]] = {name: [] for name in cases}
+    cpu: dict[str, list[float]] = {name: [] for name in cases}
     info: dict[str, dict[str, Any]] = {}
+    names = list(cases)
     for repeat in range(args.repeats):
-        for name, fn in cases.items():
-            start = time.perf_counter()
-            info[name] = fn()
+        # rotate the order each repeat, so no method always runs first (or last) under a drifting load
+        for name in names[repeat % len(names):] + names[:repeat % len(names)]:
+            start, start_cpu = time.perf_counter(), time.process_time()
+            info[name] = cases[name]()
             times[name].append(time.perf_counter() - start)
-            print(f"repeat {repeat + 1}: {name}: {times[name][-1]:.2f} s, {info[name]['products']} HVPs",
-                  file=sys.stderr, flush=True)
+            cpu[name].append(time.process_time() - start_cpu)
+            print(f"repeat {repeat + 1}: {name}: {times[name][-1]:.2f} s wall, {cpu[name][-1]:.2f} s CPU, "
+                  f"{info[name]['products']} HVPs", file=sys.stderr, flush=True)
     params = sum(p.numel() for p in model.parameters())
     base = statistics.median(times["whole source (pooled)"])
-    base_per = base / info["whole source (pooled)"]["product_samples"]
     print(f"digits CNN, {params:,} parameters, {n} samples per domain, top-{args.top_k} (rtol 1e-3) + Hutch++ trace "
           f"({args.trace_products} products), {args.threads} threads, torch {torch.__version__}, "
           f"medians of {args.repeats} interleaved repeats\n")
-    print("| method | samples | HVPs | seconds (median) | vs whole source | us per HVP-sample | vs whole source |")
-    print("|---|---|---|---|---|---|---|")
+    base_cpu = statistics.median(cpu["whole source (pooled)"])
+    print("| method | samples | HVPs | HVP x samples | wall s (median) | vs whole source | CPU s (median) | "
+          "vs whole source | CPU us per HVP-sample | vs whole source |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for name in cases:
-        t = statistics.median(times[name])
+        t, c = statistics.median(times[name]), statistics.median(cpu[name])
         samples = sum(len(y) for _, y in pooled) if name.startswith("whole") else \
             n * (len(sources) + (1 if "target" in name else 0))
-        per = t / info[name]["product_samples"]
-        print(f"| {name} | {samples} | {info[name]['products']} | {t:.2f} | {t / base:.2f}x | {per * 1e6:.1f} | "
-              f"{per / base_per:.2f}x |")
+        work = info[name]["product_samples"]
+        per = c / work
+        print(f"| {name} | {samples} | {info[name]['products']} | {work:,} | {t:.2f} | {t / base:.2f}x | {c:.2f} | "
+              f"{c / base_cpu:.2f}x | {per * 1e6:.1f} | {per / (base_cpu / info[names[0]]['product_samples']):.2f}x |")
     print(f"\nwhole-source top eigenvalue {info['whole source (pooled)']['top']:.4g}, trace "
           f"{info['whole source (pooled)']['trace']:.4g}; largest per-domain top eigenvalue "
           f"{info[list(cases)[2]]['top']:.4g}")

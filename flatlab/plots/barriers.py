@@ -62,8 +62,8 @@ def barrier_line(alphas: Sequence[float], losses: Mapping[str, Sequence[float]],
                 ax.annotate(text, (a[j], y[j]), xytext=(4, 4), textcoords="offset points", fontsize=7,
                             color=color(i))
         for x, name, ha in ((a[0], labels[0], "left"), (a[-1], labels[1], "right")):
-            ax.annotate(name, (x, 1.0), xycoords=("data", "axes fraction"), xytext=(0, -2), textcoords="offset points",
-                        ha=ha, va="top", fontsize=7, color="0.25")
+            ax.annotate(name, (x, 0.0), xycoords=("data", "axes fraction"), xytext=(0, 3), textcoords="offset points",
+                        ha=ha, va="bottom", fontsize=7, color="0.25")
         ax.set_xlabel("α (0 = model 1, 1 = model 2)")
         ax.set_ylabel(LOSS_LABEL)
         ax.set_xlim(a[0] - 0.03, a[-1] + 0.03)
