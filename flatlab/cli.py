@@ -21,7 +21,7 @@ from flatlab import __version__
 from flatlab.errors import ConfigError, FlatlabError
 
 #: Sub-command modules, in the order ``flatlab --help`` lists them.
-COMMANDS = ["train", "evaluate", "info", "export", "ensemble", "sharpness", "surface", "report", "figures", "demo",
+COMMANDS = ["train", "evaluate", "info", "export", "ensemble", "sharpness", "barrier", "surface", "report", "figures", "demo",
             "sweep"]
 
 

@@ -24,17 +24,23 @@ class ConfigError(FlatlabError):
     with :meth:`renamed`. Other parameters named in ``problem`` are written as they are.
     """
 
-    def __init__(self, key: str, problem: str) -> None:
+    def __init__(self, key: str, problem: str, measure: str | None = None) -> None:
         self.key = key
         self.problem = problem
+        #: The measure whose setting ``key`` is (set by the config that raised it, or by the
+        #: pipeline for an error raised while computing), so a caller that names settings by
+        #: family (the CLI's flags) picks the right name.
+        self.measure = measure
         super().__init__(f"{key} {problem}")
 
-    def renamed(self, names: dict[str, str], prefix: str = "") -> FlatlabError:
-        """The same error with parameters called by ``names`` (parameter -> the caller's name):
-        the key, and every other parameter named in the problem text that contains an underscore
-        or is listed in ``names`` and is not a plain English word."""
+    def renamed(self, names: dict[str, str] | str, prefix: str = "") -> FlatlabError:
+        """The same error with parameters called by ``names`` (parameter -> the caller's name, or
+        just the caller's name of the key): the key, and every other parameter named in the
+        problem text that is listed in ``names`` and is not a plain English word."""
         import re
 
+        if isinstance(names, str):
+            names = {self.key: names}
         problem = self.problem
         for name in sorted(names, key=len, reverse=True):
             if name == self.key or name in PLAIN_WORDS:
@@ -48,6 +54,7 @@ class ConfigError(FlatlabError):
 PLAIN_WORDS = frozenset({"split", "solver", "params", "samples", "seed", "device", "wrt", "hvp", "mode", "kind",
                          "steps", "method", "x", "y", "name", "norm", "ignore", "directions", "out", "results",
                          "workers", "backend", "address", "curvature", "layer", "points", "bn", "p", "m", "rho",
-                         "model", "bits", "dataset", "algorithm", "data", "lr", "alpha", "tau", "members", "a", "b"})
+                         "model", "bits", "dataset", "algorithm", "data", "lr", "alpha", "tau", "members", "a", "b", "products", "kinds",
+                         "scalings", "restarts"})
 
 __all__ = ["PLAIN_WORDS", "ConfigError", "FlatlabError"]

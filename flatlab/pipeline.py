@@ -9,9 +9,12 @@ sweep``, ``flatlab demo`` and ``flatlab report --measure`` call. Given measure c
 2. with ``results``: read back what an earlier, possibly interrupted run stored there with the
    same fingerprint (every setting, the subset, batch size, seed, device type; the checkpoint is
    covered by the run id) and reuse it instead of computing it again;
-3. compute the rest in registry order, writing each measure's group as soon as it is done
+3. run every requested measure's input check (``Measure.check``: a layer name, a subset size,
+   anything that needs the model or the data) before computing anything, so a bad input is
+   refused before a group is written;
+4. compute the rest in registry order, writing each measure's group as soon as it is done
    (atomically, through :mod:`flatlab.results`), so a kill loses at most the measure in progress;
-4. return a :class:`Measurement` holding one typed
+5. return a :class:`Measurement` holding one typed
    :class:`~flatlab.measures.base.MeasureResult` per measure.
 
 What a result depends on besides its settings is recorded with it: every group written gets
@@ -25,10 +28,11 @@ floating-point sums, hence the last digits, depend on them. The provenance a res
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,7 +41,13 @@ import torch
 from torch import nn
 
 from flatlab.errors import FlatlabError
-from flatlab.measures import MEASURES, MeasureConfig, MeasurementSettings, MeasureResult
+from flatlab.measures import (
+    MEASURES,
+    ConfigError,
+    MeasureConfig,
+    MeasurementSettings,
+    MeasureResult,
+)
 from flatlab.measures.context import (
     CheckpointContext,
     MeasureContext,
@@ -151,6 +161,11 @@ def _run(ctx: MeasureContext, configs: Sequence[MeasureConfig], results: str | o
     for config in configs:
         groups.setdefault(get_measure(config.measure).group_for(config), []).append(config)
     stored = {group: _stored_records(path, run_id, group) for group in groups}
+    for config in configs:
+        measure = get_measure(config.measure)
+        if measure.check is not None:
+            with _named(measure.name):
+                measure.check(ctx, config)
     done: dict[str, dict[str, Any]] = {group: {} for group in groups}  # group -> measure -> record
     out = Measurement({}, ctx.settings, ctx.device.type, run_id, path)
     notes = {g: _environment_note(path, run_id, g, ctx.device) for g in groups}
@@ -182,7 +197,8 @@ def _run(ctx: MeasureContext, configs: Sequence[MeasureConfig], results: str | o
                     out.notes.append(notes[group])  # type: ignore[arg-type]
                     notes[group] = None
             else:
-                result = measure.compute(ctx, config)
+                with _named(measure.name):
+                    result = measure.compute(ctx, config)
                 record = {"fingerprint": stamp, "payload": to_jsonable(result.payload),
                           "arrays": to_jsonable(result.arrays), "attrs": to_jsonable(result.attrs),
                           "products": int(result.products)}
@@ -211,6 +227,17 @@ def _run(ctx: MeasureContext, configs: Sequence[MeasureConfig], results: str | o
         bar.close()
         ctx.progress = None
     return out
+
+
+@contextlib.contextmanager
+def _named(measure: str) -> Iterator[None]:
+    """A ConfigError raised while checking or computing ``measure`` says whose setting it names."""
+    try:
+        yield
+    except ConfigError as exc:
+        if exc.measure is None:
+            exc.measure = measure
+        raise
 
 
 def _group_attrs(family: str, results: Sequence[MeasureResult], ctx: MeasureContext) -> dict[str, Any]:
@@ -277,12 +304,16 @@ def measure_model(model: nn.Module, data: Mapping[str, Sequence[Any]], measures:
                   initial_model: nn.Module | None = None, train_size: int | None = None,
                   loss_fn: Callable[..., torch.Tensor] | None = None, settings: MeasurementSettings | None = None,
                   results: str | os.PathLike[str] | None = None, run_id: str | None = None,
-                  provenance: Mapping[str, Any] | None = None, progress: bool = False) -> Measurement:
+                  provenance: Mapping[str, Any] | None = None, progress: bool = False,
+                  domains: Mapping[str, Sequence[Any]] | None = None,
+                  target_domains: Sequence[str] | None = None) -> Measurement:
     """Measure any model on named lists of ``(x, y)`` batches (``{"source": ..., "target": ...}``).
 
     ``initial_model`` (w0) enables the PAC-Bayes "init" bounds; ``train_size`` is m (default:
-    the number of samples in ``data["source"]``). With ``results``, ``run_id`` names the run
-    (letters, digits, - and _) and ``provenance`` its attributes.
+    the number of samples in ``data["source"]``). Per-domain measures use ``domains`` (name ->
+    batches; default: the named splits of ``data``) with ``target_domains`` naming the targets
+    (default ``"target"`` if present). With ``results``, ``run_id`` names the run (letters,
+    digits, - and _) and ``provenance`` its attributes.
     """
     if results is not None:
         from flatlab.results import check_group_name, check_results_target
@@ -292,7 +323,7 @@ def measure_model(model: nn.Module, data: Mapping[str, Sequence[Any]], measures:
         check_group_name(run_id, "run_id")
         check_results_target(results)
     ctx = ModelContext(model, data, settings=settings, initial_model=initial_model, train_size=train_size,
-                       loss_fn=loss_fn)
+                       loss_fn=loss_fn, domains=domains, target_domains=target_domains)
     return _run(ctx, measures, results, run_id, dict(provenance or {}), progress)
 
 

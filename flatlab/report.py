@@ -80,11 +80,16 @@ import numpy as np
 
 from flatlab.errors import FlatlabError
 from flatlab.io import array_sha256
-from flatlab.measures import MEASURES as REGISTERED_MEASURES
 from flatlab.measures.local_flatness import NAME_PATTERN as LF_NAME_PATTERN
 from flatlab.measures.local_flatness import radius_key as _radius_key
 from flatlab.measures.local_flatness import read_local_flatness
-from flatlab.measures.registry import column_order, describe_column, find_column, read_columns
+from flatlab.measures.registry import (
+    all_columns,
+    column_order,
+    describe_column,
+    find_column,
+    read_columns,
+)
 
 #: Correlation targets: what a measure is compared with.
 TARGETS = ("ood_acc", "generalization_gap", "domain_gap")
@@ -459,9 +464,23 @@ def load_inputs(paths: Iterable[str | os.PathLike[str]]) -> Collection:
 # --- measures ----------------------------------------------------------------------------------
 
 def static_columns() -> list[str]:
-    """Every single-name column the registered measures declare, in registry order (larger =
-    sharper, always)."""
-    return [c.name for m in REGISTERED_MEASURES.values() for c in m.columns if c.pattern is None]
+    """Every single-name column the registered measures (and column sources) declare, in
+    registry order (larger = sharper, unless a column says otherwise)."""
+    return [c.name for _, c in all_columns() if c.pattern is None]
+
+
+def pattern_columns(present: Iterable[str]) -> list[str]:
+    """The columns among ``present`` declared by a name pattern other than local flatness's (e.g.
+    ``barrier_loss_target@fp-qat4``, one per stored barrier), in declaration order, then by name.
+    Local flatness has its own default (one radius, :func:`default_local_flatness_measures`)."""
+    found = []
+    for name in present:
+        if _LF_NAME.match(name):
+            continue
+        owner = find_column(name)
+        if owner is not None and owner[1].pattern is not None:
+            found.append(name)
+    return sorted(found, key=lambda n: (column_order(n), find_column(n)[1].order(n)))  # type: ignore[index]
 
 
 def local_flatness_values(run: RunRecord) -> dict[str, float]:
@@ -589,6 +608,7 @@ def build_rows(collection: Collection, measures: Sequence[str] | None = None,
     else:
         present = {k for v in values.values() for k in v}
         names = [m for m in static_columns() if m in present]
+        names += pattern_columns(present)
         if radii is not None:
             for r in radii:
                 found = [m for m in local_flatness_at([r]) if m in present]
@@ -1571,6 +1591,7 @@ __all__ = [
     "rows_csv",
     "run_estimates",
     "run_measures",
+    "pattern_columns",
     "seeds_per_cell",
     "static_columns",
     "test_domain",

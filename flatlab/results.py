@@ -448,13 +448,36 @@ def read_results(path: str | os.PathLike[str]) -> dict[str, Any]:
     return view
 
 
+def _is_container(node: Any) -> bool:
+    """A group holding only groups (``surfaces``, ``barriers``, ``bounds``): a folder of results,
+    not one result."""
+    return isinstance(node, h5py.Group) and len(node) > 0 and all(isinstance(c, h5py.Group) for c in node.values())
+
+
+def _merge_node(handle: h5py.File, node: Any, parent: h5py.Group, name: str) -> None:
+    """Copy ``node`` to ``parent[name]``: a result replaces the one there; a container present
+    on both sides is merged child by child (two steps' surfaces of one run both survive)."""
+    if name in parent:
+        found = parent[name]
+        if _is_container(node) and _is_container(found):
+            for key, value in node.attrs.items():
+                found.attrs[key] = value
+            for child in node:
+                _merge_node(handle, node[child], found, child)
+            return
+        del parent[name]
+    handle.copy(node, parent, name=name)
+
+
 def merge_results(path: str | os.PathLike[str], sources: list[str | os.PathLike[str]],
                   attrs: Mapping[str, Any] | None = None) -> None:
     """Write a new results file at ``path`` holding every run of ``sources``, atomically.
 
     Sources are read in the order given: a run's attributes are the union of its attributes in
     every source (a later source wins on a shared key), and a group present in several sources
-    is taken from the last one. The output therefore depends only on the sources and their order
+    is taken from the last one, except a group holding only groups (``surfaces``,
+    ``barriers``, ``bounds``), which is merged by child name (so each step's ``surfaces/<name>``
+    survives). The output therefore depends only on the sources and their order
     (``flatlab sweep`` passes them in job order). ``path`` is replaced as a whole; ``attrs`` are
     added to ``/``.
 
@@ -481,9 +504,7 @@ def merge_results(path: str | os.PathLike[str], sources: list[str | os.PathLike[
                         for key, value in run.attrs.items():
                             dst.attrs[key] = value
                         for name in run:
-                            if name in dst:
-                                del dst[name]
-                            handle.copy(run[name], dst, name=name)
+                            _merge_node(handle, run[name], dst, name)
 
 
 __all__ = [

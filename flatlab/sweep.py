@@ -4,7 +4,11 @@ A study names a data set, a model, algorithms (with options such as a list of bi
 seeds, test domains, training hyperparameters and the measurements to run. Its jobs are the
 cartesian product ``algorithm variant x seed x test domain`` (a ``bits`` list makes one variant
 per bit-width), plus one ensemble job per ``[[ensembles]]`` entry and test domain (EoQ: the
-logit-averaged seeds of one variant).
+logit-averaged seeds of one variant), plus, after training, one barrier job per ``[[barriers]]``
+entry with ``between = [variant1, variant2]``, seed and test domain (the loss barrier on the
+line between the two variants' models of that seed and test domain, stored under the first's
+run). A ``[[barriers]]`` entry with ``members = "<ensemble>"`` adds a step to that ensemble's
+jobs instead: the members' pairwise barrier matrix, stored with the ensemble's run.
 
 Layout of ``OUT`` (``flatlab sweep STUDY --out OUT``)::
 
@@ -61,9 +65,17 @@ SURFACE_KEYS: dict[str, str] = {
 }
 
 
+#: ``[[barriers]]`` keys that are :class:`~flatlab.surface.barrier_runner.BarrierSettings` fields;
+#: ``name``, ``between``, ``members`` and ``seeds`` are the sweep's own.
+BARRIER_KEYS: dict[str, str] = {
+    "bn": STR, "points": INT, "splits": LIST_STR, "max_samples": INT, "batch_size": INT, "seed": INT,
+    "bn_batches": INT, "device": STR,
+}
+
+
 def _setting_kind(kind: str) -> str:
     base = kind.removeprefix("optional ")
-    return {"int": INT, "float": FLOAT, "bool": BOOL, "str": STR, "floats": LIST_FLOAT}[base]
+    return {"int": INT, "float": FLOAT, "bool": BOOL, "str": STR, "floats": LIST_FLOAT, "strs": LIST_STR}[base]
 
 
 def measure_schema() -> dict[str, dict[str, str]]:
@@ -94,11 +106,12 @@ SCHEMA: dict[str, dict[str, str]] = {
     **measure_schema(),
     "surfaces": {"name": STR, "dims": INT, "variants": LIST_STR, **SURFACE_KEYS},
     "ensembles": {"name": STR, "variant": STR, "seeds": LIST_INT, "batch_size": INT, "device": STR},
+    "barriers": {"name": STR, "between": LIST_STR, "members": STR, "seeds": LIST_INT, **BARRIER_KEYS},
 }
 TOP_LEVEL = {"study": "table", "data": "table", "model": "table", "train": "table", "algorithms": "array",
-             "measure": "table", "surfaces": "array", "ensembles": "array"}
+             "measure": "table", "surfaces": "array", "ensembles": "array", "barriers": "array"}
 REQUIRED = {"data": ("dataset", "test_envs"), "train": ("seeds",), "algorithms": ("algorithm",),
-            "surfaces": ("name",), "ensembles": ("name", "variant")}
+            "surfaces": ("name",), "ensembles": ("name", "variant"), "barriers": ("name",)}
 
 #: Algorithms that take twice the gradient work per step (a perturbed second pass).
 TWO_PASS_ALGORITHMS = {"sam", "sagm", "gaqat"}
@@ -143,6 +156,7 @@ class Study:
     surfaces: list[dict[str, Any]]
     ensembles: list[dict[str, Any]]
     data_available: bool = True
+    barriers: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
 
@@ -151,7 +165,7 @@ class Job:
     """One unit of work: train + measure a variant/seed/test domain, or evaluate an ensemble."""
 
     job_id: str
-    kind: str  # "train" or "ensemble"
+    kind: str  # "train", "ensemble" or "barrier"
     variant: str
     test_envs: list[int]
     seed: int | None
@@ -280,6 +294,7 @@ def load_study(path: str | os.PathLike[str]) -> Study:
     algorithms = [_check_table(a, "algorithms", p) for a in raw["algorithms"]]
     surfaces = [_check_table(s, "surfaces", p) for s in raw.get("surfaces", [])]
     ensembles = [_check_table(e, "ensembles", p) for e in raw.get("ensembles", [])]
+    barriers = [_check_table(b, "barriers", p) for b in raw.get("barriers", [])]
 
     data_dir = _resolve_path(data.get("data_dir"), base)
     dataset_options = dict(data.get("options", {}))
@@ -376,12 +391,18 @@ def load_study(path: str | os.PathLike[str]) -> Study:
         members = e.get("seeds", seeds)
         if not set(members) <= set(seeds) or len(set(members)) < 2:
             raise FlatlabError(f"{p}: [[ensembles]] {e['name']}: seeds must be at least two of the study's seeds {seeds}")
+    for b in barriers:
+        if b["name"] in seen or not b["name"].replace("_", "").replace("-", "").isalnum():
+            raise FlatlabError(f"{p}: [[barriers]] name {b['name']!r} is repeated or not made of letters, digits, - and _")
+        seen.add(b["name"])
+        _validate_barrier(b, labels, seeds, [e["name"] for e in ensembles], p)
     return Study(path=p, name=info.get("name", p.stem), description=info.get("description", ""), raw=raw,
                  dataset=dataset, data_dir=data_dir, dataset_options=dataset_options, holdout_fraction=holdout,
                  domains=domains, test_envs=test_envs, model=model_name, model_options=opts, pretrained=pretrained,
                  steps=steps, eval_every=train.get("eval_every"), seeds=seeds, trial_seed=train.get("trial_seed"),
                  train_device=train.get("device", "cpu"), shared_hparams=shared, variants=variants, measure=measure,
-                 measure_plan=plan, measure_settings=measure_settings, surfaces=surfaces, ensembles=ensembles, data_available=available, notes=notes)
+                 measure_plan=plan, measure_settings=measure_settings, surfaces=surfaces, ensembles=ensembles,
+                 data_available=available, notes=notes, barriers=barriers)
 
 
 def check_device_name(name: str, where: str) -> str:
@@ -465,6 +486,50 @@ def _validate_surface(s: dict[str, Any], labels: list[str], path: Path) -> None:
             raise FlatlabError(f"{path}: [[surfaces]] {s['name']}: unknown variant {v!r} (variants: {', '.join(labels)})")
 
 
+def _validate_barrier(b: dict[str, Any], labels: list[str], seeds: list[int], ensembles: list[str],
+                      path: Path) -> None:
+    """A ``[[barriers]]`` entry: exactly one of ``between`` (two variant labels) and ``members``
+    (an ``[[ensembles]]`` name); ``seeds`` (with ``between``) among the study's; the settings
+    valid (:func:`flatlab.surface.barrier_runner.validate_settings`)."""
+    from flatlab.surface.barrier_runner import BarrierSettings, validate_settings
+
+    where = f"{path}: [[barriers]] {b['name']}:"
+    if ("between" in b) == ("members" in b):
+        raise FlatlabError(f"{where} give either between = [variant1, variant2] (a line between two variants) or "
+                           'members = "<ensemble name>" (the pairwise matrix of an ensemble\'s members)')
+    if "between" in b:
+        pair = b["between"]
+        if len(pair) != 2 or pair[0] == pair[1]:
+            raise FlatlabError(f"{where} between must name two different variants, got {pair}")
+        for v in pair:
+            if v not in labels:
+                raise FlatlabError(f"{where} unknown variant {v!r} in between (variants: {', '.join(labels)})")
+        if not set(b.get("seeds", seeds)) <= set(seeds):
+            raise FlatlabError(f"{where} seeds must be among the study's seeds {seeds}, got {b['seeds']}")
+    else:
+        if b["members"] not in ensembles:
+            raise FlatlabError(f"{where} members = {b['members']!r} names no [[ensembles]] entry "
+                               f"(ensembles: {', '.join(ensembles) or 'none'})")
+        if "seeds" in b:
+            raise FlatlabError(f"{where} seeds applies to between only (the ensemble's seeds are its members)")
+    settings = BarrierSettings(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in b.items()
+                                  if k in BARRIER_KEYS})
+    try:
+        validate_settings(settings)
+    except FlatlabError as exc:
+        raise FlatlabError(f"{where} {exc}") from None
+
+
+def barrier_settings(b: dict[str, Any]) -> dict[str, Any]:
+    """The JSON definition of a ``[[barriers]]`` entry's settings (defaults filled in)."""
+    from flatlab.surface.barrier_runner import BarrierSettings
+
+    defaults = BarrierSettings()
+    out = {k: b.get(k, getattr(defaults, k)) for k in BARRIER_KEYS}
+    out["splits"] = list(out["splits"])
+    return out
+
+
 # --- jobs ----------------------------------------------------------------------------------------
 
 def _env_tag(envs: list[int]) -> str:
@@ -513,10 +578,33 @@ def expand_jobs(study: Study) -> list[Job]:
             members = [by_key[(e["variant"], tuple(envs), s)] for s in e.get("seeds", study.seeds)]
             step = {"kind": "ensemble", "device": e.get("device", "cpu"), "batch_size": e.get("batch_size", 512)}
             job_id = f"{e['name']}-{_env_tag(envs)}"
+            steps: list[list[Any]] = [["ensemble", step]]
+            for b in study.barriers:
+                if b.get("members") == e["name"]:
+                    steps.append([f"barriers-{b['name']}", {"kind": "member-barriers", "name": b["name"],
+                                                            "settings": barrier_settings(b)}])
             definition = {"kind": "ensemble", "study": study.name, "variant": e["variant"], "members": members,
-                          "steps": [["ensemble", step]]}
+                          "steps": steps}
             jobs.append(Job(job_id, "ensemble", e["variant"], envs, None, definition, members=members,
-                            steps=["ensemble"]))
+                            steps=[n for n, _ in steps]))
+    for b in study.barriers:
+        if "between" not in b:
+            continue
+        first, second = b["between"]
+        for envs in study.test_envs:
+            for seed in b.get("seeds", study.seeds):
+                members = [by_key[(first, tuple(envs), seed)], by_key[(second, tuple(envs), seed)]]
+                job_id = f"barrier-{b['name']}-{_env_tag(envs)}-s{seed}"
+                step = {"kind": "barrier", "name": b["name"], "settings": barrier_settings(b)}
+                definition = {"kind": "barrier", "study": study.name, "variant": first, "members": members,
+                              "steps": [["barrier", step]]}
+                jobs.append(Job(job_id, "barrier", first, envs, seed, definition, members=members,
+                                steps=["barrier"]))
+    ids = [j.job_id for j in jobs]
+    twice = sorted({i for i in ids if ids.count(i) > 1})
+    if twice:
+        raise FlatlabError(f"{study.path}: two jobs would be called {twice[0]!r}: rename a variant, ensemble or "
+                           "barrier")
     return jobs
 
 
@@ -576,6 +664,29 @@ def run_step(step: dict[str, Any], target: Path, task: dict[str, Any], provenanc
         members = load_members([Path(task["runs_dir"]) / m for m in task["definition"]["members"]])
         result = evaluate_ensemble(members, resolve_device(step["device"]), int(step["batch_size"]))
         return str(write_ensemble_results(target, members, result, provenance=command))
+    if step["kind"] in ("barrier", "member-barriers"):
+        from flatlab.surface.barrier_runner import (
+            BarrierRequest,
+            MemberBarrierRequest,
+            run_barrier,
+            run_member_barriers,
+        )
+
+        settings = {k: (tuple(v) if isinstance(v, list) else v) for k, v in step["settings"].items()}
+        paths = [str(Path(task["runs_dir"]) / m / "model.pt") for m in task["definition"]["members"]]
+        common = {**settings, "results": str(target), "name": step["name"]}
+        if step["kind"] == "barrier":
+            outcome = run_barrier(BarrierRequest(checkpoint1=paths[0], checkpoint2=paths[1], **common),
+                                  provenance=command)
+        else:
+            from flatlab.results import read_results
+
+            ensemble_file = Path(task["job_dir"]) / "ensemble.h5"  # the job's first step: the ensemble's run
+            runs = read_results(ensemble_file)["runs"] if ensemble_file.exists() else {}
+            run_id, run = next(iter(runs.items())) if runs else (None, {})
+            outcome = run_member_barriers(MemberBarrierRequest(members=paths, run_id=run_id, **common),
+                                          provenance=command, run_attrs=run.get("attrs") or None)
+        return str(outcome.run_id)
     raise FlatlabError(f"unknown step kind {step['kind']!r} in a job definition: the sweep folder comes from "
                        "another flatlab version; use another --out")
 
@@ -820,8 +931,8 @@ def run_sweep(study: Study, out: str | os.PathLike[str], *, backend: str = "loca
 
     phase([j for j in jobs if j.kind == "train" and j.job_id not in outcomes])
     ready: list[Job] = []
-    for job in jobs:
-        if job.kind != "ensemble" or job.job_id in outcomes:
+    for job in jobs:  # ensembles and barriers: after their members are trained
+        if job.kind == "train" or job.job_id in outcomes:
             continue
         bad = [m for m in job.members if outcomes.get(m, JobOutcome(m, "failed")).status not in ("done", "skipped")]
         if bad:
@@ -850,6 +961,18 @@ def _time(fn: Callable[[], Any], repeats: int) -> float:
     for _ in range(repeats):
         fn()
     return (time.perf_counter() - t0) / repeats
+
+
+def barrier_samples(settings: Mapping[str, Any], src: int, tgt: int, holdout: float) -> float:
+    """Samples forwarded along one barrier line: every grid point evaluates each split (and,
+    with ``bn = "reestimate"``, runs the source split once more to collect statistics)."""
+    cap = int(settings.get("max_samples") or 10**12)
+    sizes = {"source": min(int(src * (1 - holdout)), cap), "source-out": min(int(src * holdout), cap),
+             "target": min(tgt, cap)}
+    per_point = sum(sizes[s] for s in settings.get("splits", ("source", "target")))
+    if settings.get("bn") == "reestimate":
+        per_point += sizes["source"]
+    return float(settings.get("points", 21)) * per_point
 
 
 def estimate_seconds(study: Study, jobs: list[Job], workers: int = 1) -> dict[str, Any]:
@@ -907,15 +1030,32 @@ def estimate_seconds(study: Study, jobs: list[Job], workers: int = 1) -> dict[st
         torch.set_num_threads(saved_threads)
     steps = study.steps if study.steps is not None else default_steps(study.dataset)
     eval_every = study.eval_every or max(1, min(100, steps // 10))
+    holdout = study.holdout_fraction
+
+    def split_samples(split: str, test_envs: list[int], cap: int) -> int:
+        """Samples a measure sees on ``split`` (each capped at ``cap``; ``domains``: every domain
+        alone, each capped)."""
+        src = sum(s for e, s in enumerate(sizes) if e not in test_envs)
+        tgt = sum(s for e, s in enumerate(sizes) if e in test_envs)
+        if split == "domains":
+            return sum(min(int(s * (1 - holdout)), cap) if e not in test_envs else min(s, cap)
+                       for e, s in enumerate(sizes))
+        return {"source": min(int(src * (1 - holdout)), cap), "source-out": min(int(src * holdout), cap),
+                "target": min(tgt, cap)}[split]
+
     n_all = sum(sizes)
     per_job: dict[str, float] = {}
     for job in jobs:
         src = sum(s for e, s in enumerate(sizes) if e not in job.test_envs)
         tgt = n_all - src
         cap = int(study.measure_settings.max_samples or 10**12)
-        n_src_in, n_tgt = min(int(src * (1 - study.holdout_fraction)), cap), min(tgt, cap)
-        if job.kind == "ensemble":
-            per_job[job.job_id] = len(job.members) * n_all * t_f
+        if job.kind in ("ensemble", "barrier"):
+            seconds = len(job.members) * n_all * t_f if job.kind == "ensemble" else 0.0
+            for _name, step in job.definition["steps"]:
+                if step["kind"] in ("barrier", "member-barriers"):
+                    lines = 1 if step["kind"] == "barrier" else len(job.members) * (len(job.members) - 1) // 2
+                    seconds += lines * barrier_samples(step["settings"], src, tgt, study.holdout_fraction) * t_f
+            per_job[job.job_id] = seconds
             continue
         algo = get_algorithm(next(v.algorithm for v in study.variants if v.label == job.variant))
         factor = 2.0 if algo.name in TWO_PASS_ALGORITHMS else 1.0
@@ -923,7 +1063,7 @@ def estimate_seconds(study: Study, jobs: list[Job], workers: int = 1) -> dict[st
         for _family, configs in study.measure_plan:
             for config in configs:
                 cost = get_measure(config.measure).cost(config)
-                n = sum(n_src_in if split == "source" else n_tgt for split in cost.splits)
+                n = sum(split_samples(split, job.test_envs, int(cost.max_samples or cap)) for split in cost.splits)
                 seconds += (cost.gradient * t_fb + cost.forward * t_f) * n + cost.examples * t_f
         for s in study.surfaces:
             if s.get("variants") and job.variant not in s["variants"]:
@@ -940,5 +1080,6 @@ def estimate_seconds(study: Study, jobs: list[Job], workers: int = 1) -> dict[st
             "note": "rough: model timed here on random inputs, work counted in samples"}
 
 
-__all__ = ["Job", "Study", "SweepSummary", "estimate_seconds", "expand_jobs", "job_status", "load_study",
-           "measure_plan", "measure_schema", "measurement_steps", "merge_sweep", "run_step", "run_sweep"]
+__all__ = ["BARRIER_KEYS", "Job", "Study", "SweepSummary", "barrier_samples", "barrier_settings", "estimate_seconds",
+           "expand_jobs", "job_status", "load_study", "measure_plan", "measure_schema", "measurement_steps",
+           "merge_sweep", "run_step", "run_sweep"]

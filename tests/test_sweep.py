@@ -138,7 +138,9 @@ def test_unreachable_ray_address_exits_2_quickly(tmp_path):
 
 
 def _expected_jobs(study: Any) -> int:
-    return len(study.variants) * len(study.test_envs) * len(study.seeds) + len(study.ensembles) * len(study.test_envs)
+    barriers = sum(len(b.get("seeds", study.seeds)) for b in study.barriers if "between" in b)  # [[barriers]] lines
+    return (len(study.variants) * len(study.test_envs) * len(study.seeds) + len(study.ensembles) * len(study.test_envs)
+            + barriers * len(study.test_envs))
 
 
 SHIPPED = sorted(p.relative_to(REPO).as_posix() for p in (REPO / "analysis").rglob("*.toml"))

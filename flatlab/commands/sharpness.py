@@ -2,9 +2,13 @@
 
 The flags are derived from the measure registry (:mod:`flatlab.measures`): each measure's
 request flag (``--top-k K``, ``--trace``, ``--pacbayes``, ...) and every setting of its family
-(one flag per setting, shared by the measures that share it). The command builds the configs,
-calls :func:`flatlab.pipeline.measure_checkpoint` and prints. With no measure flag at all, the
-top-5 eigenvalues and the trace are computed.
+(one flag per setting, shared by the measures that share it). Flags are unique across families
+(:func:`~flatlab.measures.registry.check_registry`); setting names need not be (curvature's
+``top_k`` is ``--top-k``, per-domain curvature's ``--per-domain-top-k``), so each family's values
+are parsed into their own namespace (argparse destination ``<family>.<setting>``) and handed to
+that family's configs only. The command builds the configs, calls
+:func:`flatlab.pipeline.measure_checkpoint` and prints. With no measure flag at all, the top-5
+eigenvalues and the trace are computed.
 """
 
 from __future__ import annotations
@@ -35,9 +39,15 @@ def _specs() -> tuple[list[Any], list[Any]]:
     return per_family, MeasurementSettings.setting_specs()
 
 
-def _argument(group: Any, spec: Any, request_value: bool = False) -> None:
+def _dest(family: str | None, name: str) -> str:
+    """The argparse destination of a setting: ``<family>.<name>``, or ``name`` for the
+    measurement settings every family shares."""
+    return name if family is None else f"{family}.{name}"
+
+
+def _argument(group: Any, spec: Any, family: str | None, request_value: bool = False) -> None:
     kind = spec.kind.removeprefix("optional ")
-    kwargs: dict[str, Any] = {"help": spec.help, "dest": spec.name}
+    kwargs: dict[str, Any] = {"help": spec.help, "dest": _dest(family, spec.name)}
     if kind == "bool":
         kwargs["action"] = "store_true"
     else:
@@ -45,12 +55,18 @@ def _argument(group: Any, spec: Any, request_value: bool = False) -> None:
         kwargs["default"] = None
         if spec.choices:
             kwargs["choices"] = spec.choices
-        if kind == "floats":
+        if kind in ("floats", "strs"):
             kwargs["metavar"] = "LIST"
+            kwargs.pop("choices", None)  # checked element by element by the config
+            if spec.choices:
+                kwargs["help"] = f"{kwargs['help']} (comma-separated, from {','.join(map(str, spec.choices))})"
         elif kind == "int":
             kwargs["metavar"] = "K" if request_value else "N"
-        if spec.default is not None and not request_value:
-            kwargs["help"] = spec.help if "default" in spec.help else f"{spec.help} (default {fmt(spec.default)})"
+        elif not spec.choices:
+            kwargs["metavar"] = spec.name.upper()  # not the namespaced destination
+        if spec.default is not None and not request_value and "default" not in spec.help:
+            shown = ",".join(map(str, spec.default)) if isinstance(spec.default, tuple) else fmt(spec.default)
+            kwargs["help"] = f"{kwargs['help']} (default {shown})"
     group.add_argument(spec.flag, **kwargs)
 
 
@@ -72,7 +88,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         for measure in (m for m in MEASURES.values() if m.family == family.name):
             if measure.value_field:
                 spec = next(s for s in specs if s.name == measure.value_field)
-                _argument(group, spec, request_value=True)
+                _argument(group, spec, family.name, request_value=True)
             else:
                 group.add_argument(measure.request_flag, action="store_true", help=measure.summary,
                                    dest=f"want_{measure.name}")
@@ -82,10 +98,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    m.request_flag for m in MEASURES.values() if m.in_all))
         for spec in specs:
             if spec.name not in value_fields:
-                _argument(group, spec)
+                _argument(group, spec, family.name)
     common = p.add_argument_group("shared by every measure")
     for spec in shared:
-        _argument(common, spec)
+        _argument(common, spec, None)
     common.add_argument("--results", default=None, metavar="RESULTS.h5",
                         help="write /runs/<run_id>/... to this HDF5 results file (with provenance) and resume from it")
     add_deprecated_alias(p, "--out", "--results", "results", metavar="RESULTS.h5")
@@ -94,19 +110,36 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _flag_names() -> dict[str, str]:
+def _flag_names(family: str | None = None) -> dict[str, str]:
+    """Setting name -> flag: the measurement settings and ``family``'s settings (every family's,
+    first declaration winning, when the family is not known)."""
     per_family, shared = _specs()
-    names = {s.name: s.flag for _, specs in per_family for s in specs}
-    names.update({s.name: s.flag for s in shared})
+    names: dict[str, str] = {s.name: s.flag for s in shared}
+    for fam, specs in per_family:  # a family's own setting wins over a shared one of its name
+        if fam.name == family:
+            names.update({s.name: s.flag for s in specs})
+        elif family is None:
+            for s in specs:
+                names.setdefault(s.name, s.flag)
     return names
 
 
 def in_flag_words(exc: Exception) -> Exception:
-    """A :class:`~flatlab.errors.ConfigError` reworded with this command's flags (also when the
-    configs are built for another command, as ``report --measure-args`` does)."""
+    """A :class:`~flatlab.errors.ConfigError` reworded with command-line flags: those of the
+    family of the measure that raised it (every family's when it is not known), also when the
+    configs are built for another command, as ``report --measure-args`` does."""
     from flatlab.errors import ConfigError
+    from flatlab.measures import get_measure
 
-    return exc.renamed(_flag_names()) if isinstance(exc, ConfigError) else exc
+    if not isinstance(exc, ConfigError):
+        return exc
+    family = None
+    if exc.measure:
+        try:
+            family = get_measure(exc.measure).family
+        except Exception:  # noqa: BLE001 - an unknown name: fall back to every family's flags
+            family = None
+    return exc.renamed(_flag_names(family))
 
 
 def requested_measures(args: argparse.Namespace) -> list[str]:
@@ -116,7 +149,7 @@ def requested_measures(args: argparse.Namespace) -> list[str]:
     wanted = []
     for measure in MEASURES.values():
         if measure.value_field:
-            asked = getattr(args, measure.value_field, None) is not None
+            asked = getattr(args, _dest(measure.family, measure.value_field), None) is not None
         else:
             asked = bool(getattr(args, f"want_{measure.name}", False))
         if asked or (getattr(args, "all", False) and measure.in_all):
@@ -130,23 +163,40 @@ def configs_from_args(args: argparse.Namespace) -> tuple[list[Any], Any]:
     Raises:
         FlatlabError: a bad value, worded with the flag.
     """
-    from flatlab.measures import MeasurementSettings
-    from flatlab.measures.registry import configs_from_values
+    from flatlab.measures import ConfigError, MeasurementSettings, get_measure
+    from flatlab.measures.registry import configs_from_values, measures_of
 
     per_family, shared = _specs()
-    values: dict[str, Any] = {}
-    try:
-        for spec in [s for _, specs in per_family for s in specs] + list(shared):
-            value = getattr(args, spec.name, None)
+
+    def given(family: str | None, specs: Any) -> dict[str, Any]:
+        values: dict[str, Any] = {}
+        for spec in specs:
+            value = getattr(args, _dest(family, spec.name), None)
             if value is None or (spec.kind == "bool" and value is False):
                 continue
-            values[spec.name] = spec.parse_text(value) if spec.kind.endswith("floats") else value
+            values[spec.name] = spec.parse_text(value) if spec.kind.endswith(("floats", "strs")) else value
+        return values
+
+    try:
+        common = given(None, shared)
         wanted = requested_measures(args)
-        if not wanted:
+        defaulted = not wanted
+        if defaulted:
             wanted = list(DEFAULT_REQUEST)
-            values.setdefault("top_k", DEFAULT_REQUEST["top_eigenvalues"])
-        configs = configs_from_values(wanted, values)
-        settings = MeasurementSettings(**{s.name: values[s.name] for s in shared if s.name in values})
+        configs = []
+        for family, specs in per_family:
+            try:
+                values = given(family.name, specs)
+            except ConfigError as exc:  # a value that does not parse: worded with this family's flags
+                exc.measure = exc.measure or measures_of(family.name)[0].name
+                raise
+            mine = [m for m in wanted if get_measure(m).family == family.name]
+            if not mine:
+                continue
+            if defaulted and family.name == "curvature":
+                values.setdefault("top_k", DEFAULT_REQUEST["top_eigenvalues"])
+            configs += configs_from_values(mine, values)
+        settings = MeasurementSettings(**common)
     except Exception as exc:  # noqa: BLE001 - reworded, then raised again
         raise in_flag_words(exc) from None
     return configs, settings
@@ -223,10 +273,16 @@ def _pairs(values: dict[str, Any]) -> Iterable[tuple[str, Any]]:
 def nested_table(payload: dict[str, Any], names: list[str]) -> str:
     """measure / quantity / value rows for the nested (non-curvature) measures; local flatness
     as F_gamma +- stderr per radius."""
+    from flatlab.measures import get_measure
+
     rows: list[list[Any]] = []
     parts = []
     for name in names:
         values = payload[name]
+        measure = get_measure(name)
+        if measure.table is not None:  # the measure's own rows (quantity, value)
+            rows += [[name, *row] for row in measure.table(values)]
+            continue
         if name == "local_flatness":
             lrows = [[fmt(g), f"{fmt(s)} +- {fmt(se)}", f"{fmt(t)} +- {fmt(te)}"]
                      for g, s, se, t, te in zip(values["gammas"], values["source"], values["source_stderr"],

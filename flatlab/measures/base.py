@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 # --- errors ---------------------------------------------------------------------------------
-from flatlab.errors import ConfigError  # noqa: E402  (defined with FlatlabError; re-exported here)
+from flatlab.errors import ConfigError, FlatlabError  # noqa: E402, F401  (re-exported here)
 
 # --- settings --------------------------------------------------------------------------------
 
@@ -63,7 +63,7 @@ class SettingSpec:
     """A config field as the CLI and study files see it."""
 
     name: str
-    kind: str  # int, float, str, bool, optional int/float, floats (a tuple of floats)
+    kind: str  # int, float, str, bool, optional int/float/str, floats / strs (tuples of floats / strings)
     default: Any
     help: str
     flag: str
@@ -87,9 +87,15 @@ class SettingSpec:
                 if not values:
                     raise ValueError
                 return values
+            if base == "strs":
+                words = tuple(part.strip() for part in text.split(",") if part.strip())
+                if not words:
+                    raise ValueError
+                return words
         except ValueError:
             example = ("comma-separated numbers, e.g. 0,0.05,0.1" if base == "floats"
-                       else f"a{'n integer' if base == 'int' else ' number'}")
+                       else "comma-separated words, e.g. " + ",".join(map(str, self.choices or ("a", "b")))
+                       if base == "strs" else f"a{'n integer' if base == 'int' else ' number'}")
             raise ConfigError(self.name, f"must be {example}, got {text!r}") from None
         return text
 
@@ -119,6 +125,12 @@ class SettingSpec:
                     isinstance(v, bool) or not isinstance(v, (int, float)) for v in value):
                 raise ConfigError(self.name, f"must be a non-empty list of numbers, got {value!r}")
             return tuple(float(v) for v in value)
+        if base == "strs":
+            if isinstance(value, str):
+                return self.parse_text(value)
+            if not isinstance(value, (list, tuple)) or not value or any(not isinstance(v, str) for v in value):
+                raise ConfigError(self.name, f"must be a non-empty list of strings, got {value!r}")
+            return tuple(value)
         if not isinstance(value, str):
             raise ConfigError(self.name, f"must be a string, got {value!r}")
         return value
@@ -127,8 +139,19 @@ class SettingSpec:
         """Choices and bounds; ConfigError naming the parameter."""
         if value is None:
             return
-        if self.choices is not None and value not in self.choices:
-            raise ConfigError(self.name, f"must be one of {', '.join(map(str, self.choices))}, got {value!r}")
+        if self.choices is not None:
+            # A value among the declared choices is valid as it is (bounds do not apply: e.g. a
+            # norm p in {2, inf}); a tuple setting (strs) checks each element, once each.
+            items = value if isinstance(value, tuple) else (value,)
+            for item in items:
+                if item not in self.choices:
+                    shown = ", ".join(c if isinstance(c, str) else _show(c) for c in self.choices)
+                    got = repr(item) if isinstance(item, str) else _show(item)
+                    kind = "made of" if isinstance(value, tuple) else "one of"
+                    raise ConfigError(self.name, f"must be {kind} {shown}, got {got}")
+            if isinstance(value, tuple) and len(set(value)) != len(value):
+                raise ConfigError(self.name, f"lists {', '.join(map(str, value))}: give each once")
+            return
         values = value if isinstance(value, tuple) else (value,)
         for v in values:
             if not isinstance(v, (int, float)) or isinstance(v, bool):
@@ -144,6 +167,13 @@ class SettingSpec:
                 raise ConfigError(self.name, f"must be at most {self.maximum:g}, got {value!r}")
 
 
+def _show(value: Any) -> str:
+    """A setting value as a user writes it (2 not 2.0, inf, quoted strings)."""
+    if isinstance(value, float):
+        return "inf" if math.isinf(value) and value > 0 else f"{value:g}"
+    return repr(value) if isinstance(value, str) else str(value)
+
+
 def _kind(annotation: Any) -> str:
     """The setting kind of a field's type annotation."""
     args = typing.get_args(annotation)
@@ -152,7 +182,7 @@ def _kind(annotation: Any) -> str:
         inner = [a for a in args if a is not type(None)]
         return "optional " + _kind(inner[0]) if len(inner) == 1 else "str"
     if origin is tuple:
-        return "floats"
+        return "strs" if typing.get_args(annotation)[:1] == (str,) else "floats"
     return {int: "int", float: "float", bool: "bool", str: "str"}.get(annotation, "str")
 
 
@@ -168,11 +198,16 @@ class MeasureConfig:
     measure: ClassVar[str] = ""
 
     def __post_init__(self) -> None:
-        for spec in self.setting_specs():
-            value = spec.coerce(getattr(self, spec.name))
-            object.__setattr__(self, spec.name, value)
-            spec.check(value)
-        self.validate()
+        try:
+            for spec in self.setting_specs():
+                value = spec.coerce(getattr(self, spec.name))
+                object.__setattr__(self, spec.name, value)
+                spec.check(value)
+            self.validate()
+        except ConfigError as exc:
+            if exc.measure is None:
+                exc.measure = self.measure or None
+            raise
 
     def validate(self) -> None:
         """Cross-field checks (field types, choices and bounds are checked before)."""
@@ -261,12 +296,19 @@ class Cost:
     forward+backward passes over each split in ``splits`` (a sweep multiplies by sample counts
     and the model's measured seconds per sample), plus ``examples`` forward evaluations of
     single examples that do not scale with the split's size (e.g. noise draws evaluated on
-    slices of a fixed number of examples)."""
+    slices of a fixed number of examples).
+
+    A split is ``source``, ``source-out`` or ``target`` (each capped at ``max_samples``), or
+    ``domains``: every domain taken alone, each capped at ``max_samples`` (the source domains'
+    in-splits and the target domain(s), as :meth:`MeasureContext.domain_batches` hands them out).
+    """
 
     forward: float = 0.0
     gradient: float = 0.0
     splits: tuple[str, ...] = ("source",)
     examples: float = 0.0
+    #: The measure's own sample cap per split (or per domain), where it has one; else the shared one.
+    max_samples: int | None = None
 
 
 # --- columns ---------------------------------------------------------------------------------
@@ -288,6 +330,8 @@ class Column:
     pattern: re.Pattern[str] | None = None
     describe_match: Callable[[re.Match[str]], str] | None = None
     label_match: Callable[[re.Match[str]], str] | None = None
+    #: For a pattern: the order of the matched names in tables (default: by name).
+    order_match: Callable[[re.Match[str]], tuple[Any, ...]] | None = None
 
     def matches(self, name: str) -> re.Match[str] | None:
         if self.pattern is None:
@@ -297,6 +341,11 @@ class Column:
     def describe(self, name: str) -> str:
         m = self.matches(name)
         return self.describe_match(m) if (m and self.describe_match) else self.description
+
+    def order(self, name: str) -> tuple[Any, ...]:
+        """Where ``name`` goes among the names this column matches."""
+        m = self.matches(name)
+        return self.order_match(m) if (m and self.order_match) else (name,)
 
     def axis_label(self, name: str) -> str:
         m = self.matches(name)
@@ -352,6 +401,10 @@ class Measure:
     def group_for(self, config: Any) -> str:
         """The results group this config's result lives in."""
         return self.group_of(config) if self.group_of is not None else self.group
+    #: ``check(context, config)``: input checks that need the model or the data (a layer name,
+    #: a subset size), run by the pipeline for every requested measure before any is computed,
+    #: so a bad input is refused before anything is written. Raises FlatlabError / ConfigError.
+    check: Callable[[Any, Any], None] | None = None
 
     @property
     def value_field(self) -> str | None:
@@ -359,6 +412,29 @@ class Measure:
         if self.request_key and any(s.name == self.request_key for s in self.config.setting_specs()):
             return self.request_key
         return None
+
+
+@dataclass(frozen=True)
+class ColumnSource:
+    """Report and figure columns of results that no one-checkpoint measure computes (e.g. the
+    loss barrier between two checkpoints, stored under one of them by its own runner).
+
+    The registry treats its columns like a measure's (report columns, descriptions, axis labels),
+    but it has no config, no flag and no study-file section of a measure family.
+
+    Attributes:
+        name: an identifier (``barriers``).
+        group: where its results live under ``/runs/<run_id>/``.
+        columns: its :class:`Column` declarations.
+        read: ``read(run_groups) -> {column: Estimate}``.
+        summary: one line on what it is and which command writes it.
+    """
+
+    name: str
+    group: str
+    columns: tuple[Column, ...]
+    read: Callable[[Mapping[str, Any]], dict[str, Estimate]]
+    summary: str = ""
 
 
 def group_node(run: Mapping[str, Any], path: str) -> Mapping[str, Any] | None:
@@ -400,5 +476,5 @@ def attr_estimates(node: Mapping[str, Any] | None, keys: Iterable[tuple[str, str
     return out
 
 
-__all__ = ["Column", "ConfigError", "Cost", "Estimate", "Family", "Measure", "MeasureConfig", "MeasureResult",
+__all__ = ["Column", "ColumnSource", "ConfigError", "Cost", "Estimate", "Family", "Measure", "MeasureConfig", "MeasureResult",
            "SettingSpec", "attr_estimates", "group_node", "scalar", "setting"]

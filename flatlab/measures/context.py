@@ -10,6 +10,10 @@ Every measure's compute function takes a :class:`MeasureContext`. It hands out
 * ``batches(split)``: a data split as a list of ``(x, y)`` batches, prepared once per split with
   the run's :class:`MeasurementSettings` (seeded subset of ``max_samples``, ``batch_size``);
 * ``split_size(split)``: the split's full size (``m`` in the bounds: the training-set size);
+* ``domain_batches(source_part)``: every domain on its own, name -> batches (a checkpoint's
+  source domains' in-splits, or held-out splits with ``source_part="out"``, then the target
+  domain(s); a user's model: the named splits, or the ``domains`` it was given), each a seeded
+  subset of ``max_samples``, and ``target_domains()``: which of those names are targets;
 * ``cache``: objects several measures share (one Hessian operator with its cached graph for
   every curvature measure on the same split, the dense spectrum of ``solver = "dense"``).
 
@@ -106,6 +110,28 @@ class MeasureContext:
             self.cache[key] = self._build_batches(split)
         return self.cache[key]
 
+    def domain_batches(self, source_part: str = "in", max_samples: int | None = None) -> dict[str, list[Any]]:
+        """Every domain's own batches, by domain name (see the module docstring), built once.
+
+        ``max_samples`` overrides the shared ``settings.max_samples`` for these batches (a
+        per-domain measure may want fewer samples per domain than a whole split gets)."""
+        if source_part not in ("in", "out"):
+            raise FlatlabError(f"source_part must be in or out, got {source_part!r}")
+        key = ("domain_batches", source_part, max_samples)
+        if key not in self.cache:
+            domains = self._build_domain_batches(source_part, max_samples)
+            if not domains:
+                raise FlatlabError("there are no domains to measure on")
+            self.cache[key] = domains
+        return self.cache[key]
+
+    def target_domains(self) -> tuple[str, ...]:
+        """The names among :meth:`domain_batches` that are target (test) domains."""
+        raise NotImplementedError
+
+    def _build_domain_batches(self, source_part: str, max_samples: int | None) -> dict[str, list[Any]]:
+        raise NotImplementedError
+
 
 class CheckpointContext(MeasureContext):
     """A flatlab checkpoint: models rebuilt from it, its exact data splits."""
@@ -138,15 +164,34 @@ class CheckpointContext(MeasureContext):
     def split_size(self, split: str) -> int:
         return int(self._splits.split_size(split))
 
+    def _build_domain_batches(self, source_part: str, max_samples: int | None) -> dict[str, list[Any]]:
+        from flatlab.curvature.per_domain import domain_batches
+
+        s = self.settings
+        return domain_batches(self._splits, batch_size=s.batch_size, source_part=source_part, include_target=True,
+                              max_samples=s.max_samples if max_samples is None else max_samples, seed=s.seed,
+                              device=self.device)
+
+    def target_domains(self) -> tuple[str, ...]:
+        names = self._splits.dataset.domains
+        return tuple(str(names[e]) for e in self._splits.test_envs)
+
 
 class ModelContext(MeasureContext):
     """Any ``nn.Module`` with named lists of ``(x, y)`` batches (e.g. ``{"source": ...,
-    "target": ...}``); ``initial_model`` (w0) and ``train_size`` (m) are optional."""
+    "target": ...}``); ``initial_model`` (w0) and ``train_size`` (m) are optional.
+
+    Per-domain measures see ``domains`` (name -> batches, e.g. one entry per source domain and
+    one for the target) or, when it is not given, the named splits themselves as the domains;
+    ``target_domains`` names the targets among them (default: ``"target"`` if present). A user's
+    batches are used as given (``max_samples`` does not subsample them).
+    """
 
     def __init__(self, model: nn.Module, data: Mapping[str, Sequence[Any]], *,
                  settings: MeasurementSettings | None = None, initial_model: nn.Module | None = None,
                  train_size: int | None = None, loss_fn: Callable[..., torch.Tensor] | None = None,
-                 latent_model: nn.Module | None = None) -> None:
+                 latent_model: nn.Module | None = None, domains: Mapping[str, Sequence[Any]] | None = None,
+                 target_domains: Sequence[str] | None = None) -> None:
         try:
             device = next(model.parameters()).device
         except StopIteration:
@@ -159,6 +204,16 @@ class ModelContext(MeasureContext):
         self._data = {str(k): list(v) for k, v in data.items()}
         self._initial = initial_model
         self._train_size = train_size
+        self._domains = None if domains is None else {str(k): list(v) for k, v in domains.items()}
+        names = self._domains if self._domains is not None else self._data
+        if target_domains is None:
+            self._targets = ("target",) if "target" in names else ()
+        else:
+            self._targets = tuple(str(t) for t in target_domains)
+            unknown = [t for t in self._targets if t not in names]
+            if unknown:
+                raise FlatlabError(f"target_domains names {unknown[0]!r}, which is not among the domains "
+                                   f"({', '.join(names)})")
         if loss_fn is not None:
             self.loss_fn = loss_fn  # type: ignore[assignment]
 
@@ -182,6 +237,14 @@ class ModelContext(MeasureContext):
         if split == "source" and self._train_size is not None:
             return int(self._train_size)
         return int(sum(len(y) for _, y in self.batches(split)))
+
+    def _build_domain_batches(self, source_part: str, max_samples: int | None) -> dict[str, list[Any]]:
+        # A user's domains have no in/out parts and are used as given: source_part and
+        # max_samples apply to checkpoints only.
+        return dict(self._domains if self._domains is not None else self._data)
+
+    def target_domains(self) -> tuple[str, ...]:
+        return self._targets
 
 
 def checkpoint_path(path: str | Path) -> Path:

@@ -11,7 +11,9 @@ module registers itself with :func:`register_measure` (the built-in ones are reg
 * :func:`configs_from_values`: field values (from flags or a study file) -> validated configs
   of the requested measures;
 * :func:`find_column`, :func:`all_columns`, :func:`read_columns`: the report's and figures'
-  columns, descriptions and axis labels;
+  columns, descriptions and axis labels (the measures', then those of the registered
+  :class:`~flatlab.measures.base.ColumnSource` objects: results no one-checkpoint measure
+  computes, such as the loss barrier between two checkpoints);
 * :func:`fingerprint`: what a stored result must match to be reused by a rerun.
 """
 
@@ -24,6 +26,7 @@ from flatlab.errors import FlatlabError
 from flatlab.io import settings_fingerprint
 from flatlab.measures.base import (
     Column,
+    ColumnSource,
     ConfigError,
     Estimate,
     Family,
@@ -34,6 +37,8 @@ from flatlab.measures.base import (
 
 MEASURES: dict[str, Measure] = {}
 FAMILIES: dict[str, Family] = {}
+#: Column sources that are not measures (see :class:`~flatlab.measures.base.ColumnSource`).
+COLUMN_SOURCES: dict[str, ColumnSource] = {}
 
 
 def register_family(family: Family) -> Family:
@@ -54,12 +59,24 @@ def register_measure(measure: Measure) -> Measure:
     if measure.config.measure != measure.name:
         raise FlatlabError(f"measure {measure.name!r}: its config class {measure.config.__name__} says "
                            f"measure = {measure.config.measure!r}")
-    taken = {c.name for m in MEASURES.values() if m is not measure for c in m.columns}
+    taken = {c.name for owner, c in all_columns() if owner is not measure}
     for column in measure.columns:
         if column.name in taken:
             raise FlatlabError(f"measure {measure.name!r}: column {column.name!r} is already another measure's")
     MEASURES[measure.name] = measure
     return measure
+
+
+def register_columns(source: ColumnSource) -> ColumnSource:
+    """Add a column source (idempotent for the same object); its column names must be new."""
+    if source.name in COLUMN_SOURCES and COLUMN_SOURCES[source.name] is not source:
+        raise FlatlabError(f"a column source named {source.name!r} is already registered")
+    taken = {c.name for owner, c in all_columns() if owner is not source}
+    for column in source.columns:
+        if column.name in taken:
+            raise FlatlabError(f"column source {source.name!r}: column {column.name!r} is already declared")
+    COLUMN_SOURCES[source.name] = source
+    return source
 
 
 def get_measure(name: str) -> Measure:
@@ -84,15 +101,33 @@ def family_settings(family: str) -> list[SettingSpec]:
 
 
 def check_registry() -> None:
-    """Every shared setting is declared the same way wherever it appears (flag, key, default,
-    kind), and no two settings of a family share a flag or a key.
+    """The declarations can live side by side on one command line and in one study file.
+
+    * A shared setting is declared the same way wherever it appears in its family (flag, key,
+      default, kind, choices).
+    * Every flag is unique across **all** families and the shared measurement settings
+      (``flatlab sharpness`` puts every family's flags into one parser): a setting's flag, a
+      measure's request flag and ``--all``. Only the identical shared declaration of one family
+      appears twice. Setting *names* may repeat across families (``top_k`` of curvature and of
+      per-domain curvature): the CLI keeps each family's values apart.
+    * Within a family, no two settings share a study-file key.
 
     Raises:
-        FlatlabError: naming the measures and the setting that disagree.
+        FlatlabError: naming the measures and the setting or flag that collide.
     """
+    from flatlab.measures.context import MeasurementSettings
+
+    flags: dict[str, str] = {"--all": "the --all request"}
+    for spec in MeasurementSettings.setting_specs():
+        flags[spec.flag] = f"the measurement setting {spec.name}"
+    for measure in MEASURES.values():
+        owner = flags.get(measure.request_flag)
+        if owner is not None:
+            raise FlatlabError(f"request flag {measure.request_flag} of {measure.name} is also {owner}")
+        flags[measure.request_flag] = f"{measure.name}'s request flag"
     for family in FAMILIES:
         by_name: dict[str, tuple[str, SettingSpec]] = {}
-        flags: dict[str, str] = {}
+        keys: dict[str, str] = {}
         for measure in measures_of(family):
             for spec in measure.config.setting_specs():
                 if spec.name in by_name:
@@ -103,10 +138,16 @@ def check_registry() -> None:
                         raise FlatlabError(f"setting {spec.name!r} of {measure.name} differs from its declaration in "
                                            f"{other_measure}: shared settings must be declared identically")
                     continue
-                if spec.flag in flags:
-                    raise FlatlabError(f"flag {spec.flag} of {measure.name}.{spec.name} is also {flags[spec.flag]}")
+                where = f"{measure.name}.{spec.name}"
+                if spec.flag in flags and not (measure.value_field == spec.name
+                                               and flags[spec.flag] == f"{measure.name}'s request flag"):
+                    raise FlatlabError(f"flag {spec.flag} of {where} is also {flags[spec.flag]}")
+                if spec.toml in keys:
+                    raise FlatlabError(f"study-file key {spec.toml!r} of {where} is also {keys[spec.toml]} "
+                                       f"in [measure.{family}]")
                 by_name[spec.name] = (measure.name, spec)
-                flags[spec.flag] = f"{measure.name}.{spec.name}"
+                flags[spec.flag] = where
+                keys[spec.toml] = where
 
 
 def configs_from_values(requested: Sequence[str], values: Mapping[str, Any]) -> list[MeasureConfig]:
@@ -139,12 +180,13 @@ def fingerprint(config: MeasureConfig, context_part: Mapping[str, Any]) -> str:
 
 # --- columns ---------------------------------------------------------------------------------
 
-def all_columns() -> list[tuple[Measure, Column]]:
-    """Every column of every measure, in registry order."""
-    return [(m, c) for m in MEASURES.values() for c in m.columns]
+def all_columns() -> list[tuple[Measure | ColumnSource, Column]]:
+    """Every column of every measure, in registry order, then the column sources'."""
+    return [(m, c) for m in MEASURES.values() for c in m.columns] + \
+        [(src, c) for src in COLUMN_SOURCES.values() for c in src.columns]
 
 
-def find_column(name: str) -> tuple[Measure, Column] | None:
+def find_column(name: str) -> tuple[Measure | ColumnSource, Column] | None:
     """The measure and column a column name belongs to (static names first, then patterns)."""
     for measure, column in all_columns():
         if column.pattern is None and column.name == name:
@@ -178,6 +220,8 @@ def read_columns(run: Mapping[str, Any]) -> dict[str, Estimate]:
     out: dict[str, Estimate] = {}
     for measure in MEASURES.values():
         out.update(measure.read(run))
+    for source in COLUMN_SOURCES.values():
+        out.update(source.read(run))
     return out
 
 
@@ -185,6 +229,7 @@ def measure_names(names: Iterable[str]) -> list[str]:
     return [get_measure(n).name for n in names]
 
 
-__all__ = ["FAMILIES", "MEASURES", "ConfigError", "all_columns", "axis_label", "check_registry", "column_order",
+__all__ = ["COLUMN_SOURCES", "FAMILIES", "MEASURES", "ConfigError", "all_columns", "axis_label", "check_registry", "column_order",
            "configs_from_values", "describe_column", "family_settings", "find_column", "fingerprint",
-           "get_measure", "measure_names", "measures_of", "read_columns", "register_family", "register_measure"]
+           "get_measure", "measure_names", "measures_of", "read_columns", "register_columns", "register_family",
+           "register_measure"]

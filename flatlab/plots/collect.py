@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from flatlab.errors import FlatlabError
+from flatlab.plots import barriers as bplots
 from flatlab.plots import measures as mplots
 from flatlab.plots import surfaces as splots
 from flatlab.plots.style import color, save_figure
@@ -246,6 +247,64 @@ def claims_forest_job(results: Sequence[dict[str, Any]], stem: str = "claims_for
                      data={"tests": len(results), "counts": counts})
 
 
+def _strings(values: Any) -> list[str]:
+    return [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in np.asarray(values, dtype=object).ravel()]
+
+
+def overlap_maps(collection: Collection) -> list[tuple[RunRecord, dict[str, Any]]]:
+    """Every run's stored per-domain curvature with its overlap matrix (``per_domain`` group):
+    ``(run, {"overlap", "domains", "targets", "k"})``."""
+    out = []
+    for run in sorted(collection.runs.values(), key=lambda r: (r.quantized, r.label)):
+        node = run.groups.get("per_domain")
+        if not isinstance(node, dict) or "overlap" not in node or "domains" not in node:
+            continue
+        domains = _strings(node["domains"])
+        flags = np.asarray(node.get("is_target", np.zeros(len(domains), dtype=bool)), dtype=bool).ravel()
+        overlap = np.asarray(node["overlap"], dtype=np.float64)
+        if overlap.shape != (len(domains), len(domains)) or flags.shape != (len(domains),):
+            continue
+        k = node.get("attrs", {}).get("top_k")
+        out.append((run, {"overlap": overlap, "domains": domains, "k": int(k) if k is not None else None,
+                          "targets": [d for d, t in zip(domains, flags) if t]}))
+    return out
+
+
+def barrier_records(collection: Collection) -> list[tuple[RunRecord, str, dict[str, Any]]]:
+    """Every stored barrier group: ``(run it is stored under, name, node)``."""
+    from flatlab.measures.barriers import barrier_groups
+
+    out = []
+    for run in sorted(collection.runs.values(), key=lambda r: (r.quantized, r.label)):
+        for name, node in sorted(barrier_groups(run.groups).items()):
+            if "alphas" in node and node.get("attrs", {}).get("kind") in ("line", "pairwise"):
+                out.append((run, name, dict(node)))
+    return out
+
+
+def _barrier_job(run: RunRecord, name: str, node: dict[str, Any]) -> FigureJob:
+    attrs = node.get("attrs", {})
+    splits = [s for s in attrs.get("splits", []) if isinstance(node.get(s), dict)]
+    stem = slug(f"{run_slug(run)}-{name}")
+    if attrs.get("kind") == "line":
+        losses = {s: np.asarray(node[s]["losses"], dtype=np.float64) for s in splits}
+        barriers = {s: (float(attrs.get(f"loss_barrier_{s}", np.nan)), float(attrs.get(f"loss_barrier_{s}_stderr", np.nan)),
+                        float(attrs.get(f"loss_barrier_{s}_alpha", np.nan))) for s in splits}
+        labels = (str(attrs.get("model1_label", "model 1")), str(attrs.get("model2_label", "model 2")))
+        title = f"loss barrier {name}: {labels[0]} → {labels[1]} (bn {attrs.get('bn', '?')})"
+        return FigureJob("barrier_line", f"barrier_{stem}",
+                         build=lambda a=node["alphas"], lo=losses, b=barriers, la=labels, t=title:
+                         bplots.barrier_line(a, lo, b, la, t), data={"barrier": name, "run_id": run.run_id})
+    labels = _strings(node.get("labels", []))
+    matrices = {s: np.asarray(node[s]["loss_barriers"], dtype=np.float64) for s in splits}
+    errors = {s: np.asarray(node[s]["loss_barrier_stderrs"], dtype=np.float64) for s in splits
+              if "loss_barrier_stderrs" in node[s]}
+    title = f"{name}: pairwise loss barriers between the members (bn {attrs.get('bn', '?')})"
+    return FigureJob("barrier_matrix", f"barrier_matrix_{stem}",
+                     build=lambda m=matrices, la=labels, e=errors, t=title: bplots.barrier_matrix(m, la, e, t),
+                     data={"barrier": name, "run_id": run.run_id})
+
+
 # --- jobs --------------------------------------------------------------------------------------
 
 def figure_jobs(collection: Collection, measures: Sequence[str] | None = None,
@@ -301,6 +360,18 @@ def figure_jobs(collection: Collection, measures: Sequence[str] | None = None,
                               build=lambda: mplots.local_flatness(series, relative)))
     else:
         skipped.append({"figure": "local_flatness", "reason": "no run holds local_flatness (flatlab sharpness --local-flatness)"})
+
+    for run, found in overlap_maps(collection):
+        from flatlab.plots.overlap import overlap_heatmap
+
+        jobs.append(FigureJob("eigenspace_overlap", f"overlap_{run_slug(run)}",
+                              build=lambda f=found, r=run: overlap_heatmap(
+                                  f["overlap"], f["domains"], k=f["k"], targets=f["targets"],
+                                  title=f"{r.label}: per-domain Hessian top-{f['k']} eigenspace overlap"),
+                              data={"run_id": run.run_id}))
+
+    for run, name, node in barrier_records(collection):
+        jobs.append(_barrier_job(run, name, node))
 
     if collection.runs:
         rows, names = build_rows(collection, measures, radii)
@@ -376,8 +447,8 @@ def write_figures(collection: Collection, out_dir: str | os.PathLike[str], forma
         kinds = sorted({j.kind for j in jobs})
         raise FlatlabError("nothing to draw in the formats " + ",".join(formats) + " from these inputs"
                            + (f" (they support {', '.join(kinds)})" if kinds else
-                              ": they hold no surface, spectral density, local flatness, measure on 2+ runs, or "
-                              "bit-width sweep"))
+                              ": they hold no surface, spectral density, local flatness, per-domain overlap, "
+                              "barrier, measure on 2+ runs, or bit-width sweep"))
     return {"out_dir": str(out), "formats": list(formats), "figures": written, "skipped": skipped}
 
 
@@ -388,9 +459,9 @@ def _wanted(jobs: Sequence[FigureJob], formats: Sequence[str]) -> Iterator[Figur
             yield job
 
 
-__all__ = ["ALL_FORMATS", "FIGURE_FORMATS", "FigureJob", "claims_forest_job", "correlation_with_intervals",
-           "density_curves", "figure_jobs", "flatness_series", "measure_axis_label", "parse_formats", "slug",
-           "write_figures"]
+__all__ = ["ALL_FORMATS", "FIGURE_FORMATS", "FigureJob", "barrier_records", "claims_forest_job",
+           "correlation_with_intervals", "density_curves", "figure_jobs", "flatness_series", "measure_axis_label",
+           "overlap_maps", "parse_formats", "slug", "write_figures"]
 
 
 def script_main(doc: str, draw: Callable[[Collection, Path, list[str]], list[Path]],
