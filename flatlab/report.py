@@ -1421,10 +1421,10 @@ def report_text(report: dict[str, Any]) -> str:
     if names:
         legend = [[m, report["measure_descriptions"][m]] for m in names]
         legend += [[d, report.get("diagnostic_descriptions", {}).get(d, "")] for d in diagnostics]
-        parts.append("measures (larger = sharper); 'value +- se' is the estimation error of that one measurement "
+        parts.append("measures (larger = sharper unless a description says otherwise); 'value +- se' is the estimation error of that one measurement "
                      "(Hutch++ / Monte Carlo standard error), not seed-to-seed variation:\n" + table(legend))
     else:
-        parts.append("no measures in the inputs: run `flatlab sharpness CKPT --out FILE` (curvature, --all bounds) "
+        parts.append("no measures in the inputs: run `flatlab sharpness CKPT --results FILE` (curvature, --all bounds) "
                      "and pass FILE here")
     parts.append(_variants_text(report, conf))
     parts.append(_comparisons_text(report, conf))
