@@ -173,7 +173,7 @@ def test_demo_force_refuses_a_demo_folder_with_a_foreign_file_inside(tmp_path, c
     from flatlab.demo import QUICK, foreign_entry
 
     folder = tmp_path / "d"
-    runs = folder / "runs" / "erm"
+    runs = folder / "sweep" / "runs" / "erm-te0-s0"
     runs.mkdir(parents=True)
     (folder / "demo.json").write_text(json.dumps({"flatlab_version": "0", "mode": "quick", "settings": {}, "done": {}}))
     (runs / "model.pt").write_bytes(b"x")
@@ -203,7 +203,9 @@ def test_ctrl_c_in_a_demo_step_exits_130_and_resumes(tmp_path, capsys, monkeypat
     err = capsys.readouterr().err
     assert "interrupted" in err and "Traceback" not in err and "flatlab: error" not in err
     state = json.loads((folder / "demo.json").read_text())
-    assert list(state["done"]) == ["train erm"]
+    assert state["done"] == {}  # interrupted inside the sweep step, after its first job
+    assert (folder / "sweep" / "jobs" / "erm-te0-s0" / "done").exists()
+    assert not (folder / "sweep" / "jobs" / "erm-te0-s1" / "done").exists()
 
 
 def test_ctrl_c_in_a_sweep_measurement_step_stops_the_sweep(tmp_path, capsys, monkeypatch):

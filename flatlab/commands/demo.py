@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import argparse
-import math
 
-from flatlab.commands.common import add_output_options, emit, table
+from flatlab.commands.common import add_output_options, emit, fmt, table
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="the whole study (train, QAT, EoQ, sharpness, surfaces, report, figures) on rotated-digits",
-                       description="Train ERM, QAT 8-bit and 4-bit (and two more 4-bit seeds for an EoQ ensemble) "
-                                   "on rotated-digits, measure curvature, PAC-Bayes sigma and local flatness, "
-                                   "compute shared-direction 2D surfaces and the FP -> 4-bit interpolation, then "
-                                   "write results.h5, the report and the figures into --out. Rerun to continue "
-                                   "after an interruption.")
+                       description="A small QGen / QT-DoG study on rotated-digits: ERM, 8-bit and 4-bit QAT at 8 seeds "
+                                   "each (a flatlab sweep, 2 workers), every model's curvature, PAC-Bayes sigma and "
+                                   "sigma' and local flatness, EoQ of three 4-bit models, shared-direction 2D "
+                                   "surfaces and the FP -> 4-bit line, then the report with intervals over seeds, "
+                                   "the verdicts of the claims it can test, and the figures, all in --out. Rerun to "
+                                   "continue after an interruption.")
     p.add_argument("--out", default="flatlab-demo", help="demo folder (default flatlab-demo)")
     p.add_argument("--quick", action="store_true", help="the same pipeline at toy size (under a minute; for tests)")
     p.add_argument("--force", action="store_true", help="start over in a folder holding another demo")
@@ -22,24 +22,25 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _pick(row: dict, *keys: str):
-    for key in keys:
-        value = row.get(key)
-        if value is not None and not (isinstance(value, float) and math.isnan(value)):
-            return value
-    return None
-
-
 def run(args: argparse.Namespace) -> int:
+    from flatlab.claims import claims_text
     from flatlab.demo import run_demo
+    from flatlab.report import interval_text
 
     summary = run_demo(args.out, quick=args.quick, force=args.force, quiet=args.quiet)
+    columns = ["id_acc", "ood_acc", "generalization_gap", "top_eigenvalue", "trace", "pacbayes_inv_sigma_sq",
+               "magnitude_inv_sigma_sq", "local_flatness_target@0.1rel"]
     rows = []
-    for r in summary["runs"]:
-        rows.append([r.get("algorithm"), r.get("bits") or "fp", r.get("seed"), r.get("id_acc"), r.get("ood_acc"),
-                     _pick(r, "top_eigenvalue"), _pick(r, "trace"), _pick(r, "pacbayes_inv_sigma_sq")])
-    text = table(rows, ["algorithm", "bits", "seed", "id_acc", "ood_acc", "top eig", "trace", "1/sigma^2"])
-    text += (f"\n\nresults: {summary['results']}\nreport:  {summary['report_csv']}\nfigures: {summary['figures']}"
+    for v in summary["variants"]:
+        for column in columns:
+            stat = v["stats"].get(column)
+            if stat and stat["n"]:
+                rows.append([v["variant"], column, stat["n"], fmt(stat["mean"]),
+                             interval_text(stat["ci_low"], stat["ci_high"])])
+    text = ("per variant, over seeds: mean and 95% bootstrap CI (n runs)\n"
+            + table(rows, ["variant", "column", "n", "mean", "95% CI"]) + "\n\n" + claims_text(summary["claims"]))
+    text += (f"\n\nresults: {summary['results']}\nreport:  {summary['report_text']} (every run, comparison and "
+             f"correlation), {summary['report_csv']}\nfigures: {summary['figures']}"
              f"\ntime: {summary['seconds_total']} s of computation ({summary['seconds_this_run']} s in this run)")
     emit(args, summary, text)
     return 0
