@@ -35,8 +35,8 @@ import errno
 import json
 import os
 import platform
-import shutil
 import re
+import shutil
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any

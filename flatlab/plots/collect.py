@@ -361,6 +361,7 @@ def _figure_jobs(collection: Collection, measures: Sequence[str] | None, radii: 
                                                                                            titles=titles),
                               data={"surfaces": [c.label for c in curves]}))
 
+    z = {"z_scale": z_scale, "clip_quantile": clip_quantile, "titles": titles}
     for s in collection.surfaces:
         if s.dims != 2:
             continue
@@ -368,7 +369,6 @@ def _figure_jobs(collection: Collection, measures: Sequence[str] | None, radii: 
         jobs.append(FigureJob("contour_2d", f"contour_{stem}",
                               build=lambda s=s: splots.contour_2d(s, f"{s.label}: loss contours (log-spaced levels)",
                                                                   titles=titles)))
-        z = {"z_scale": z_scale, "clip_quantile": clip_quantile, "titles": titles}
         jobs.append(FigureJob("surface_3d", f"surface3d_{stem}",
                               build=lambda s=s: splots.surface_3d(s, f"{s.label}: loss surface", **z),
                               html=lambda s=s: splots.surface_html(s, f"{s.label}: loss surface", **z),
