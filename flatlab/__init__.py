@@ -66,8 +66,8 @@ _API: dict[str, str] = {
     "SurfaceRequest": "flatlab.surface.runner",
     # results, reports, studies
     "read_results": "flatlab.results",
-    "write_result": "flatlab.results",
-    "to_dataframe": "flatlab.results",
+    "write_result": "flatlab.store",
+    "to_dataframe": "flatlab.store",
     "build_report": "flatlab.report",
     "report_text": "flatlab.report",
     "load_claims": "flatlab.claims",
@@ -114,7 +114,8 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     )
     from flatlab.pipeline import Measurement, measure_checkpoint, measure_model  # noqa: F401
     from flatlab.report import build_report, report_text  # noqa: F401
-    from flatlab.results import read_results, to_dataframe, write_result  # noqa: F401
+    from flatlab.results import read_results  # noqa: F401
+    from flatlab.store import to_dataframe, write_result  # noqa: F401
     from flatlab.surface.runner import SurfaceRequest, run_surface  # noqa: F401
     from flatlab.sweep import load_study, run_sweep  # noqa: F401
     from flatlab.train import TrainConfig, TrainResult, train  # noqa: F401

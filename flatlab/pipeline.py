@@ -71,7 +71,7 @@ class Measurement:
     ``resumed`` lists the measures taken from the results file; ``run_attrs`` the provenance of
     the run (a checkpoint's, :func:`flatlab.results.run_attrs_from_checkpoint`) and ``records``
     each measure's resume record (its settings fingerprint and result), which
-    :func:`flatlab.results.write_result` stores so that a later call with ``results`` reuses them.
+    :func:`flatlab.store.write_result` stores so that a later call with ``results`` reuses them.
     """
 
     results: dict[str, MeasureResult]
@@ -411,7 +411,7 @@ def measure_checkpoint(checkpoint: str | os.PathLike[str] | Any, measures: Seque
     device = resolve_device(settings.device)
     ctx = CheckpointContext(ckpt, settings, device, data_dir)
     run_id = run_id_for(ckpt.path) if ckpt.path is not None else None
-    # Kept on the Measurement too, so that flatlab.results.write_result can file it later.
+    # Kept on the Measurement too, so that flatlab.store.write_result can file it later.
     run_attrs = {**run_attrs_from_checkpoint(ckpt), **dict(provenance or {})}
     if results is not None and run_id is None:
         raise FlatlabError("a checkpoint held in memory has no run id: save it to a file to write results")

@@ -1389,7 +1389,7 @@ def per_run_table(paths: Sequence[str | os.PathLike[str]], measures: Sequence[st
                   radii: Sequence[float] | None = None, *, collection: Collection | None = None) -> dict[str, Any]:
     """The report's per-run part, without its statistics: ``{"inputs", "collection", "rows",
     "measures", "diagnostics"}`` (:func:`build_rows`; the diagnostic columns any run has).
-    :func:`rows_csv` and :func:`flatlab.results.to_dataframe` take it as they take a report.
+    :func:`rows_csv` and :func:`flatlab.store.to_dataframe` take it as they take a report.
 
     Raises:
         FlatlabError: bad inputs, no run in any input, an unknown measure.
@@ -1575,7 +1575,7 @@ def _correlations_text(report: dict[str, Any], conf: str) -> str:
 
 
 def csv_columns(report: dict[str, Any]) -> list[str]:
-    """The columns of the per-run table (``flatlab report --csv``, :func:`flatlab.results.to_dataframe`):
+    """The columns of the per-run table (``flatlab report --csv``, :func:`flatlab.store.to_dataframe`):
     run_id, variant, algorithm, bits, seed, test_domain, dataset, model, members, the accuracy
     columns, the diagnostics present, then every measure followed by ``<measure>_stderr``."""
     measure_cols = [c for m in report["measures"] for c in (m, f"{m}_stderr")]

@@ -24,7 +24,8 @@ from flatlab.errors import ConfigError, FlatlabError
 from flatlab.plots import surfaces as splots
 from flatlab.plots.collect import figure_jobs
 from flatlab.report import load_inputs
-from flatlab.results import read_results, to_dataframe, write_result
+from flatlab.results import read_results
+from flatlab.store import to_dataframe, write_result
 from flatlab.surface import Surface, surface_of_model
 
 XS = np.linspace(-1.0, 1.0, 5)

@@ -338,7 +338,7 @@ def compute_per_layer(ctx: MeasureContext, config: PerLayerConfig) -> MeasureRes
 def result_of(found: Any, config: CurvatureConfig | None = None) -> MeasureResult:
     """A :class:`MeasureResult` of what a curvature function returned, laid out as the measure's
     compute function lays it out (same payload keys, arrays and attributes), so it can be stored
-    with :func:`flatlab.results.write_result` and read back by the report.
+    with :func:`flatlab.store.write_result` and read back by the report.
 
     Args:
         found: an :class:`~flatlab.curvature.lanczos.EigenResult`

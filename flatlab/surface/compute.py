@@ -181,7 +181,7 @@ def surface_of_model(model: Any, source: Sequence, target: Sequence | None = Non
     The settings record ``kind`` (``random<dims>d-<norm>``, as ``flatlab surface`` names it) and
     ``directions_sha256``, the hash of the raw Gaussian draws (the one ``flatlab surface``
     records): two models with the same parameter names and shapes and the same seed share their
-    draws, so :func:`flatlab.results.write_result` files them as surfaces on shared directions.
+    draws, so :func:`flatlab.store.write_result` files them as surfaces on shared directions.
     """
     import torch.nn.functional as F
 
