@@ -10,6 +10,8 @@ The stable entry points are importable from here (``__all__``)::
     out = flatlab.measure_checkpoint("runs/q4/model.pt", [flatlab.TopEigenvaluesConfig(top_k=5),
                                                           flatlab.TraceConfig()], results="r.h5")
     report = flatlab.build_report(["r.h5"])
+    flatlab.write_result("r.h5", flatlab.measure_model(model, batches, configs), run_id="my-model")
+    table = flatlab.to_dataframe("r.h5")   # pandas: the rows of `flatlab report --csv`
 
 and so are a few documented subpackages: :mod:`flatlab.measures` (every measure's config),
 :mod:`flatlab.curvature`, :mod:`flatlab.sharpness` and :mod:`flatlab.surface` (the measurements
@@ -64,6 +66,8 @@ _API: dict[str, str] = {
     "SurfaceRequest": "flatlab.surface.runner",
     # results, reports, studies
     "read_results": "flatlab.results",
+    "write_result": "flatlab.store",
+    "to_dataframe": "flatlab.store",
     "build_report": "flatlab.report",
     "report_text": "flatlab.report",
     "load_claims": "flatlab.claims",
@@ -111,6 +115,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from flatlab.pipeline import Measurement, measure_checkpoint, measure_model  # noqa: F401
     from flatlab.report import build_report, report_text  # noqa: F401
     from flatlab.results import read_results  # noqa: F401
+    from flatlab.store import to_dataframe, write_result  # noqa: F401
     from flatlab.surface.runner import SurfaceRequest, run_surface  # noqa: F401
     from flatlab.sweep import load_study, run_sweep  # noqa: F401
     from flatlab.train import TrainConfig, TrainResult, train  # noqa: F401

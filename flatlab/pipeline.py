@@ -68,7 +68,10 @@ class Measurement:
     """The results of one :func:`measure_checkpoint` / :func:`measure_model` call.
 
     ``results`` maps measure names to their :class:`MeasureResult` in registry order;
-    ``resumed`` lists the measures taken from the results file.
+    ``resumed`` lists the measures taken from the results file; ``run_attrs`` the provenance of
+    the run (a checkpoint's, :func:`flatlab.results.run_attrs_from_checkpoint`) and ``records``
+    each measure's resume record (its settings fingerprint and result), which
+    :func:`flatlab.store.write_result` stores so that a later call with ``results`` reuses them.
     """
 
     results: dict[str, MeasureResult]
@@ -79,6 +82,24 @@ class Measurement:
     resumed: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     group_attrs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    run_attrs: dict[str, Any] = field(default_factory=dict)
+    records: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def groups(self) -> dict[str, tuple[dict[str, Any], dict[str, Any]]]:
+        """``{group: (arrays, attrs)}``: what the results file holds for these results, exactly as
+        :func:`measure_model` with ``results`` writes it (every measure's arrays of a group, the
+        group's attributes and the measures' resume records)."""
+        out: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}
+        names_of: dict[str, list[str]] = {}
+        for name, result in self.results.items():
+            names_of.setdefault(get_measure(name).group_for(result.config), []).append(name)
+        for group, names in names_of.items():
+            arrays: dict[str, Any] = {}
+            for name in names:
+                arrays.update(self.results[name].arrays)
+            records = {n: self.records[n] for n in names if n in self.records}
+            out[group] = (arrays, {**self.group_attrs.get(group, {}), RECORDS_ATTR: json.dumps(records)})
+        return out
 
     def __getitem__(self, name: str) -> MeasureResult:
         return self.results[name]
@@ -167,7 +188,7 @@ def _run(ctx: MeasureContext, configs: Sequence[MeasureConfig], results: str | o
             with _named(measure.name):
                 measure.check(ctx, config)
     done: dict[str, dict[str, Any]] = {group: {} for group in groups}  # group -> measure -> record
-    out = Measurement({}, ctx.settings, ctx.device.type, run_id, path)
+    out = Measurement({}, ctx.settings, ctx.device.type, run_id, path, run_attrs=dict(run_attrs or {}))
     notes = {g: _environment_note(path, run_id, g, ctx.device) for g in groups}
 
     bar = tqdm(total=len(configs), desc="measures", unit="measure", disable=not progress, file=sys.stderr,
@@ -203,6 +224,7 @@ def _run(ctx: MeasureContext, configs: Sequence[MeasureConfig], results: str | o
                           "arrays": to_jsonable(result.arrays), "attrs": to_jsonable(result.attrs),
                           "products": int(result.products)}
             out.results[measure.name] = result
+            out.records[measure.name] = record
             done[group][measure.name] = record
             attrs = _group_attrs(measure.family, [out.results[n] for n in done[group]], ctx)
             attrs["complete"] = len(done[group]) == len(groups[group])
@@ -256,6 +278,101 @@ def _group_attrs(family: str, results: Sequence[MeasureResult], ctx: MeasureCont
     return attrs
 
 
+def measurement_of(results: Sequence[MeasureResult], settings: MeasurementSettings | None = None,
+                   device: str = "cpu") -> Measurement:
+    """A :class:`Measurement` of results computed outside :func:`measure_model` (e.g. with
+    :func:`flatlab.measures.curvature.result_of` from a curvature function's result), with the
+    group attributes and resume records :func:`measure_model` would give them: each result's
+    attributes, a curvature result's settings (matrix, mode, solver, split, ...), the operator
+    products, the environment (:func:`flatlab.environment.environment`), and a fingerprint of
+    its config and ``settings`` (subset, batch size, seed: what the caller used).
+
+    Raises:
+        FlatlabError: two results of one measure, or results of one group with different shared
+            settings.
+    """
+    from flatlab.environment import environment
+
+    settings = settings or MeasurementSettings()
+    _check_groups([r.config for r in results])
+    context_part = settings.fingerprint_part(torch.device(device))
+    out = Measurement({}, settings, torch.device(device).type)
+    by_group: dict[str, list[MeasureResult]] = {}
+    order = {name: i for i, name in enumerate(MEASURES)}
+    for result in sorted(results, key=lambda r: order[r.measure]):
+        measure = get_measure(result.measure)
+        out.results[result.measure] = result
+        out.records[result.measure] = {"fingerprint": fingerprint(result.config, context_part),
+                                       "payload": to_jsonable(result.payload), "arrays": to_jsonable(result.arrays),
+                                       "attrs": to_jsonable(result.attrs), "products": int(result.products)}
+        by_group.setdefault(measure.group_for(result.config), []).append(result)
+    for group, members in by_group.items():
+        family = get_measure(members[0].measure).family
+        attrs: dict[str, Any] = {}
+        if family == "curvature":
+            from flatlab.measures.curvature import config_attrs
+
+            attrs.update(config_attrs(members[0].config))  # type: ignore[arg-type]
+            attrs["seed"] = settings.seed
+        for result in members:
+            attrs.update(result.attrs)
+        if family in PRODUCTS_ATTR:
+            attrs[PRODUCTS_ATTR[family]] = int(sum(r.products for r in members))
+        attrs.update(environment(device))
+        attrs["complete"] = True
+        out.group_attrs[group] = attrs
+    return out
+
+
+def merge_group(existing: Mapping[str, Any] | None, arrays: Mapping[str, Any], attrs: Mapping[str, Any],
+                shared: Mapping[str, Any], where: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A measures group to write over ``existing`` (the group as stored, read by
+    :func:`flatlab.results.read_results`, or None): the measures stored there that ``attrs``'
+    records do not replace are kept (their arrays, attributes and records), so results written
+    one at a time into one group (a trace, then the eigenvalues) add up.
+
+    Args:
+        existing: the stored group, or None.
+        arrays, attrs: the new group's (``attrs`` holds its records under :data:`RECORDS_ATTR`).
+        shared: the shared settings of the new results (``split``, ``curvature``, ...): a kept
+            measure must have been stored with the same ones.
+        where: the group's place, for messages.
+
+    Raises:
+        FlatlabError: a kept measure was stored with other shared settings.
+    """
+    new_records = json.loads(attrs[RECORDS_ATTR])
+    stored = (existing or {}).get("attrs", {}).get(RECORDS_ATTR)
+    if isinstance(stored, str):
+        try:
+            stored = json.loads(stored)
+        except json.JSONDecodeError:
+            stored = None
+    kept = {k: v for k, v in (stored or {}).items() if k not in new_records and isinstance(v, dict)} \
+        if isinstance(stored, dict) else {}
+    if not kept:
+        return dict(arrays), dict(attrs)
+    old_attrs = dict(existing["attrs"])  # type: ignore[index]
+    for key, value in shared.items():
+        if key in old_attrs and str(old_attrs[key]) != str(value):
+            raise FlatlabError(f"{where} holds {', '.join(sorted(kept))} measured with {key} {old_attrs[key]!r}; "
+                               f"this result has {key} {value!r}: one group holds one setting of {key}. Write it "
+                               "under another run_id, or pass merge=False to replace the group")
+    merged_arrays: dict[str, Any] = {}
+    for record in kept.values():
+        merged_arrays.update(from_jsonable(record.get("arrays", {})))
+    merged_arrays.update(arrays)
+    merged_attrs = {k: v for k, v in old_attrs.items() if k != RECORDS_ATTR}
+    merged_attrs.update(attrs)
+    records = {**kept, **new_records}
+    family_products = [a for g, a in PRODUCTS_ATTR.items() if a in merged_attrs]
+    for attr in family_products:  # the group's products add up over every measure it holds
+        merged_attrs[attr] = int(sum(int(r.get("products", 0)) for r in records.values()))
+    order = {name: i for i, name in enumerate(MEASURES)}
+    merged_attrs[RECORDS_ATTR] = json.dumps(dict(sorted(records.items(), key=lambda kv: order.get(kv[0], 99))))
+    return merged_arrays, merged_attrs
+
+
 def resolve_device(name: str) -> torch.device:
     """``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (CUDA when available)."""
     from flatlab.train import resolve_device as _resolve
@@ -294,7 +411,8 @@ def measure_checkpoint(checkpoint: str | os.PathLike[str] | Any, measures: Seque
     device = resolve_device(settings.device)
     ctx = CheckpointContext(ckpt, settings, device, data_dir)
     run_id = run_id_for(ckpt.path) if ckpt.path is not None else None
-    run_attrs = {**run_attrs_from_checkpoint(ckpt), **dict(provenance or {})} if results is not None else None
+    # Kept on the Measurement too, so that flatlab.store.write_result can file it later.
+    run_attrs = {**run_attrs_from_checkpoint(ckpt), **dict(provenance or {})}
     if results is not None and run_id is None:
         raise FlatlabError("a checkpoint held in memory has no run id: save it to a file to write results")
     return _run(ctx, measures, results, run_id, run_attrs, progress)
@@ -327,4 +445,4 @@ def measure_model(model: nn.Module, data: Mapping[str, Sequence[Any]], measures:
     return _run(ctx, measures, results, run_id, dict(provenance or {}), progress)
 
 
-__all__ = ["Measurement", "measure_checkpoint", "measure_model"]
+__all__ = ["Measurement", "measure_checkpoint", "measure_model", "measurement_of", "merge_group"]

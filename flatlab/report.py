@@ -151,6 +151,21 @@ class RunRecord:
             parts.append(f"test {domain}")
         return " ".join(parts)
 
+    @property
+    def title(self) -> str:
+        """The run as figure titles and legends name it: variant, seed and test domain in words
+        (``"qat4 seed 0, test 0°"``; an ensemble ``"eoq (5 members), test 0°"``), never its id."""
+        if not self.attrs.get("algorithm"):
+            return self.run_id  # a run filed from the Python API without attributes: its chosen name
+        head = self.variant
+        members = self.attrs.get("members")
+        if members:
+            head += f" ({len(members)} members)" if isinstance(members, list) else " (ensemble)"
+        elif self.attrs.get("seed") is not None:
+            head += f" seed {self.attrs['seed']}"
+        domain = domain_text(self.attrs)
+        return f"{head}, test {domain}" if domain else head
+
 
 @dataclass
 class SurfaceRecord:
@@ -231,6 +246,20 @@ def test_domain(attrs: dict[str, Any]) -> str | None:
     domains = attrs.get("domains") or []
     names = [str(domains[e]) if isinstance(e, int) and 0 <= e < len(domains) else f"env{e}" for e in envs]
     return "+".join(names) if names else None
+
+
+#: Data sets whose domain names are numbers in a unit, for labels (RotatedDigits: rotation angles).
+DOMAIN_UNITS = {"rotated-digits": "°"}
+
+
+def domain_text(attrs: dict[str, Any]) -> str | None:
+    """The test domain(s) of a run for a label: :func:`test_domain` with the data set's unit
+    (``0°`` for RotatedDigits), or None."""
+    domain = test_domain(attrs)
+    unit = DOMAIN_UNITS.get(str(attrs.get("dataset")), "")
+    if domain is None or not unit:
+        return domain
+    return "+".join(f"{d}{unit}" if re.fullmatch(r"-?[0-9.]+", d) else d for d in domain.split("+"))
 
 
 def _as_float(value: Any) -> float:
@@ -432,8 +461,10 @@ def load_inputs(paths: Iterable[str | os.PathLike[str]]) -> Collection:
                 for name, node in groups.get("surfaces", {}).items():
                     if name == "attrs" or not isinstance(node, dict):
                         continue
+                    # Titles and legends show the run in words (variant, seed, test domain), not its id.
+                    shown = _plain_attrs(node.get("attrs", {})).get("label") or name  # a label given in Python
                     collection.surfaces.append(_surface_from_node(
-                        node, name, f"{record.label} {name}", str(path), run_id, record.quantized, record.label))
+                        node, name, f"{record.title}, {shown}", str(path), run_id, record.quantized, record.title))
             has_root_surface = "xcoordinates" in view and "train_loss" in view
             if has_root_surface:
                 attrs = _plain_attrs(view.get("attrs", {}))
@@ -1337,15 +1368,9 @@ def build_report(paths: Sequence[str | os.PathLike[str]], measures: Sequence[str
             unknown reference or compared variant, bad uncertainty settings.
     """
     u = uncertainty or Uncertainty()
-    if measures is not None:
-        check_measure_names(measures)
     pairs_given = parse_pairs(compare)
-    if collection is None:
-        collection = load_inputs(paths)
-    if not collection.runs:
-        raise FlatlabError("the inputs hold no runs (only surfaces): pass a results file with /runs or run folders")
-    rows, names = build_rows(collection, measures, radii)
-    diagnostics = [d for d in DIAGNOSTIC_COLUMNS if any(_finite(r.get(d)) for r in rows)]
+    table = per_run_table(paths, measures, radii, collection=collection)
+    collection, rows, names, diagnostics = table["collection"], table["rows"], table["measures"], table["diagnostics"]
     columns = [*ACCURACY_COLUMNS, *names, *diagnostics]
     ref = reference if reference is not None else default_reference(rows)
     pairs = comparison_pairs(rows, ref, pairs_given)
@@ -1358,6 +1383,27 @@ def build_report(paths: Sequence[str | os.PathLike[str]], measures: Sequence[str
             "rows": rows, "variants": variant_summaries(rows, columns, u), "reference": ref,
             "comparisons": variant_comparisons(rows, pairs, columns, u),
             "correlations": correlations, "granulated": granulated, "groups": groups, "uncertainty": u.as_dict()}
+
+
+def per_run_table(paths: Sequence[str | os.PathLike[str]], measures: Sequence[str] | None = None,
+                  radii: Sequence[float] | None = None, *, collection: Collection | None = None) -> dict[str, Any]:
+    """The report's per-run part, without its statistics: ``{"inputs", "collection", "rows",
+    "measures", "diagnostics"}`` (:func:`build_rows`; the diagnostic columns any run has).
+    :func:`rows_csv` and :func:`flatlab.store.to_dataframe` take it as they take a report.
+
+    Raises:
+        FlatlabError: bad inputs, no run in any input, an unknown measure.
+    """
+    if measures is not None:
+        check_measure_names(measures)
+    if collection is None:
+        collection = load_inputs(paths)
+    if not collection.runs:
+        raise FlatlabError("the inputs hold no runs (only surfaces): pass a results file with /runs or run folders")
+    rows, names = build_rows(collection, measures, radii)
+    diagnostics = [d for d in DIAGNOSTIC_COLUMNS if any(_finite(r.get(d)) for r in rows)]
+    return {"inputs": collection.inputs, "collection": collection, "rows": rows, "measures": names,
+            "diagnostics": diagnostics}
 
 
 def describe_measure(name: str) -> str:
@@ -1528,12 +1574,20 @@ def _correlations_text(report: dict[str, Any], conf: str) -> str:
             + foot)
 
 
-def rows_csv(report: dict[str, Any]) -> str:
-    """The per-run table as CSV: every measure followed by ``<measure>_stderr`` (its estimation
-    standard error); a missing value is an empty cell (never 0)."""
+def csv_columns(report: dict[str, Any]) -> list[str]:
+    """The columns of the per-run table (``flatlab report --csv``, :func:`flatlab.store.to_dataframe`):
+    run_id, variant, algorithm, bits, seed, test_domain, dataset, model, members, the accuracy
+    columns, the diagnostics present, then every measure followed by ``<measure>_stderr``."""
     measure_cols = [c for m in report["measures"] for c in (m, f"{m}_stderr")]
-    cols = ["run_id", "variant", "algorithm", "bits", "seed", "test_domain", "dataset", "model", "members", "id_acc",
+    return ["run_id", "variant", "algorithm", "bits", "seed", "test_domain", "dataset", "model", "members", "id_acc",
             "ood_acc", "generalization_gap", "domain_gap", *report.get("diagnostics", []), *measure_cols]
+
+
+def rows_csv(report: dict[str, Any]) -> str:
+    """The per-run table as CSV (:func:`csv_columns`): every measure followed by
+    ``<measure>_stderr`` (its estimation standard error); a missing value is an empty cell
+    (never 0)."""
+    cols = csv_columns(report)
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(cols)
@@ -1571,8 +1625,10 @@ __all__ = [
     "compare_variants",
     "comparison_pairs",
     "comparison_record",
+    "csv_columns",
     "default_reference",
     "describe_measure",
+    "domain_text",
     "exact_floor",
     "gaqat_conflict_of_log",
     "generalization_gap",
@@ -1592,6 +1648,7 @@ __all__ = [
     "run_estimates",
     "run_measures",
     "pattern_columns",
+    "per_run_table",
     "seeds_per_cell",
     "static_columns",
     "test_domain",

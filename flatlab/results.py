@@ -35,8 +35,9 @@ import errno
 import json
 import os
 import platform
+import re
 import shutil
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -375,6 +376,47 @@ def write_group(path: str | os.PathLike[str], run_id: str, run_attrs: Mapping[st
             _set_attrs(node, attrs or {})
 
 
+def update_run(path: str | os.PathLike[str], run_id: str, run_attrs: Mapping[str, Any],
+               groups: Mapping[str, Callable[[dict[str, Any] | None], tuple[Mapping[str, Any], Mapping[str, Any]]]],
+               *, keep_run_attrs: bool = True) -> None:
+    """Write several groups of ``/runs/<run_id>`` in one atomic change of the file, each built
+    from what the file holds there now.
+
+    Args:
+        path: the HDF5 file (created if absent).
+        run_id: the run's identifier.
+        run_attrs: provenance attributes of the run; with ``keep_run_attrs`` they update the
+            run's stored attributes (a key given here wins), else they replace them.
+        groups: group path -> ``build(existing) -> (arrays, attrs)``, where ``existing`` is the
+            group as stored (the nested dict :func:`read_results` gives a group), or None. The
+            build runs under the writers' lock, so no other writer changes the group in between.
+
+    Raises:
+        FlatlabError: ``path`` is not a results file, or an invalid name.
+    """
+    target = Path(path)
+    run_id = _check_name(run_id, "run id")
+    names = {_check_name(g, "group"): build for g, build in groups.items()}
+    with _writer_lock(target), atomic_path(target, suffix=".h5") as tmp:
+        with _open_copy(target, tmp) as handle:
+            run = _require_group(_require_group(handle, "runs", target), run_id, target)
+            if not keep_run_attrs:
+                for key in list(run.attrs):
+                    del run.attrs[key]
+            _set_attrs(run, run_attrs)
+            for group, build in names.items():
+                found = run.get(group)
+                existing = _read_node(found) if isinstance(found, h5py.Group) else None
+                arrays, attrs = build(existing)
+                if group in run:
+                    del run[group]
+                node = run
+                for part in group.split("/"):
+                    node = _require_group(node, part, target)
+                _write_arrays(node, arrays)
+                _set_attrs(node, attrs)
+
+
 def write_root_file(path: str | os.PathLike[str], arrays: Mapping[str, Any],
                     attrs: Mapping[str, Any] | None = None) -> None:
     """Write a stand-alone results file whose arrays live at the root (e.g. a loss surface in the
@@ -507,9 +549,31 @@ def merge_results(path: str | os.PathLike[str], sources: list[str | os.PathLike[
                             _merge_node(handle, run[name], dst, name)
 
 
+# --- results of the Python API ------------------------------------------------------------------
+
+#: A run id given by a user: letters, digits, '.', '-' and '_' (one path component).
+_RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def check_run_id(run_id: Any) -> str:
+    """A user's run id (``"my-resnet"``): a non-empty string of letters, digits, ``.``, ``-``
+    and ``_`` (it becomes one group name, ``/runs/<run_id>``).
+
+    Raises:
+        ConfigError: naming ``run_id``.
+    """
+    from flatlab.errors import ConfigError
+
+    if not isinstance(run_id, str) or not _RUN_ID.fullmatch(run_id):
+        raise ConfigError("run_id", f"must be letters, digits, '.', '-' and '_', starting with a letter or digit "
+                                    f"(e.g. 'my-resnet'), got {run_id!r}")
+    return run_id
+
+
 __all__ = [
     "SCHEMA_VERSION",
     "check_group_name",
+    "check_run_id",
     "check_results_target",
     "in_use_error",
     "is_results_file",
@@ -519,6 +583,7 @@ __all__ = [
     "read_results",
     "run_attrs_from_checkpoint",
     "run_id_for",
+    "update_run",
     "versions",
     "write_group",
     "write_root_file",

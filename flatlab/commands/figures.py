@@ -35,6 +35,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="the reference variant of the claims (default: the claims file's, else erm / fp)")
     p.add_argument("--alpha", type=float, default=None, metavar="A",
                    help="level of the claims' tests (default: the claims file's alpha, else 0.05)")
+    p.add_argument("--no-titles", dest="titles", action="store_false",
+                   help="draw no titles (figure, panels, HTML page), e.g. for a paper's captions; each panel's "
+                        "split then goes into its colour-bar or axis label. File names are unchanged")
+    p.add_argument("--z-scale", default="linear", metavar="SCALE",
+                   help="z axis of the 3D surfaces (static and HTML): linear (default), log (log10 of the loss) or "
+                        "clip (clipped at the --clip-quantile quantile, said in the colour-bar label)")
+    p.add_argument("--clip-quantile", type=float, default=0.95, metavar="Q",
+                   help="the quantile --z-scale clip clips at, in (0, 1] (default 0.95: the 95th percentile)")
     add_output_options(p)
     p.set_defaults(func=run)
 
@@ -51,9 +59,11 @@ def run(args: argparse.Namespace) -> int:
     from flatlab.errors import FlatlabError
     from flatlab.io import check_writable
     from flatlab.plots.collect import parse_formats, write_figures
+    from flatlab.plots.surfaces import check_z_scale
     from flatlab.report import check_measure_names, load_inputs
 
     formats = parse_formats(args.format)
+    check_z_scale(args.z_scale, args.clip_quantile)  # a ConfigError: main() names the flag
     measures = parse_list(args.measures)
     if measures is not None:
         check_measure_names(measures)
@@ -79,7 +89,8 @@ def run(args: argparse.Namespace) -> int:
         claims = [evaluate_claims(f, collection, uncertainty=u, alpha=args.alpha, reference=args.reference)
                   for f in files]
     summary = write_figures(collection, out, formats, measures, radii, progress if not args.json else None,
-                            claims=claims)
+                            claims=claims, titles=args.titles, z_scale=args.z_scale,
+                            clip_quantile=args.clip_quantile)
     lines = [f"{len(summary['figures'])} figure(s) in {summary['out_dir']}"]
     for fig in summary["figures"]:
         lines.append(f"  {fig['kind']:<18} {', '.join(Path(f).name for f in fig['files'])}")

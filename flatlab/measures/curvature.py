@@ -333,6 +333,75 @@ def compute_per_layer(ctx: MeasureContext, config: PerLayerConfig) -> MeasureRes
     return MeasureResult("per_layer", config, payload, arrays, {}, products)
 
 
+# --- results of the curvature functions ------------------------------------------------------
+
+def result_of(found: Any, config: CurvatureConfig | None = None) -> MeasureResult:
+    """A :class:`MeasureResult` of what a curvature function returned, laid out as the measure's
+    compute function lays it out (same payload keys, arrays and attributes), so it can be stored
+    with :func:`flatlab.store.write_result` and read back by the report.
+
+    Args:
+        found: an :class:`~flatlab.curvature.lanczos.EigenResult`
+            (:func:`~flatlab.curvature.lanczos_top_eigenvalues`), a
+            :class:`~flatlab.curvature.trace.TraceEstimate` (:func:`~flatlab.curvature.hutchpp_trace`,
+            :func:`~flatlab.curvature.hutchinson_trace`, :func:`~flatlab.curvature.estimate_trace`)
+            or a :class:`~flatlab.curvature.density.SpectralDensity`
+            (:func:`~flatlab.curvature.slq_density`).
+        config: the measure's config, saying which matrix and data the operator was built on
+            (e.g. ``TraceConfig(curvature="ggn", split="target")``: the result goes to that
+            curvature's group); default the measure's defaults (the Hessian on the source split).
+            ``top_k`` is taken from the eigenvalues found.
+
+    Raises:
+        FlatlabError: ``found`` is none of these, or ``config`` belongs to another measure.
+    """
+    from flatlab.curvature.density import SpectralDensity
+    from flatlab.curvature.lanczos import EigenResult
+    from flatlab.curvature.trace import TraceEstimate
+
+    kinds = {EigenResult: TopEigenvaluesConfig, TraceEstimate: TraceConfig, SpectralDensity: DensityConfig}
+    wanted = next((c for t, c in kinds.items() if isinstance(found, t)), None)
+    if wanted is None:
+        raise FlatlabError(f"cannot store a {type(found).__name__} as a curvature result: give an EigenResult, "
+                           "TraceEstimate or SpectralDensity (or a MeasureResult / Measurement)")
+    if config is not None and not isinstance(config, wanted):
+        raise ConfigError("config", f"is a {type(config).__name__}, but a {type(found).__name__} is a "
+                                    f"{wanted.measure} result: pass a {wanted.__name__}")
+    if isinstance(found, EigenResult):
+        values = np.asarray(found.eigenvalues, dtype=np.float64).ravel()
+        config = TopEigenvaluesConfig(**{**(config.settings() if config else {}), "top_k": max(1, len(values))})
+        residuals = np.asarray(found.residuals, dtype=np.float64).ravel()
+        payload: dict[str, Any] = {"top_eigenvalues": values.tolist(), "residuals": residuals.tolist(),
+                                   "eigen_hvps": int(found.products), "converged": bool(found.converged)}
+        if found.note:
+            payload["eigen_note"] = found.note
+        return MeasureResult("top_eigenvalues", config, payload, {"top_eigenvalues": values, "residuals": residuals},
+                             {"eigen_hvps": int(found.products)}, int(found.products))
+    if isinstance(found, TraceEstimate):
+        config = config or TraceConfig()
+        payload = {"trace": float(found.trace), "trace_stderr": float(found.stderr), "trace_method": found.method,
+                   "trace_hvps": int(found.products)}
+        return MeasureResult("trace", config, payload,
+                             {"trace": np.float64(found.trace), "trace_stderr": np.float64(found.stderr)},
+                             {"trace_method": found.method, "trace_hvps": int(found.products)}, int(found.products))
+    config = config or DensityConfig()
+    payload = {"density_grid": np.asarray(found.grid).tolist(), "density": np.asarray(found.density).tolist(),
+               "density_sigma": float(found.sigma), "density_hvps": int(found.products)}
+    arrays = {"density_grid": np.asarray(found.grid), "density": np.asarray(found.density)}
+    if found.nodes and len({len(n) for n in found.nodes}) == 1:  # runs cut short differ in length
+        arrays.update(density_nodes=np.stack(found.nodes), density_weights=np.stack(found.weights))
+    attrs = {"density_sigma": float(found.sigma), "density_steps": int(len(found.nodes[0])) if found.nodes else 0,
+             "density_runs": len(found.nodes), "density_hvps": int(found.products)}
+    return MeasureResult("density", config, payload, arrays, attrs, int(found.products))
+
+
+def config_attrs(config: CurvatureConfig) -> dict[str, Any]:
+    """The group attributes a curvature result records about its settings when no measurement
+    context is at hand (:func:`common_attrs` adds what the operator knows: samples, parameters)."""
+    return {"curvature": config.curvature, "mode": config.mode, "solver": config.solver, "wrt": config.wrt,
+            "params": config.params, "split": config.split}
+
+
 # --- reading columns back ----------------------------------------------------------------------
 
 def _read_top_eigenvalue(run: Any, kind: str) -> dict[str, Estimate]:
@@ -408,4 +477,5 @@ MEASURES = [
 ]
 
 __all__ = ["FAMILY", "GROUP", "GROUPS", "MEASURES", "PYHESSIAN_NOTE", "SOLVERS", "CurvatureConfig", "DensityConfig",
-           "PerLayerConfig", "TopEigenvaluesConfig", "TraceConfig", "common_attrs", "operator"]
+           "PerLayerConfig", "TopEigenvaluesConfig", "TraceConfig", "common_attrs", "config_attrs", "operator",
+           "result_of"]

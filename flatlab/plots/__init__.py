@@ -1,7 +1,8 @@
 """Figure builders: data in, matplotlib (or plotly) figure out.
 
 * :mod:`flatlab.plots.surfaces`: 1D loss curves, 2D contours (log-spaced levels), static and
-  interactive 3D surfaces, VTK PolyData for ParaView;
+  interactive 3D surfaces (colour bars; linear, log or clipped z), VTK PolyData for ParaView;
+  each takes a surface read from a file or a :class:`flatlab.surface.Surface` from the API;
 * :mod:`flatlab.plots.measures`: Hessian spectral densities, local flatness F_gamma, a measure vs
   OOD accuracy with its rank correlation, bit-width sweeps with bootstrap CIs, the forest plot
   of a claims report;
@@ -25,6 +26,8 @@ from flatlab.plots.measures import (
 )
 from flatlab.plots.style import OKABE_ITO, save_figure
 from flatlab.plots.surfaces import (
+    Z_SCALES,
+    as_surface_record,
     contour_2d,
     contour_2d_shared,
     loss_curves_1d,
@@ -36,6 +39,8 @@ from flatlab.plots.surfaces import (
 
 __all__ = [
     "OKABE_ITO",
+    "Z_SCALES",
+    "as_surface_record",
     "DensityCurve",
     "FlatnessSeries",
     "bits_sweep",

@@ -105,7 +105,7 @@ def interpolation_marks(surface: SurfaceRecord, collection: Collection) -> list[
     for x, key in ((0.0, "checkpoint"), (1.0, "checkpoint2")):
         run = by_sha.get(str(surface.attrs.get(f"{key}_sha256")))
         if run is not None:
-            name = " ".join(run.label.split(" test ")[0].split())
+            name = run.title.split(", test ")[0]
         else:
             path = Path(str(surface.attrs.get(key, "?")))
             name = path.parent.name if path.name == "model.pt" else path.name
@@ -119,7 +119,7 @@ def density_curves(collection: Collection) -> list[mplots.DensityCurve]:
     for run in sorted(collection.runs.values(), key=lambda r: (r.quantized, r.label)):
         node = run.groups.get("curvature")
         if isinstance(node, dict) and "density_grid" in node and "density" in node:
-            out.append(mplots.DensityCurve(run.label, np.asarray(node["density_grid"], dtype=np.float64).ravel(),
+            out.append(mplots.DensityCurve(run.title, np.asarray(node["density_grid"], dtype=np.float64).ravel(),
                                            np.asarray(node["density"], dtype=np.float64).ravel(), run.quantized,
                                            f"{run.attrs.get('algorithm', '?')} {bits_label(run.attrs.get('bits'))}"))
     return out
@@ -166,7 +166,7 @@ def flatness_series(collection: Collection) -> tuple[list[mplots.FlatnessSeries]
             for run, x, node in members:
                 n = len(x)
                 series.append(mplots.FlatnessSeries(
-                    label if len(members) == 1 else run.label, x, arr(node, "source", n), arr(node, "source_stderr", n),
+                    label if len(members) == 1 else run.title, x, arr(node, "source", n), arr(node, "source_stderr", n),
                     arr(node, "target", n), arr(node, "target_stderr", n), 1))
             continue
         x = members[0][1]
@@ -308,8 +308,41 @@ def _barrier_job(run: RunRecord, name: str, node: dict[str, Any]) -> FigureJob:
 # --- jobs --------------------------------------------------------------------------------------
 
 def figure_jobs(collection: Collection, measures: Sequence[str] | None = None,
-                radii: Sequence[float] | None = None) -> tuple[list[FigureJob], list[dict[str, str]]]:
-    """Every figure the collection supports, and the ones skipped (with the reason)."""
+                radii: Sequence[float] | None = None, *, titles: bool = True, z_scale: str = "linear",
+                clip_quantile: float = 0.95) -> tuple[list[FigureJob], list[dict[str, str]]]:
+    """Every figure the collection supports, and the ones skipped (with the reason).
+
+    Args:
+        collection: :func:`flatlab.report.load_inputs`'s result.
+        measures, radii: the measure columns of the measure figures (:func:`flatlab.report.build_rows`).
+        titles: False builds every figure without titles (suptitle, axes titles, the HTML page's
+            title), for a paper whose captions say what the figures are.
+        z_scale, clip_quantile: the z axis of the 3D surfaces, static and HTML
+            (:func:`flatlab.plots.surfaces.scaled_z`: ``linear``, ``log`` or ``clip``).
+
+    Raises:
+        ConfigError: a bad ``z_scale`` or ``clip_quantile`` (before anything is built).
+    """
+    splots.check_z_scale(z_scale, clip_quantile)
+    jobs, skipped = _figure_jobs(collection, measures, radii, titles, z_scale, clip_quantile)
+    if not titles:
+        for job in jobs:
+            job.build = _untitled(job.build)
+    return jobs, skipped
+
+
+def _untitled(build: Callable[[], Any] | None) -> Callable[[], Any] | None:
+    """``build`` with every title of its figure removed (the surface builders also move the split
+    into their labels themselves; the others' panels keep their axis labels)."""
+    if build is None:
+        return None
+    from flatlab.plots.style import drop_titles
+
+    return lambda: drop_titles(build())
+
+
+def _figure_jobs(collection: Collection, measures: Sequence[str] | None, radii: Sequence[float] | None,
+                 titles: bool, z_scale: str, clip_quantile: float) -> tuple[list[FigureJob], list[dict[str, str]]]:
     jobs: list[FigureJob] = []
     skipped: list[dict[str, str]] = []
 
@@ -324,18 +357,21 @@ def figure_jobs(collection: Collection, measures: Sequence[str] | None = None,
         if marks:  # one line through two models: name it for what it is
             curves = [replace(curves[0], run_label="interpolation, model 1 → model 2", quantized=None)]
         jobs.append(FigureJob("loss_curves_1d", f"loss_1d_{slug(name)}",
-                              build=lambda c=curves, n=name, m=marks: splots.loss_curves_1d(c, f"1D loss: {n}", m),
+                              build=lambda c=curves, n=name, m=marks: splots.loss_curves_1d(c, f"1D loss: {n}", m,
+                                                                                           titles=titles),
                               data={"surfaces": [c.label for c in curves]}))
 
+    z = {"z_scale": z_scale, "clip_quantile": clip_quantile, "titles": titles}
     for s in collection.surfaces:
         if s.dims != 2:
             continue
         stem = surface_slug(s, collection)
         jobs.append(FigureJob("contour_2d", f"contour_{stem}",
-                              build=lambda s=s: splots.contour_2d(s, f"{s.label}: loss contours (log-spaced levels)")))
+                              build=lambda s=s: splots.contour_2d(s, f"{s.label}: loss contours (log-spaced levels)",
+                                                                  titles=titles)))
         jobs.append(FigureJob("surface_3d", f"surface3d_{stem}",
-                              build=lambda s=s: splots.surface_3d(s, f"{s.label}: loss surface"),
-                              html=lambda s=s: splots.surface_html(s, f"{s.label}: loss surface"),
+                              build=lambda s=s: splots.surface_3d(s, f"{s.label}: loss surface", **z),
+                              html=lambda s=s: splots.surface_html(s, f"{s.label}: loss surface", **z),
                               vtp=lambda base, s=s: [splots.write_vtp(f"{base}_{split}.vtp", s, split)
                                                      for split, prefix in splots.SPLITS
                                                      if f"{prefix}_loss" in s.values]))
@@ -344,7 +380,7 @@ def figure_jobs(collection: Collection, measures: Sequence[str] | None = None,
         names = " vs ".join(m.run_label or m.label for m in members)
         jobs.append(FigureJob("contour_2d_shared", f"contour_shared_{shared_group_slug(members, collection)}",
                               build=lambda m=members, t=names: splots.contour_2d_shared(
-                                  m, f"{t}: loss contours on shared directions (one colour scale)"),
+                                  m, f"{t}: loss contours on shared directions (one colour scale)", titles=titles),
                               data={"surfaces": [m.label for m in members]}))
 
     curves = density_curves(collection)
@@ -367,7 +403,7 @@ def figure_jobs(collection: Collection, measures: Sequence[str] | None = None,
         jobs.append(FigureJob("eigenspace_overlap", f"overlap_{run_slug(run)}",
                               build=lambda f=found, r=run: overlap_heatmap(
                                   f["overlap"], f["domains"], k=f["k"], targets=f["targets"],
-                                  title=f"{r.label}: per-domain Hessian top-{f['k']} eigenspace overlap"),
+                                  title=f"{r.title}: per-domain Hessian top-{f['k']} eigenspace overlap"),
                               data={"run_id": run.run_id}))
 
     for run, name, node in barrier_records(collection):
@@ -409,9 +445,13 @@ def figure_jobs(collection: Collection, measures: Sequence[str] | None = None,
 def write_figures(collection: Collection, out_dir: str | os.PathLike[str], formats: Sequence[str],
                   measures: Sequence[str] | None = None, radii: Sequence[float] | None = None,
                   progress: Callable[[str], None] | None = None,
-                  claims: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
+                  claims: Sequence[dict[str, Any]] = (), *, titles: bool = True, z_scale: str = "linear",
+                  clip_quantile: float = 0.95) -> dict[str, Any]:
     """Build and write every figure the collection supports, plus one forest plot per claims
     report in ``claims`` (:func:`flatlab.claims.evaluate_claims` results).
+
+    ``titles``, ``z_scale`` and ``clip_quantile`` as in :func:`figure_jobs` (file names keep
+    the runs' slugs either way).
 
     Returns:
         ``{"out_dir", "formats", "figures": [{"kind", "stem", "files"}], "skipped": [...]}``.
@@ -420,11 +460,15 @@ def write_figures(collection: Collection, out_dir: str | os.PathLike[str], forma
         FlatlabError: nothing in the inputs can be drawn in the requested formats.
     """
     out = Path(out_dir)
-    jobs, skipped = figure_jobs(collection, measures, radii)
+    jobs, skipped = figure_jobs(collection, measures, radii, titles=titles, z_scale=z_scale,
+                                clip_quantile=clip_quantile)
     for report in claims:
         name = Path(str(report.get("file", "claims"))).stem
-        jobs.append(claims_forest_job(report["results"], f"claims_forest_{slug(name)}",
-                                      f"claims of {report.get('source') or name}: effect and interval per test"))
+        job = claims_forest_job(report["results"], f"claims_forest_{slug(name)}",
+                                f"claims of {report.get('source') or name}: effect and interval per test")
+        if not titles:
+            job.build = _untitled(job.build)
+        jobs.append(job)
     fig_formats = [f for f in formats if f in FIGURE_FORMATS]
     written = []
     for job in _wanted(jobs, formats):

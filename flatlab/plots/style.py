@@ -76,6 +76,18 @@ def new_figure(width: float, height: float) -> Any:
     return Figure(figsize=(width, height), layout="constrained")
 
 
+def drop_titles(fig: Any) -> Any:
+    """Remove every title of a matplotlib figure: the suptitle and each axes' left, centre and
+    right titles (a paper's caption says what the figure and its panels are). Returns ``fig``."""
+    if getattr(fig, "_suptitle", None) is not None:
+        fig._suptitle.remove()  # set_text("") would keep the space constrained layout reserves
+        fig._suptitle = None
+    for ax in fig.axes:
+        for loc in ("left", "center", "right"):
+            ax.set_title("", loc=loc)
+    return fig
+
+
 def save_figure(fig: Any, stem: str | os.PathLike[str], formats: Sequence[str]) -> list[Path]:
     """Save ``fig`` as ``stem.<fmt>`` for each of ``formats`` ('pdf', 'png', 'svg'), atomically."""
     from flatlab.io import atomic_path
@@ -95,5 +107,5 @@ def save_figure(fig: Any, stem: str | os.PathLike[str], formats: Sequence[str]) 
     return written
 
 
-__all__ = ["MARKERS", "OKABE_ITO", "PNG_DPI", "RC", "SEQUENTIAL_CMAP", "color", "marker", "new_figure",
+__all__ = ["MARKERS", "OKABE_ITO", "PNG_DPI", "RC", "SEQUENTIAL_CMAP", "color", "drop_titles", "marker", "new_figure",
            "save_figure", "style"]

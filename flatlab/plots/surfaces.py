@@ -1,9 +1,18 @@
 """Loss-surface figures (Li et al. 2018): 1D curves, 2D contours, 3D surfaces, ParaView files.
 
-Every builder takes :class:`flatlab.report.SurfaceRecord` objects (arrays as stored: 1D
-``(len(x),)``; 2D ``(len(y), len(x))`` with ``Z[j, i] = f(x[i], y[j])``) and returns a figure;
+Every builder takes a surface as a results file stores it (a
+:class:`flatlab.report.SurfaceRecord`, what :func:`flatlab.report.load_inputs` reads) or as the
+Python API computes it (a :class:`flatlab.surface.Surface` from
+:func:`~flatlab.surface.surface_of_model`), converted by :func:`as_surface_record`. Arrays are
+used as stored: 1D ``(len(x),)``; 2D ``(len(y), len(x))`` with ``Z[j, i] = f(x[i], y[j])``;
 nothing is recomputed. "source" is the ``train_*`` arrays (the source domains' training set),
 "target" the ``test_*`` arrays (the test domain). Accuracies are drawn in percent.
+
+``titles=False`` draws a figure without any title (for a paper, whose caption says what the
+panels are); a panel's split then goes into its colour-bar or axis label so the panels still
+read apart. The 3D views take ``z_scale``: ``linear``, ``log`` (base-10 logarithm of the loss)
+or ``clip`` (the loss clipped at its ``clip_quantile`` quantile, 95th percentile by default, so
+that a few huge values at the grid's edge do not flatten the basin); the colour bar says which.
 """
 
 from __future__ import annotations
@@ -11,21 +20,112 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 from xml.sax.saxutils import quoteattr
 
 import numpy as np
 
-from flatlab.errors import FlatlabError
+from flatlab.errors import ConfigError, FlatlabError
 from flatlab.plots.style import SEQUENTIAL_CMAP, color, new_figure, style
 
 SPLITS = (("source", "train"), ("target", "test"))
 LOSS_LABEL = "loss (cross-entropy, nats)"
+#: The z scales of the 3D views.
+Z_SCALES = ("linear", "log", "clip")
+_SPLIT_TEXT = {"source": "source domains", "target": "test domain"}
+
+
+def as_surface_record(surface: Any, label: str | None = None) -> Any:
+    """The builders' input: a :class:`~flatlab.report.SurfaceRecord` as it is, or a
+    :class:`~flatlab.surface.Surface` from the Python API converted to one.
+
+    Args:
+        surface: a ``SurfaceRecord`` (read from a file) or a ``Surface`` (computed).
+        label: the name shown in titles and legends; default the record's label, or the
+            surface's own (:attr:`Surface.display_label <flatlab.surface.Surface.display_label>`:
+            its ``label``, else its settings in words).
+
+    Raises:
+        FlatlabError: ``surface`` is neither (naming what it is).
+    """
+    from flatlab.report import SurfaceRecord
+
+    if isinstance(surface, SurfaceRecord):
+        return surface if label is None else replace(surface, label=label, run_label=label)
+    from flatlab.surface.compute import Surface
+
+    if not isinstance(surface, Surface):
+        raise FlatlabError(f"surface must be a flatlab.surface.Surface (from surface_of_model) or a SurfaceRecord "
+                           f"(from flatlab.report.load_inputs), got {type(surface).__name__}")
+    name = label or surface.display_label
+    values = {k: np.asarray(v, dtype=np.float64) for k, v in surface.values.items()
+              if k in ("train_loss", "train_acc", "test_loss", "test_acc") and v is not None}
+    # A surface computed without target batches holds NaN test arrays: nothing to draw there.
+    values = {k: v for k, v in values.items() if np.isfinite(v).any()}
+    return SurfaceRecord(name=str(surface.settings.get("kind") or "surface"), label=name,
+                         xcoordinates=np.asarray(surface.xcoordinates, dtype=np.float64),
+                         ycoordinates=None if surface.ycoordinates is None else
+                         np.asarray(surface.ycoordinates, dtype=np.float64),
+                         values=values, attrs=dict(surface.settings), source="python", run_id=None,
+                         quantized=None, run_label=name)
+
+
+def check_z_scale(z_scale: str, clip_quantile: float = 0.95) -> None:
+    """``z_scale`` is one of :data:`Z_SCALES` and ``clip_quantile`` lies in (0, 1].
+
+    Raises:
+        ConfigError: naming the parameter.
+    """
+    if z_scale not in Z_SCALES:
+        raise ConfigError("z_scale", f"must be one of {', '.join(Z_SCALES)}, got {z_scale!r}")
+    if isinstance(clip_quantile, bool) or not isinstance(clip_quantile, (int, float)) \
+            or not 0.0 < float(clip_quantile) <= 1.0:
+        raise ConfigError("clip_quantile", f"must be a number in (0, 1], e.g. 0.95, got {clip_quantile!r}")
+
+
+def _ordinal(n: float) -> str:
+    if not float(n).is_integer():
+        return f"{n:g}th"
+    k = int(n)
+    suffix = "th" if 10 <= k % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(k % 10, "th")
+    return f"{k}{suffix}"
+
+
+def scaled_z(z: np.ndarray, z_scale: str = "linear", clip_quantile: float = 0.95) -> tuple[np.ndarray, str]:
+    """The loss as a 3D view draws it, and the label of its axis and colour bar.
+
+    * ``linear``: :math:`z`, "loss (nats)";
+    * ``log``: :math:`\\log_{10} z` (points with :math:`z \\le 0` are left out: NaN);
+    * ``clip``: :math:`\\min(z, q)` with :math:`q` the ``clip_quantile`` quantile of the finite
+      values (linear interpolation between order statistics, ``numpy.nanquantile``), and the
+      label says the quantile and :math:`q`.
+
+    Raises:
+        ConfigError: a bad ``z_scale`` or ``clip_quantile``.
+        FlatlabError: ``log`` of a surface without a positive finite loss.
+    """
+    check_z_scale(z_scale, clip_quantile)
+    z = np.asarray(z, dtype=np.float64)
+    if z_scale == "log":
+        positive = np.isfinite(z) & (z > 0)
+        if not positive.any():
+            raise FlatlabError("z_scale log needs a positive finite loss; this surface has none: use z_scale linear")
+        return np.where(positive, np.log10(np.where(positive, z, 1.0)), np.nan), "log₁₀ loss (nats)"
+    if z_scale == "clip":
+        finite = z[np.isfinite(z)]
+        if finite.size == 0:
+            return z, "loss (nats)"
+        q = float(np.quantile(finite, float(clip_quantile)))
+        return (np.where(np.isfinite(z), np.minimum(z, q), np.nan),
+                f"loss (nats), clipped at the {_ordinal(100 * float(clip_quantile))} percentile ({q:.3g})")
+    return z, "loss (nats)"
 
 
 def axis_labels(surface: Any) -> tuple[str, str]:
     """Axis labels that say what a step along each axis means."""
+    surface = as_surface_record(surface)
     kind = str(surface.attrs.get("kind", surface.name))
     if kind in ("line", "plane"):
         return ("α (0 = model 1, 1 = model 2)", "β (0 = model 1, 1 = model 3)")
@@ -45,19 +145,29 @@ def _short(c: Any) -> str:
 
 
 def loss_curves_1d(curves: Sequence[Any], title: str | None = None,
-                   marks: Sequence[tuple[float, str]] = ()) -> Any:
+                   marks: Sequence[tuple[float, str]] = (), *, labels: Sequence[str] | None = None,
+                   titles: bool = True) -> Any:
     """1D loss curves, source and target side by side, every curve on the same axes.
 
     Loss (solid, left axis) and accuracy (dashed, right twin axis, %) share a curve's colour, so FP
     and quantized models sit on one axis and read apart by colour and legend.
 
     Args:
-        curves: 1D :class:`~flatlab.report.SurfaceRecord` objects (``ycoordinates`` None).
+        curves: 1D surfaces (``ycoordinates`` None): :class:`~flatlab.report.SurfaceRecord` or
+            :class:`~flatlab.surface.Surface` objects (see :func:`as_surface_record`).
         title: figure title.
         marks: ``(x, text)`` vertical markers, e.g. the two models of an interpolation at 0 and 1.
+        labels: one legend label per curve (default: each surface's own label).
+        titles: False draws no title (the split goes into each panel's x label).
     """
     if not curves:
         raise FlatlabError("no 1D surface to plot")
+    if labels is not None and len(labels) != len(curves):
+        raise ConfigError("labels", f"must give one label per curve ({len(curves)}), got {len(labels)}")
+    curves = [as_surface_record(c, None if labels is None else labels[i]) for i, c in enumerate(curves)]
+    flat = [c.label for c in curves if c.ycoordinates is not None]
+    if flat:
+        raise FlatlabError(f"surface {flat[0]!r} is 2D: 1D loss curves need 1D surfaces (y=None)")
     with style():
         fig = new_figure(7.0, 2.8)
         axes = fig.subplots(1, 2, sharey=True)
@@ -81,8 +191,12 @@ def loss_curves_1d(curves: Sequence[Any], title: str | None = None,
                 ax.annotate(text, (x_mark, 0.03), xycoords=("data", "axes fraction"), xytext=(-2, 0),
                             textcoords="offset points", ha="right", va="bottom", rotation=90, fontsize=7,
                             color="0.3", bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.7, "pad": 0.5})
-            ax.set_title(f"{split} ({'source domains' if split == 'source' else 'test domain'})")
-            ax.set_xlabel(axis_labels(curves[0])[0])
+            xlabel = axis_labels(curves[0])[0]
+            if titles:
+                ax.set_title(f"{split} ({_SPLIT_TEXT[split]})")
+            else:
+                xlabel = f"{split}: {xlabel}"
+            ax.set_xlabel(xlabel)
             twin.set_ylim(0, 100)
             twin.set_ylabel("accuracy (%, dashed)")
         axes[0].set_ylabel(f"{LOSS_LABEL}, solid")
@@ -94,7 +208,7 @@ def loss_curves_1d(curves: Sequence[Any], title: str | None = None,
         handles += [Line2D([], [], color="0.3", linestyle="-", label="loss"),
                      Line2D([], [], color="0.3", linestyle="--", label="accuracy")]
         fig.legend(handles=handles, loc="outside lower center", ncol=min(4, len(handles)))
-        if title:
+        if title and titles:
             fig.suptitle(title)
     return fig
 
@@ -155,13 +269,22 @@ def _log_colorbar(fig: Any, filled: Any, axes: Any, levels: np.ndarray, label: s
     bar.set_label(label)
 
 
-def contour_2d(surface: Any, title: str | None = None, levels: int = 25) -> Any:
+def contour_2d(surface: Any, title: str | None = None, levels: int = 25, *, label: str | None = None,
+               titles: bool = True) -> Any:
     """Source and target loss contours side by side, with log-spaced levels.
 
     ``contourf(x, y, Z)`` with ``Z`` of shape ``(len(y), len(x))``: row j is y[j], column i is x[i],
     exactly the stored orientation (no transpose). The origin (the trained model, for direction
     surfaces) is marked with a star.
+
+    Args:
+        surface: a 2D :class:`~flatlab.report.SurfaceRecord` or :class:`~flatlab.surface.Surface`.
+        title: figure title (none by default).
+        levels: number of log-spaced contour levels.
+        label: the surface's name (:func:`as_surface_record`).
+        titles: False draws no title (each colour bar then names its split).
     """
+    surface = as_surface_record(surface, label)
     if surface.ycoordinates is None:
         raise FlatlabError(f"surface {surface.name!r} is 1D: contours need a 2D surface")
     xlab, ylab = axis_labels(surface)
@@ -176,21 +299,35 @@ def contour_2d(surface: Any, title: str | None = None, levels: int = 25) -> Any:
                 continue
             zl = _log_levels(z, levels)
             filled = _contour_panel(ax, surface, z, zl, xlab, ylab)
-            _log_colorbar(fig, filled, ax, zl, LOSS_LABEL)
-            ax.set_title(f"{split} ({'source domains' if split == 'source' else 'test domain'})")
-        if title:
+            _log_colorbar(fig, filled, ax, zl, LOSS_LABEL if titles else f"{split} {LOSS_LABEL}")
+            if titles:
+                ax.set_title(f"{split} ({_SPLIT_TEXT[split]})")
+        if title and titles:
             fig.suptitle(title)
     return fig
 
 
-def contour_2d_shared(surfaces: Sequence[Any], title: str | None = None, levels: int = 25) -> Any:
+def contour_2d_shared(surfaces: Sequence[Any], title: str | None = None, levels: int = 25, *,
+                      labels: Sequence[str] | None = None, titles: bool = True) -> Any:
     """Several models' 2D surfaces on the same directions and grid, one row per model, source and
     target in columns, with one set of log-spaced levels and one colour bar per column.
 
-    With shared random directions (``flatlab surface --directions``) and a shared colour scale,
-    the area inside a contour is directly comparable between models (e.g. full precision vs
-    4-bit), which separate figures with their own scales are not.
+    With shared random directions (``flatlab surface --directions``, or
+    :func:`~flatlab.surface.surface_of_model` with one seed on models of one architecture) and a
+    shared colour scale, the area inside a contour is directly comparable between models (e.g.
+    full precision vs 4-bit), which separate figures with their own scales are not.
+
+    Args:
+        surfaces: 2D :class:`~flatlab.report.SurfaceRecord` or :class:`~flatlab.surface.Surface`
+            objects on one grid.
+        title: figure title.
+        levels: number of log-spaced contour levels.
+        labels: one row label per surface (default: each surface's own label).
+        titles: False draws no title (each row's model then goes into its y label).
     """
+    if labels is not None and len(labels) != len(surfaces):
+        raise ConfigError("labels", f"must give one label per surface ({len(surfaces)}), got {len(labels)}")
+    surfaces = [as_surface_record(s, None if labels is None else labels[i]) for i, s in enumerate(surfaces)]
     if len(surfaces) < 2:
         raise FlatlabError("a shared-direction comparison needs at least two surfaces")
     first = surfaces[0]
@@ -213,47 +350,78 @@ def contour_2d_shared(surfaces: Sequence[Any], title: str | None = None, levels:
                 name = s.run_label or s.label
                 if z is None or zl is None:
                     ax.set_axis_off()
-                    ax.set_title(f"{name}, {split}: not stored")
+                    if titles:
+                        ax.set_title(f"{name}, {split}: not stored")
                     continue
                 # same grid for every row: the x label only under the bottom row
-                filled = _contour_panel(ax, s, z, zl, xlab if row == len(surfaces) - 1 else "", ylab)
-                ax.set_title(f"{name}: {split}", fontsize=8)
+                filled = _contour_panel(ax, s, z, zl, xlab if row == len(surfaces) - 1 else "",
+                                        ylab if titles else f"{name}\n{ylab}")
+                if titles:
+                    ax.set_title(f"{name}: {split}", fontsize=8)
             if filled is not None and zl is not None:
                 _log_colorbar(fig, filled, list(axes[:, col]), zl, f"{LOSS_LABEL}, {split}")
-        if title:
+        if title and titles:
             fig.suptitle(title)
     return fig
 
 
-def surface_3d(surface: Any, title: str | None = None) -> Any:
-    """Static 3D view of the source and target loss over the 2D grid (matplotlib)."""
+def surface_3d(surface: Any, title: str | None = None, *, label: str | None = None, titles: bool = True,
+               z_scale: str = "linear", clip_quantile: float = 0.95) -> Any:
+    """Static 3D view of the source and target loss over the 2D grid (matplotlib), each panel
+    with its colour bar.
+
+    Args:
+        surface: a 2D :class:`~flatlab.report.SurfaceRecord` or :class:`~flatlab.surface.Surface`.
+        title: figure title.
+        label: the surface's name (:func:`as_surface_record`).
+        titles: False draws no title (each colour bar then names its split).
+        z_scale: ``linear``, ``log`` or ``clip`` (:func:`scaled_z`); the z axis and the colour
+            bar say which.
+        clip_quantile: the quantile ``clip`` clips at (default 0.95).
+
+    Raises:
+        ConfigError: a bad ``z_scale`` or ``clip_quantile``.
+        FlatlabError: a 1D surface.
+    """
     import mpl_toolkits.mplot3d  # noqa: F401  (registers the 3d projection)
     from matplotlib.ticker import MaxNLocator
 
+    check_z_scale(z_scale, clip_quantile)
+    surface = as_surface_record(surface, label)
     if surface.ycoordinates is None:
         raise FlatlabError(f"surface {surface.name!r} is 1D: a 3D view needs a 2D surface")
     xx, yy = np.meshgrid(surface.xcoordinates, surface.ycoordinates)  # (len(y), len(x)), like Z
     xlab, ylab = axis_labels(surface)
     with style():
-        fig = new_figure(7.0, 3.4)
+        fig = new_figure(7.6, 3.4)
         for k, (split, prefix) in enumerate(SPLITS):
             ax = fig.add_subplot(1, 2, k + 1, projection="3d")
             z = surface.values.get(f"{prefix}_loss")
             if z is None:
-                ax.set_title(f"{split}: not stored")
+                if titles:
+                    ax.set_title(f"{split}: not stored")
                 continue
-            ax.plot_surface(xx, yy, np.ma.masked_invalid(z), cmap=SEQUENTIAL_CMAP, rstride=1, cstride=1,
-                            linewidth=0, antialiased=False, gid=f"{split}_surface")
+            drawn, zlabel = scaled_z(z, z_scale, clip_quantile)
+            finite = drawn[np.isfinite(drawn)]
+            lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+            mesh = ax.plot_surface(xx, yy, np.ma.masked_invalid(drawn), cmap=SEQUENTIAL_CMAP, rstride=1, cstride=1,
+                                   linewidth=0, antialiased=False, gid=f"{split}_surface",
+                                   vmin=lo, vmax=hi if hi > lo else lo + 1e-12)
             ax.set_xlabel(xlab.split(" (")[0], labelpad=1)
             ax.set_ylabel(ylab.split(" (")[0], labelpad=1)
-            ax.set_zlabel("loss (nats)", labelpad=1)
-            ax.set_title(f"{split} ({'source domains' if split == 'source' else 'test domain'})")
+            # The long clip label lives on the colour bar; the z axis keeps the short one.
+            ax.set_zlabel(zlabel.split(",")[0], labelpad=1)
+            bar = fig.colorbar(mesh, ax=ax, shrink=0.6, pad=0.12)
+            bar.set_label(zlabel if titles else f"{split} {zlabel}", fontsize=7)
+            bar.ax.tick_params(labelsize=7)
+            if titles:
+                ax.set_title(f"{split} ({_SPLIT_TEXT[split]})")
             ax.tick_params(labelsize=7, pad=0)
             ax.xaxis.set_major_locator(MaxNLocator(4))
             ax.yaxis.set_major_locator(MaxNLocator(4))
             ax.zaxis.set_major_locator(MaxNLocator(5))
             ax.set_box_aspect((1, 1, 0.8), zoom=0.85)  # room for the z label inside the figure
-        if title:
+        if title and titles:
             fig.suptitle(title)
     return fig
 
@@ -263,34 +431,54 @@ def _nested(z: np.ndarray) -> list:
     return [[None if not math.isfinite(v) else float(v) for v in row] for row in np.asarray(z, dtype=np.float64)]
 
 
-def surface_html(surface: Any, title: str | None = None) -> str:
+def surface_html(surface: Any, title: str | None = None, *, label: str | None = None, titles: bool = True,
+                 z_scale: str = "linear", clip_quantile: float = 0.95) -> str:
     """Interactive 3D surfaces (source and target) as one self-contained HTML page.
 
     plotly.js is embedded in the page (works offline); the data are plain JSON numbers, with
-    ``z[j][i] = f(x[i], y[j])`` as plotly's surface expects.
+    ``z[j][i] = f(x[i], y[j])`` as plotly's surface expects. Each surface has its colour bar
+    (source on the left of the target's); ``z_scale`` and ``clip_quantile`` as in
+    :func:`surface_3d` (the hover text shows the drawn value and, scaled, the loss itself).
+
+    Args:
+        title: the page's title (default the surface's label); ``titles=False`` shows none
+            (nor the panels' titles).
     """
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
+    check_z_scale(z_scale, clip_quantile)
+    surface = as_surface_record(surface, label)
     if surface.ycoordinates is None:
         raise FlatlabError(f"surface {surface.name!r} is 1D: a 3D view needs a 2D surface")
-    xlab, ylab = (label.split(" (")[0] for label in axis_labels(surface))
+    xlab, ylab = (text.split(" (")[0] for text in axis_labels(surface))
     fig = make_subplots(rows=1, cols=2, specs=[[{"type": "surface"}, {"type": "surface"}]],
-                        subplot_titles=["source (source domains)", "target (test domain)"])
+                        subplot_titles=[f"{split} ({_SPLIT_TEXT[split]})" for split, _ in SPLITS] if titles else None)
     x = [float(v) for v in surface.xcoordinates]
     y = [float(v) for v in surface.ycoordinates]
+    zlabels = {}
     for k, (split, prefix) in enumerate(SPLITS):
         z = surface.values.get(f"{prefix}_loss")
         if z is None:
             continue
-        fig.add_trace(go.Surface(x=x, y=y, z=_nested(z), name=f"{split} loss", colorscale="Viridis",
-                                 showscale=k == 1, colorbar={"title": {"text": "loss (nats)"}},
-                                 hovertemplate=f"{xlab}=%{{x}}<br>{ylab}=%{{y}}<br>loss=%{{z}}<extra>{split}</extra>"),
+        drawn, zlabel = scaled_z(z, z_scale, clip_quantile)
+        zlabels[k] = zlabel
+        loss = "" if z_scale == "linear" else "<br>loss=%{customdata}"
+        fig.add_trace(go.Surface(x=x, y=y, z=_nested(drawn), name=f"{split} loss", colorscale="Viridis",
+                                 customdata=None if z_scale == "linear" else _nested(z),
+                                 colorbar={"title": {"text": f"{split}<br>{zlabel}".replace(", ", ",<br>"),
+                                                     "side": "right"},
+                                           "x": 0.45 if k == 0 else 1.0, "len": 0.75},
+                                 hovertemplate=f"{xlab}=%{{x}}<br>{ylab}=%{{y}}<br>z=%{{z}}{loss}"
+                                               f"<extra>{split}</extra>"),
                       row=1, col=k + 1)
-    scene = {"xaxis": {"title": {"text": xlab}}, "yaxis": {"title": {"text": ylab}},
-             "zaxis": {"title": {"text": "loss (nats)"}}}
-    fig.update_layout(title={"text": title or surface.label}, scene=scene, scene2=scene,
-                      width=1100, height=550, margin={"l": 10, "r": 10, "t": 60, "b": 10},
+    scenes = {}
+    for k in range(2):
+        scenes["scene" if k == 0 else "scene2"] = {
+            "xaxis": {"title": {"text": xlab}}, "yaxis": {"title": {"text": ylab}},
+            "zaxis": {"title": {"text": zlabels.get(k, "loss (nats)").split(",")[0]}}}
+    fig.update_layout(title={"text": (title or surface.label) if titles else ""}, **scenes,
+                      width=1150, height=550, margin={"l": 10, "r": 10, "t": 60 if titles else 10, "b": 10},
                       font={"family": "Arial, sans-serif", "size": 13})
     return fig.to_html(include_plotlyjs=True, full_html=True)
 
@@ -301,8 +489,10 @@ def vtp_text(surface: Any, split: str = "source", zscale: float = 1.0) -> str:
     Points are ``(x[i], y[j], zscale * loss[j, i])`` in row-major order ``p = j * len(x) + i``;
     polygons are the grid's quads whose four corners are computed (NaN corners drop the quad and
     are written with z = 0 and ``computed = 0``). Point data: the split's loss and accuracy and
-    ``computed``.
+    ``computed``. ``surface``: a 2D :class:`~flatlab.report.SurfaceRecord` or
+    :class:`~flatlab.surface.Surface`.
     """
+    surface = as_surface_record(surface)
     if surface.ycoordinates is None:
         raise FlatlabError(f"surface {surface.name!r} is 1D: VTK PolyData needs a 2D surface")
     prefix = dict(SPLITS)[split]
@@ -356,4 +546,5 @@ def write_vtp(path: str | os.PathLike[str], surface: Any, split: str = "source",
     return Path(path)
 
 
-__all__ = ["axis_labels", "contour_2d", "loss_curves_1d", "surface_3d", "surface_html", "vtp_text", "write_vtp"]
+__all__ = ["Z_SCALES", "as_surface_record", "axis_labels", "check_z_scale", "contour_2d", "contour_2d_shared",
+           "loss_curves_1d", "scaled_z", "surface_3d", "surface_html", "vtp_text", "write_vtp"]

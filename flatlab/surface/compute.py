@@ -21,13 +21,39 @@ from flatlab.surface.journal import PointJournal
 
 @dataclass
 class Surface:
-    """The computed values. Unfinished points are NaN (``done`` says which are finished)."""
+    """The computed values. Unfinished points are NaN (``done`` says which are finished).
+
+    ``settings`` records how the surface was made (``kind``, ``norm``, ``seed``, ...);
+    ``label`` names it in figure titles and legends (:mod:`flatlab.plots.surfaces` takes a
+    ``Surface`` directly) and, by default, is derived from the settings (:attr:`display_label`).
+    """
 
     xcoordinates: np.ndarray
     ycoordinates: np.ndarray | None
     values: dict[str, np.ndarray]
     done: np.ndarray
     settings: dict[str, Any] = field(default_factory=dict)
+    label: str | None = None
+
+    @property
+    def dims(self) -> int:
+        return 1 if self.ycoordinates is None else 2
+
+    @property
+    def display_label(self) -> str:
+        """:attr:`label` if given, else a readable description of the settings, e.g.
+        ``"random 2D surface (filter-normalized, seed 0)"``."""
+        if self.label:
+            return self.label
+        kind = str(self.settings.get("kind", ""))
+        if kind in ("line", "plane"):
+            return "interpolation line" if kind == "line" else "interpolation plane"
+        what = "Hessian-eigenvector" if kind.startswith("hessian") else "random"
+        norm = self.settings.get("norm")
+        details = [f"{norm}-normalized" if norm and norm not in ("none", "unit-eigenvector") else None,
+                   f"seed {self.settings['seed']}" if self.settings.get("seed") is not None else None]
+        shown = ", ".join(d for d in details if d)
+        return f"{what} {self.dims}D surface" + (f" ({shown})" if shown else "")
 
     @property
     def complete(self) -> bool:
@@ -97,7 +123,7 @@ def compute_surface(problem: SurfaceProblem, x: np.ndarray, y: np.ndarray | None
                     workers: int | None = 1, backend: str = "local", address: str | None = None,
                     journal: PointJournal | None = None,
                     progress: Callable[[int], None] | None = None,
-                    settings: dict[str, Any] | None = None) -> Surface:
+                    settings: dict[str, Any] | None = None, label: str | None = None) -> Surface:
     """Evaluate ``problem`` at every grid point not yet in ``journal``.
 
     Args:
@@ -108,6 +134,7 @@ def compute_surface(problem: SurfaceProblem, x: np.ndarray, y: np.ndarray | None
         journal: finished points are read from it and every new one is recorded in it.
         progress: called with the number of points just finished (e.g. ``tqdm.update``).
         settings: stored with the result.
+        label: the surface's name in figures (:attr:`Surface.label`).
 
     Returns:
         The :class:`Surface`; if interrupted (KeyboardInterrupt), the exception propagates after the
@@ -133,31 +160,57 @@ def compute_surface(problem: SurfaceProblem, x: np.ndarray, y: np.ndarray | None
                     journal.record(k, vals)
             if progress is not None:
                 progress(len(results))
-    return assemble_surface(x, y, finished, settings)
+    surface = assemble_surface(x, y, finished, settings)
+    surface.label = label
+    return surface
 
 
 def surface_of_model(model: Any, source: Sequence, target: Sequence | None = None, *,
                      x: np.ndarray | Sequence[float] | None = None,
                      y: np.ndarray | Sequence[float] | None = None, norm: str = "filter",
                      ignore: str = "biasbn", seed: int = 0, loss_fn: Callable | None = None,
-                     device: str = "cpu", workers: int = 1, points_per_pass: int = 1) -> Surface:
+                     device: str = "cpu", workers: int = 1, points_per_pass: int = 1,
+                     label: str | None = None) -> Surface:
     """Random-direction surface of any ``nn.Module`` on any batches (the Python entry point).
 
     ``f(a) = L(w + a d1)`` (1D, ``y=None``) or ``f(a, b) = L(w + a d1 + b d2)`` (2D) with seeded
     Gaussian directions normalized by ``norm`` (see :mod:`flatlab.surface.directions`). The model
-    is left with its original weights.
+    is left with its original weights. ``label`` names the surface in figures (default: its
+    settings in words, :attr:`Surface.display_label`).
+
+    The settings record ``kind`` (``random<dims>d-<norm>``, as ``flatlab surface`` names it) and
+    ``directions_sha256``, the hash of the raw Gaussian draws (the one ``flatlab surface``
+    records): two models with the same parameter names and shapes and the same seed share their
+    draws, so :func:`flatlab.store.write_result` files them as surfaces on shared directions.
     """
     import torch.nn.functional as F
 
-    from flatlab.surface.directions import normalize_direction, parameter_tensors, random_direction
+    from flatlab.io import array_sha256
+    from flatlab.surface.directions import (
+        flatten_direction,
+        normalize_direction,
+        parameter_tensors,
+        random_direction,
+    )
 
     x = np.linspace(-1.0, 1.0, 51) if x is None else x
     weights = {n: p.detach().cpu() for n, p in parameter_tensors(model).items()}
     ndir = 1 if y is None else 2
-    dirs = [normalize_direction(random_direction(weights, seed, i), weights, norm, ignore) for i in range(ndir)]
+    raw = [random_direction(weights, seed, i) for i in range(ndir)]
+    names = list(weights)
+    draws_sha = array_sha256(np.stack([flatten_direction(r, names) for r in raw]))
+    dirs = [normalize_direction(r, weights, norm, ignore) for r in raw]
+    del raw  # as large as the model: keep only its hash
     problem = SurfaceProblem(model=model, source=list(source), target=None if target is None else list(target),
                              directions=dirs, loss_fn=loss_fn or F.cross_entropy, device=device,
                              points_per_pass=points_per_pass)
     return compute_surface(problem, np.asarray(x, dtype=np.float64),
                            None if y is None else np.asarray(y, dtype=np.float64), workers=workers,
-                           settings={"norm": norm, "ignore": ignore, "seed": seed})
+                           settings={"kind": f"random{ndir}d-{norm}", "dims": ndir, "directions": "random",
+                                     "norm": norm, "ignore": ignore, "seed": seed,
+                                     "loss": getattr(loss_fn, "__name__", "custom") if loss_fn else "cross_entropy",
+                                     "device": str(device).split(":")[0], "directions_sha256": draws_sha,
+                                     "train_size": sum(len(b[1]) for b in problem.source),
+                                     "test_size": None if problem.target is None else
+                                     sum(len(b[1]) for b in problem.target)},
+                           label=label)

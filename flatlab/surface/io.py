@@ -45,16 +45,21 @@ def _attr_value(value: Any) -> Any:
     return json.dumps(value, sort_keys=True, default=str)
 
 
-def surface_payload(surface: Surface, directions: np.ndarray, raw_directions: np.ndarray | None,
+def surface_payload(surface: Surface, directions: np.ndarray | None, raw_directions: np.ndarray | None,
                     direction_names: list[str], direction_shapes: list[list[int]],
                     settings: dict[str, Any], fingerprint: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """The arrays and attributes of a surface, as written to either kind of file."""
+    """The arrays and attributes of a surface, as written to either kind of file.
+
+    ``directions`` None: the directions are not stored (a surface from the Python API keeps only
+    the hash of its draws, ``directions_sha256`` in ``settings``).
+    """
     arrays: dict[str, np.ndarray] = {"xcoordinates": np.asarray(surface.xcoordinates, dtype=np.float64)}
     if surface.ycoordinates is not None:
         arrays["ycoordinates"] = np.asarray(surface.ycoordinates, dtype=np.float64)
     for name, arr in surface.values.items():
         arrays[name] = np.asarray(arr, dtype=np.float64)
-    arrays["directions"] = np.asarray(directions)
+    if directions is not None:
+        arrays["directions"] = np.asarray(directions)
     if raw_directions is not None:
         arrays["raw_directions"] = np.asarray(raw_directions)
     attrs: dict[str, Any] = {k: _attr_value(v) for k, v in settings.items()}
