@@ -1063,14 +1063,14 @@ def _fresh_note(note: str | None, reason: str) -> str | None:
     return "; ".join(parts) or None
 
 
-def claims_text(result: dict[str, Any]) -> str:
-    """The verdict table of one claims file, then one reason line per test."""
-    from flatlab.text import table
+#: The columns of a verdict table (:func:`claims_text`, :func:`claims_markdown`).
+VERDICT_COLUMNS = ["claim", "verdict", "expect", "effect", "CI", "p", "p_holm", "n", "seeds needed"]
 
-    head = [f"claims: {result['file']}" + (f" ({result['source']})" if result.get("source") else ""),
-            f"alpha = {result['alpha']:g}; reference variant: {result.get('reference') or 'none'}; "
-            f"{result['family']}"]
-    body = []
+
+def verdict_rows(result: dict[str, Any]) -> list[list[Any]]:
+    """One row per test of a claims result (:func:`evaluate_claims`), as the verdict tables print
+    it: :data:`VERDICT_COLUMNS`."""
+    body: list[list[Any]] = []
     for r in result["results"]:
         if r["verdict"] == "not testable":
             body.append([r["id"], r["verdict"], r["expect"], "-", "-", "-", "-", "-", "-"])
@@ -1081,14 +1081,33 @@ def claims_text(result: dict[str, Any]) -> str:
         seeds = "-" if r["seeds_needed"] is None else f"{r['seeds_needed']}"
         body.append([r["id"], r["verdict"], r["expect"] + (f" {r['margin']:g}" if r.get("margin") else ""),
                      _num(r["effect"]), conf + ci, p_text(r["p_value"]), p_text(r["p_holm"]), n, seeds])
+    return body
+
+
+def claims_text(result: dict[str, Any]) -> str:
+    """The verdict table of one claims file, then one reason line per test."""
+    from flatlab.text import table
+
+    head = [f"claims: {result['file']}" + (f" ({result['source']})" if result.get("source") else ""),
+            f"alpha = {result['alpha']:g}; reference variant: {result.get('reference') or 'none'}; "
+            f"{result['family']}"]
     counts = ", ".join(f"{k} {v}" for k, v in result["counts"].items() if v)
     reasons = []
     for r in result["results"]:
         note = _fresh_note(r.get("note"), r["reason"])
         reasons.append(f"  {r['id']}: {r['reason']}" + (f" [{note}]" if note else ""))
-    return ("\n".join(head) + "\n"
-            + table(body, ["claim", "verdict", "expect", "effect", "CI", "p", "p_holm", "n", "seeds needed"])
+    return ("\n".join(head) + "\n" + table(verdict_rows(result), VERDICT_COLUMNS)
             + f"\n{counts}\nwhy:\n" + "\n".join(reasons))
+
+
+def claims_markdown(result: dict[str, Any]) -> str:
+    """The verdict table of one claims file as a Markdown table (for a paper or a README)."""
+    def cell(value: Any) -> str:
+        return str(value).replace("|", "\\|")
+
+    lines = ["| " + " | ".join(VERDICT_COLUMNS) + " |", "|" + "---|" * len(VERDICT_COLUMNS)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in verdict_rows(result)]
+    return "\n".join(lines)
 
 
 __all__ = [
@@ -1100,11 +1119,14 @@ __all__ = [
     "Claim",
     "ClaimsFile",
     "CorrelationDifference",
+    "VERDICT_COLUMNS",
     "check_claims",
+    "claims_markdown",
     "claims_text",
     "correlation_difference",
     "evaluate_claims",
     "known_columns",
     "load_claims",
     "possible_labels",
+    "verdict_rows",
 ]

@@ -36,6 +36,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--claims", action="append", default=[], metavar="FILE",
                    help="a claims file (TOML, docs/claims.md): one verdict per claim; repeat for several files "
                         "(each file is its own Holm family)")
+    p.add_argument("--markdown", action="store_true",
+                   help="print the claims' verdict tables as Markdown (for a paper or a README) instead of text")
     p.add_argument("--reference", default=None, metavar="VARIANT",
                    help="the variant every other one is compared with (default: erm if present, else fp); also "
                         "what claims call 'reference'")
@@ -139,6 +141,8 @@ def run(args: argparse.Namespace) -> int:
     from flatlab.io import atomic_write_text
     from flatlab.report import build_report, load_inputs, report_text, rows_csv
 
+    if args.markdown and not args.claims:
+        raise FlatlabError("--markdown prints the claims' verdict tables: add --claims FILE")
     inputs = list(args.results)
     if args.measure:
         from flatlab.report import measure_checkpoints
@@ -161,11 +165,12 @@ def run(args: argparse.Namespace) -> int:
                           reference=args.reference, compare=compare, collection=collection)
     text = report_text(report)
     if claims_files:
-        from flatlab.claims import claims_text, evaluate_claims
+        from flatlab.claims import claims_markdown, claims_text, evaluate_claims
 
         report["claims"] = [evaluate_claims(c, collection, uncertainty=uncertainty, alpha=args.alpha,
                                             reference=args.reference) for c in claims_files]
-        text += "\n\n" + "\n\n".join(claims_text(c) for c in report["claims"])
+        render = claims_markdown if args.markdown else claims_text
+        text += "\n\n" + "\n\n".join(render(c) for c in report["claims"])
     if args.csv:
         try:
             atomic_write_text(args.csv, rows_csv(report))
