@@ -2,11 +2,8 @@
 
 ``digits_rgb`` gives the built-in rotated digits (nothing downloaded) as 3-channel 32x32 images, so
 a torchvision architecture takes them unchanged; ``tiny_vit`` builds a small torchvision
-VisionTransformer for them::
-
-    flatlab sharpness --arch resnet18 --weights r18.pt --data-fn docs/examples/user_model.py:digits_rgb --top-k 2
-    flatlab sharpness --model-fn docs/examples/user_model.py:tiny_vit --weights vit.pt \\
-        --data-fn docs/examples/user_model.py:digits_rgb --top-k 2
+VisionTransformer (also for the 1-channel built-in digits, ``--dataset rotated-digits``);
+``smoothed_cross_entropy`` is a ``--loss-fn``. The README runs them.
 """
 
 from __future__ import annotations
@@ -32,12 +29,16 @@ def digits_rgb(test_env: int = 0, samples: int = 128, batch_size: int = 64) -> d
     return {"source": split(sources), "target": split([test_env])}
 
 
-def tiny_vit(num_classes: int = 10, image_size: int = 32) -> nn.Module:
-    """A one-block torchvision VisionTransformer (patch 8, width 16, 2 heads)."""
+def tiny_vit(num_classes: int = 10, image_size: int = 32, channels: int = 3) -> nn.Module:
+    """A one-block torchvision VisionTransformer (patch 8, width 16, 2 heads) for images of
+    ``channels`` x ``image_size`` x ``image_size``."""
     from torchvision.models.vision_transformer import VisionTransformer
 
-    return VisionTransformer(image_size=image_size, patch_size=8, num_layers=1, num_heads=2, hidden_dim=16,
-                             mlp_dim=32, num_classes=num_classes)
+    vit = VisionTransformer(image_size=image_size, patch_size=8, num_layers=1, num_heads=2, hidden_dim=16,
+                            mlp_dim=32, num_classes=num_classes)
+    if channels != 3:  # torchvision's patch embedding takes RGB
+        vit.conv_proj = nn.Conv2d(channels, 16, kernel_size=8, stride=8)
+    return vit
 
 
 def smoothed_cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
