@@ -482,6 +482,39 @@ class LoadedSource:
         return ModelContext(model, data, settings=settings, train_size=train_size, loss_fn=self.loss_fn)
 
 
+@torch.no_grad()
+def evaluate_source(source: LoadedSource, batch_size: int = 512, device: torch.device | str = "cpu") -> dict[str, Any]:
+    """Loss and accuracy of a user's model: on a registered data set every domain's in/out split
+    and the summary numbers (:func:`flatlab.evaluate.evaluate_models`); on a ``data_fn``'s data
+    ``<split>_acc`` and ``<split>_loss`` per named split (batches as given), plus ``ood_acc``
+    (= ``target_acc``) when there is a ``target`` split.
+
+    Raises:
+        FlatlabError: a bad batch size.
+    """
+    import torch.nn.functional as F
+
+    from flatlab.evaluate import check_batch_size, evaluate_models
+
+    check_batch_size(batch_size)
+    model = source.model.to(device).eval()
+    if source.splits is not None:
+        return evaluate_models(model, source.splits, batch_size, device)
+    loss = source.loss_fn or F.cross_entropy
+    out: dict[str, Any] = {}
+    for name, batches in (source.named_batches or {}).items():
+        total, correct, count = 0.0, 0, 0
+        for x, y in _to(batches, torch.device(device)):
+            logits = model(x)
+            total += float(loss(logits, y)) * len(y)  # a mean-reduction loss, weighted by the batch size
+            correct += int((logits.argmax(1) == y).sum())
+            count += len(y)
+        out[f"{name}_acc"], out[f"{name}_loss"] = correct / count, total / count
+    if "target_acc" in out:  # the name the report and evaluate_models give the test domain's accuracy
+        out["ood_acc"] = out["target_acc"]
+    return out
+
+
 def check_model_choice(checkpoint: str | None, model: ModelSource | None, data: DataSource | None,
                        user_only: Sequence[str] = ()) -> None:
     """A measuring command takes a flatlab checkpoint or a user's model with its data: not both,
@@ -623,6 +656,7 @@ __all__ = [
     "check_model_choice",
     "check_run_id",
     "derived_run_id",
+    "evaluate_source",
     "import_callable",
     "load_source",
     "load_weights_into",

@@ -1,6 +1,6 @@
 """``flatlab surface`` as a library call: checkpoints in, a surface file out, resumable.
 
-:func:`run_surface` loads the checkpoint(s), prepares the data once, builds the directions
+:func:`run_surface` loads the checkpoint(s) (or a user's model and data, :mod:`flatlab.sources`), prepares the data once, builds the directions
 (random, reused from a file, Hessian eigenvectors, or interpolation between checkpoints),
 computes every grid point not already in the side journal (in this process, local worker
 processes or Ray), and writes the final file by temp + rename: a standalone loss-landscape file
