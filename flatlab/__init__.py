@@ -37,6 +37,10 @@ _API: dict[str, str] = {
     # measuring
     "measure_checkpoint": "flatlab.pipeline",
     "measure_model": "flatlab.pipeline",
+    "measure_source": "flatlab.pipeline",
+    "ModelSource": "flatlab.sources",
+    "DataSource": "flatlab.sources",
+    "load_source": "flatlab.sources",
     "Measurement": "flatlab.pipeline",
     "MeasurementSettings": "flatlab.measures",
     "MeasureResult": "flatlab.measures",
@@ -112,9 +116,10 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
         TraceConfig,
         WorstCaseConfig,
     )
-    from flatlab.pipeline import Measurement, measure_checkpoint, measure_model  # noqa: F401
+    from flatlab.pipeline import Measurement, measure_checkpoint, measure_model, measure_source  # noqa: F401
     from flatlab.report import build_report, report_text  # noqa: F401
     from flatlab.results import read_results  # noqa: F401
+    from flatlab.sources import DataSource, ModelSource, load_source  # noqa: F401
     from flatlab.store import to_dataframe, write_result  # noqa: F401
     from flatlab.surface.runner import SurfaceRequest, run_surface  # noqa: F401
     from flatlab.sweep import load_study, run_sweep  # noqa: F401

@@ -1,6 +1,7 @@
 """The library pipeline: measure a checkpoint (or any model and data) with a list of measures.
 
-:func:`measure_checkpoint` and :func:`measure_model` are what ``flatlab sharpness``, ``flatlab
+:func:`measure_checkpoint`, :func:`measure_source` (a user's model and data, :mod:`flatlab.sources`)
+and :func:`measure_model` are what ``flatlab sharpness``, ``flatlab
 sweep``, ``flatlab demo`` and ``flatlab report --measure`` call. Given measure configs (see
 :mod:`flatlab.measures`), they
 
@@ -445,4 +446,33 @@ def measure_model(model: nn.Module, data: Mapping[str, Sequence[Any]], measures:
     return _run(ctx, measures, results, run_id, dict(provenance or {}), progress)
 
 
-__all__ = ["Measurement", "measure_checkpoint", "measure_model", "measurement_of", "merge_group"]
+def measure_source(source: Any, measures: Sequence[MeasureConfig], *, settings: MeasurementSettings | None = None,
+                   results: str | os.PathLike[str] | None = None, provenance: Mapping[str, Any] | None = None,
+                   progress: bool = False) -> Measurement:
+    """Measure a model flatlab did not train, loaded by :func:`flatlab.sources.load_source`.
+
+    On a registered data set the splits, subsets and per-domain batches are a checkpoint's
+    (:class:`~flatlab.measures.context.SplitsContext`); on a ``data_fn``'s splits they are
+    :func:`measure_model`'s (with ``max_samples`` taking a seeded subset). With ``results``, the
+    run is ``/runs/<source.run_id>`` and its attributes are the source's provenance (model,
+    weights and their SHA-256, data) plus ``provenance``.
+
+    Args:
+        source: a :class:`~flatlab.sources.LoadedSource`.
+        measures, settings, results, provenance, progress: as for :func:`measure_checkpoint`.
+
+    Raises:
+        FlatlabError: as :func:`measure_checkpoint`.
+    """
+    settings = settings or MeasurementSettings()
+    if results is not None:
+        from flatlab.results import check_results_target
+
+        check_results_target(results)
+    ctx = source.context(settings, resolve_device(settings.device))
+    run_attrs = {**source.run_attrs, **dict(provenance or {})}
+    return _run(ctx, measures, results, source.run_id, run_attrs, progress)
+
+
+__all__ = ["Measurement", "measure_checkpoint", "measure_model", "measure_source", "measurement_of",
+           "merge_group"]

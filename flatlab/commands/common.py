@@ -58,7 +58,82 @@ def command_line() -> str:
 
 def add_data_dir_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", default=None,
-                        help="root of a folder data set, if it moved since training (checked against the stored hash)")
+                        help="root of a folder data set, if it moved since training (checked against the stored hash); "
+                             "with --dataset: the data set's root")
+
+
+def add_model_source_options(parser: argparse.ArgumentParser, loss: bool = True) -> None:
+    """The flags that give a model flatlab did not train, and its data, instead of a checkpoint
+    (:mod:`flatlab.sources`); read back by :func:`model_source_from_args`."""
+    model = parser.add_argument_group(
+        "your own model (instead of CKPT)",
+        "a torchvision or flatlab architecture by name, or your function, with a state-dict file "
+        "(torch.load(weights_only=True) only)")
+    model.add_argument("--arch", default=None, metavar="NAME",
+                       help="torchvision architecture (resnet18, vit_b_16, ...) or flatlab model (mlp, cnn, vit); "
+                            "flatlab:NAME / torchvision:NAME where both know the name (default torchvision)")
+    model.add_argument("--model-fn", default=None, metavar="MODULE:FUNCTION",
+                       help="function returning an nn.Module: pkg.module:build or path/to/file.py:build")
+    model.add_argument("--model-args", default=None, metavar="JSON",
+                       help="keyword arguments of --arch or --model-fn, e.g. '{\"width\": 64}'")
+    model.add_argument("--num-classes", type=int, default=None, metavar="N",
+                       help="classifier outputs (--arch: default the data set's classes; --model-fn: passed as num_classes)")
+    model.add_argument("--weights", default=None, metavar="FILE",
+                       help="state dict (or a dict with it under 'state_dict'/'model') loaded strictly into the model")
+    model.add_argument("--run-id", default=None, metavar="NAME",
+                       help="the run's name in --results (default: a hash of the model, weights, data and loss)")
+    if loss:
+        model.add_argument("--loss-fn", default=None, metavar="MODULE:FUNCTION",
+                           help="mean-reduction loss(outputs, y) (default cross-entropy)")
+    data = parser.add_argument_group(
+        "data of your own model", "a built-in or DomainBed data set split as flatlab train splits it, or your function")
+    data.add_argument("--dataset", default=None, metavar="NAME",
+                      help="rotated-digits, PACS, VLCS, OfficeHome, TerraIncognita, DomainNet, folder (with --data-dir)")
+    data.add_argument("--test-env", nargs="+", default=None, metavar="DOMAIN", dest="test_envs",
+                      help="with --dataset: test domain(s), by index or name")
+    data.add_argument("--resolution", type=int, default=None, help="with --dataset: image side (rotated-digits: 16)")
+    data.add_argument("--trial-seed", type=int, default=None,
+                      help="with --dataset: seed of the in/out split, as given to flatlab train (default 0)")
+    data.add_argument("--holdout-fraction", type=float, default=None,
+                      help="with --dataset: share of each domain held out as source-out (default 0.2)")
+    data.add_argument("--data-fn", default=None, metavar="MODULE:FUNCTION",
+                      help="function returning named splits {'source': ..., 'target': ...}, each a list of "
+                           "(x, y) batches or a DataLoader")
+    data.add_argument("--data-args", default=None, metavar="JSON", help="keyword arguments of --data-fn")
+
+
+#: Flags of :func:`add_model_source_options` that only a user's model takes (destination -> flag).
+_USER_ONLY = {"run_id": "--run-id", "loss_fn": "--loss-fn"}
+
+
+def model_source_from_args(args: argparse.Namespace, checkpoint: str | None) -> tuple[Any, Any]:
+    """(ModelSource, DataSource) from the flags, or (None, None) for a checkpoint.
+
+    Raises:
+        FlatlabError: a checkpoint together with a model, neither of them, a model without data,
+            data flags for a checkpoint, bad JSON.
+    """
+    from flatlab.sources import DataSource, ModelSource, check_model_choice
+
+    model_given = any(getattr(args, k, None) is not None for k in ("arch", "model_fn", "model_args", "num_classes",
+                                                                   "weights"))
+    data_given = any(getattr(args, k, None) is not None for k in ("dataset", "data_fn", "data_args", "test_envs",
+                                                                  "resolution", "trial_seed", "holdout_fraction"))
+    model = data = None
+    if model_given:
+        model = ModelSource(arch=args.arch, model_fn=args.model_fn,
+                            model_args=parse_json_arg(args.model_args, "--model-args") if args.model_args else {},
+                            num_classes=args.num_classes, weights=args.weights)
+    if data_given:
+        options = {"resolution": args.resolution} if args.resolution is not None else {}
+        data = DataSource(dataset=args.dataset, test_envs=tuple(args.test_envs or ()), data_dir=args.data_dir,
+                          dataset_options=options, trial_seed=0 if args.trial_seed is None else args.trial_seed,
+                          holdout_fraction=0.2 if args.holdout_fraction is None else args.holdout_fraction,
+                          data_fn=args.data_fn,
+                          data_args=parse_json_arg(args.data_args, "--data-args") if args.data_args else {})
+    user_only = [k for k in _USER_ONLY if getattr(args, k, None) is not None]
+    check_model_choice(checkpoint, model, data, user_only)
+    return model, data
 
 
 def emit(args: argparse.Namespace, payload: dict[str, Any], text: str) -> None:
@@ -79,6 +154,7 @@ def emit(args: argparse.Namespace, payload: dict[str, Any], text: str) -> None:
 
 
 def parse_json_arg(text: str, flag: str) -> dict[str, Any]:
+    """A flag's JSON object (``--hparams``, ``--model-args``), or one error line naming the flag."""
     from flatlab.errors import FlatlabError
 
     try:

@@ -7,8 +7,10 @@ import argparse
 from flatlab.commands.common import (
     add_data_dir_option,
     add_device_option,
+    add_model_source_options,
     add_output_options,
     emit,
+    model_source_from_args,
     table,
 )
 
@@ -16,9 +18,12 @@ from flatlab.commands.common import (
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("evaluate", help="accuracy and loss on every domain (id_acc, ood_acc)",
                        description="Evaluate a checkpoint on the in and out split of every domain.")
-    p.add_argument("checkpoint", help="model.pt (or a run folder)")
+    p.add_argument("checkpoint", nargs="?", default=None,
+                   help="model.pt (or a run folder); or your own model with --arch/--model-fn below")
     p.add_argument("--batch-size", type=int, default=512)
+    p.add_argument("--seed", type=int, default=0, help="your own model without --weights: seeds its initialisation")
     add_data_dir_option(p)
+    add_model_source_options(p)
     add_device_option(p)
     add_output_options(p)
     p.set_defaults(func=run)
@@ -41,7 +46,22 @@ def run(args: argparse.Namespace) -> int:
     from flatlab.evaluate import evaluate_models
     from flatlab.train import resolve_device
 
+    model_source, data_source = model_source_from_args(args, args.checkpoint)
     device = resolve_device(args.device)
+    if model_source is not None:
+        from flatlab.sources import evaluate_source, load_source
+
+        loaded = load_source(model_source, data_source, seed=args.seed, run_id=args.run_id, loss_fn=args.loss_fn)
+        metrics = evaluate_source(loaded, args.batch_size, device)
+        payload = {"model": model_source.name, "weights": model_source.weights, "run_id": loaded.run_id, **metrics}
+        if loaded.splits is not None:
+            meta = {"domains": loaded.splits.dataset.domains, "test_envs": loaded.splits.test_envs}
+            text = evaluation_table(meta, metrics)
+        else:
+            rows = [[name, metrics[f"{name}_acc"], metrics[f"{name}_loss"]] for name in loaded.split_names]
+            text = table(rows, ["split", "acc", "loss"])
+        emit(args, payload, text)
+        return 0
     ckpt = load_checkpoint(args.checkpoint)
     model = ckpt.build_model(device)
     metrics = evaluate_models(model, ckpt.splits(args.data_dir), args.batch_size, device)

@@ -1,5 +1,9 @@
 """``flatlab sharpness``: every registered measure of a checkpoint, one flag each.
 
+The model is a flatlab checkpoint (CKPT) or a user's model and data (``--arch``/``--model-fn``,
+``--weights``, ``--dataset``/``--data-fn``: :mod:`flatlab.sources`, the flags of
+:func:`~flatlab.commands.common.add_model_source_options`).
+
 The flags are derived from the measure registry (:mod:`flatlab.measures`): each measure's
 request flag (``--top-k K``, ``--trace``, ``--pacbayes``, ...) and every setting of its family
 (one flag per setting, shared by the measures that share it). Flags are unique across families
@@ -21,10 +25,12 @@ from typing import Any
 from flatlab.commands.common import (
     add_data_dir_option,
     add_deprecated_alias,
+    add_model_source_options,
     add_output_options,
     command_line,
     emit,
     fmt,
+    model_source_from_args,
     table,
 )
 
@@ -80,7 +86,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "density, per-layer curvature, PAC-Bayes/magnitude/worst-case bounds, local flatness. "
                     "Without measure flags: --top-k 5 --trace. With --results, each measure is stored as "
                     "soon as it is done and a rerun computes only what is missing.")
-    p.add_argument("checkpoint", help="model.pt (or a run folder)")
+    p.add_argument("checkpoint", nargs="?", default=None,
+                   help="model.pt (or a run folder); or your own model with --arch/--model-fn below")
     per_family, shared = _specs()
     for family, specs in per_family:
         group = p.add_argument_group(family.title)
@@ -106,6 +113,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         help="write /runs/<run_id>/... to this HDF5 results file (with provenance) and resume from it")
     add_deprecated_alias(p, "--out", "--results", "results", metavar="RESULTS.h5")
     add_data_dir_option(p)
+    add_model_source_options(p)
     add_output_options(p)
     p.set_defaults(func=run)
 
@@ -204,11 +212,18 @@ def configs_from_args(args: argparse.Namespace) -> tuple[list[Any], Any]:
 
 def payload_of(measurement: Any, checkpoint: Any) -> dict[str, Any]:
     """The JSON output: provenance, the curvature results merged at the top level, every other
-    family's results under the measure's name (as ``flatlab sharpness`` always printed them)."""
+    family's results under the measure's name (as ``flatlab sharpness`` always printed them).
+
+    ``checkpoint`` is a :class:`~flatlab.checkpoint.Checkpoint`, or a user's model
+    (:class:`~flatlab.sources.LoadedSource`: then ``model`` and ``weights`` instead of ``checkpoint``)."""
     from flatlab.measures import FAMILIES, get_measure
 
-    payload: dict[str, Any] = {"checkpoint": str(checkpoint.path), "run_id": measurement.run_id,
-                               "quantized": bool(checkpoint.is_quantized), "seed": measurement.settings.seed,
+    if hasattr(checkpoint, "run_attrs"):  # a user's model
+        subject: dict[str, Any] = {"model": checkpoint.model_source.name, "weights": checkpoint.model_source.weights,
+                                   "quantized": False}
+    else:
+        subject = {"checkpoint": str(checkpoint.path), "quantized": bool(checkpoint.is_quantized)}
+    payload: dict[str, Any] = {**subject, "run_id": measurement.run_id, "seed": measurement.settings.seed,
                                "device": measurement.device}
     curvature = [r for r in measurement.results.values() if get_measure(r.measure).family == "curvature"]
     if curvature:
@@ -233,7 +248,9 @@ def payload_of(measurement: Any, checkpoint: Any) -> dict[str, Any]:
 
 
 def curvature_table(payload: dict[str, Any]) -> str:
-    lines = [f"checkpoint {payload['checkpoint']}",
+    subject = (f"checkpoint {payload['checkpoint']}" if "checkpoint" in payload else
+               f"model {payload['model']}, weights {payload.get('weights') or 'as built (none loaded)'}")
+    lines = [subject,
              f"{payload.get('curvature', 'hessian')} ({payload.get('mode', 'eval')} mode) on split {payload['split']} "
              f"({payload.get('n_samples', '-')} samples), wrt {payload['wrt']}, params {payload['params']} "
              f"({payload.get('num_params', '-')}), solver {payload['solver']}, {payload.get('hvps', 0)} products"]
@@ -300,14 +317,30 @@ def run(args: argparse.Namespace) -> int:
     from flatlab.checkpoint import load_checkpoint
     from flatlab.measures import FAMILIES, get_measure
     from flatlab.measures.context import checkpoint_path
-    from flatlab.pipeline import measure_checkpoint
+    from flatlab.pipeline import measure_checkpoint, measure_source
 
     configs, settings = configs_from_args(args)
-    ckpt = load_checkpoint(checkpoint_path(args.checkpoint))
+    model_source, data_source = model_source_from_args(args, args.checkpoint)
+    provenance = {"command_line": command_line()}
+    if model_source is not None:
+        from flatlab.results import check_results_target
+        from flatlab.sources import load_source
+
+        if args.results is not None:
+            check_results_target(args.results)  # before the model and data are loaded
+        # Outside the rewording below: a ConfigError of the source names a flag of this parser.
+        ckpt: Any = load_source(model_source, data_source, seed=settings.seed, run_id=args.run_id,
+                                loss_fn=args.loss_fn)
+    else:
+        ckpt = load_checkpoint(checkpoint_path(args.checkpoint))
     try:
-        measurement = measure_checkpoint(ckpt, configs, settings=settings, results=args.results,
-                                         data_dir=args.data_dir, provenance={"command_line": command_line()},
-                                         progress=not args.quiet)
+        if model_source is not None:
+            measurement = measure_source(ckpt, configs, settings=settings, results=args.results,
+                                         provenance=provenance, progress=not args.quiet)
+        else:
+            measurement = measure_checkpoint(ckpt, configs, settings=settings, results=args.results,
+                                             data_dir=args.data_dir, provenance=provenance,
+                                             progress=not args.quiet)
     except Exception as exc:  # noqa: BLE001 - a ConfigError is reworded with flags
         raise in_flag_words(exc) from None
     payload = payload_of(measurement, ckpt)

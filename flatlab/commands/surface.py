@@ -9,10 +9,12 @@ import sys
 from flatlab.commands.common import (
     add_data_dir_option,
     add_device_option,
+    add_model_source_options,
     add_output_options,
     command_line,
     emit,
     fmt,
+    model_source_from_args,
 )
 
 
@@ -26,7 +28,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     # Let grids with a negative minimum follow their flag (`--x -1:1:51`, as in Li et al.'s docs):
     # argparse would otherwise read "-1:1:51" as an unknown option.
     p._negative_number_matcher = re.compile(r"^-\d+$|^-\d*\.\d+$|^-[\d.]+(e[-+]?\d+)?:")
-    p.add_argument("checkpoint", help="model.pt (or a run folder)")
+    p.add_argument("checkpoint", nargs="?", default=None,
+                   help="model.pt (or a run folder); or your own model with --arch/--model-fn below")
     dims = p.add_mutually_exclusive_group()
     dims.add_argument("--2d", dest="dims", action="store_const", const=2, help="2D surface (default)")
     dims.add_argument("--1d", dest="dims", action="store_const", const=1, help="1D curve")
@@ -58,6 +61,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--results", default=None, help="write into this results file (/runs/<id>/surfaces/<name>)")
     p.add_argument("--name", default=None, help="surface name inside --results (default: from the settings)")
     add_data_dir_option(p)
+    add_model_source_options(p, loss=False)
     add_device_option(p)
     add_output_options(p)
     p.set_defaults(func=run, dims=2)
@@ -79,9 +83,11 @@ def run(args: argparse.Namespace) -> int:
     from flatlab.surface.runner import SurfaceRequest, request_summary, run_surface
     from flatlab.train import resolve_device
 
+    model_source, data_source = model_source_from_args(args, args.checkpoint)
     workers = args.workers if args.workers is not None else (None if args.backend == "ray" else 1)
     req = SurfaceRequest(
-        checkpoint=args.checkpoint, dims=args.dims, x=args.x, y=args.y, norm=args.norm, ignore=args.ignore,
+        checkpoint=args.checkpoint or "", model_source=model_source, data_source=data_source, run_id=args.run_id,
+        dims=args.dims, x=args.x, y=args.y, norm=args.norm, ignore=args.ignore,
         model2=args.model2, model3=args.model3, directions=args.directions, requantize=args.requantize,
         max_samples=args.max_samples, seed=args.seed, batch_size=args.batch_size,
         points_per_pass=args.points_per_pass, workers=workers, backend=args.backend, address=args.address,

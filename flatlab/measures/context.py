@@ -18,6 +18,7 @@ Every measure's compute function takes a :class:`MeasureContext`. It hands out
   every curvature measure on the same split, the dense spectrum of ``solver = "dense"``).
 
 :class:`CheckpointContext` reads a flatlab checkpoint (its exact in/out splits);
+:class:`SplitsContext` puts a user's model on a registered data set's splits;
 :class:`ModelContext` wraps a user's model and named batch lists.
 """
 
@@ -177,6 +178,51 @@ class CheckpointContext(MeasureContext):
         return tuple(str(names[e]) for e in self._splits.test_envs)
 
 
+class SplitsContext(MeasureContext):
+    """A user's model on a registered data set's splits (:class:`~flatlab.data.DomainSplits`):
+    the same ``source``/``source-out``/``target`` batches, subsets and per-domain batches as a
+    checkpoint trained on those splits gets (:class:`CheckpointContext`), without w0."""
+
+    def __init__(self, model: nn.Module, splits: Any, settings: MeasurementSettings, device: torch.device,
+                 loss_fn: Callable[..., torch.Tensor] | None = None) -> None:
+        super().__init__(settings, device)
+        self._model = model
+        self._splits = splits
+        if loss_fn is not None:
+            self.loss_fn = loss_fn  # type: ignore[assignment]
+
+    @property
+    def quantized(self) -> bool:
+        return False
+
+    def _build_model(self, view: str) -> nn.Module:
+        return self._model.to(self.device).eval()
+
+    def _build_initial_model(self) -> nn.Module | None:
+        return None  # a user's model has no recorded step-0 weights
+
+    def _build_batches(self, split: str) -> list[Any]:
+        if split not in SPLITS:
+            raise FlatlabError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+        s = self.settings
+        return self._splits.split_batches(split, s.batch_size, s.max_samples, s.seed, self.device)
+
+    def split_size(self, split: str) -> int:
+        return int(self._splits.split_size(split))
+
+    def _build_domain_batches(self, source_part: str, max_samples: int | None) -> dict[str, list[Any]]:
+        from flatlab.curvature.per_domain import domain_batches
+
+        s = self.settings
+        return domain_batches(self._splits, batch_size=s.batch_size, source_part=source_part, include_target=True,
+                              max_samples=s.max_samples if max_samples is None else max_samples, seed=s.seed,
+                              device=self.device)
+
+    def target_domains(self) -> tuple[str, ...]:
+        names = self._splits.dataset.domains
+        return tuple(str(names[e]) for e in self._splits.test_envs)
+
+
 class ModelContext(MeasureContext):
     """Any ``nn.Module`` with named lists of ``(x, y)`` batches (e.g. ``{"source": ...,
     "target": ...}``); ``initial_model`` (w0) and ``train_size`` (m) are optional.
@@ -253,4 +299,5 @@ def checkpoint_path(path: str | Path) -> Path:
     return p / "model.pt" if p.is_dir() and (p / "model.pt").exists() else p
 
 
-__all__ = ["SPLITS", "CheckpointContext", "MeasureContext", "MeasurementSettings", "ModelContext", "checkpoint_path"]
+__all__ = ["SPLITS", "CheckpointContext", "MeasureContext", "MeasurementSettings", "ModelContext", "SplitsContext",
+           "checkpoint_path"]

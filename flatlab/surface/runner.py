@@ -1,6 +1,6 @@
 """``flatlab surface`` as a library call: checkpoints in, a surface file out, resumable.
 
-:func:`run_surface` loads the checkpoint(s), prepares the data once, builds the directions
+:func:`run_surface` loads the checkpoint(s) (or a user's model and data, :mod:`flatlab.sources`), prepares the data once, builds the directions
 (random, reused from a file, Hessian eigenvectors, or interpolation between checkpoints),
 computes every grid point not already in the side journal (in this process, local worker
 processes or Ray), and writes the final file by temp + rename: a standalone loss-landscape file
@@ -46,12 +46,17 @@ from flatlab.surface.journal import PointJournal
 
 #: Settings that are paths: provenance, not part of the settings fingerprint (the same files moved
 #: elsewhere give the same surface; their content is fingerprinted by SHA-256 instead).
-PATH_KEYS = ("checkpoint", "checkpoint2", "checkpoint3", "directions_file")
+PATH_KEYS = ("checkpoint", "checkpoint2", "checkpoint3", "directions_file", "weights_file")
 
 
 @dataclass
 class SurfaceRequest:
-    """The settings of one ``flatlab surface`` run (the CLI's flags)."""
+    """The settings of one ``flatlab surface`` run (the CLI's flags).
+
+    The model is a flatlab ``checkpoint``, or (``checkpoint`` empty) a user's model and data:
+    ``model_source`` with ``data_source`` (:mod:`flatlab.sources`; the surface needs the splits
+    ``source`` and ``target``), stored under ``run_id`` (default derived from them).
+    """
 
     checkpoint: str
     dims: int = 2
@@ -75,6 +80,9 @@ class SurfaceRequest:
     name: str | None = None
     device: str = "cpu"
     data_dir: str | None = None
+    model_source: Any = None
+    data_source: Any = None
+    run_id: str | None = None
 
 
 @dataclass
@@ -103,6 +111,19 @@ def validate_request(req: SurfaceRequest) -> tuple[Axis, Axis | None]:
         FlatlabError: naming the setting and how to fix it.
     """
     x = parse_axis(req.x, "--x")
+    if req.model_source is not None:
+        from flatlab.sources import check_model_choice, check_run_id
+
+        check_model_choice(req.checkpoint or None, req.model_source, req.data_source)
+        for key, given in (("model2", req.model2), ("model3", req.model3), ("requantize", req.requantize)):
+            if given:
+                raise ConfigError(key, "applies to flatlab checkpoints: a model given by arch or model_fn is "
+                                       "measured on its own (a random or Hessian plane)")
+        if req.run_id is not None:
+            check_run_id(req.run_id)
+    elif req.run_id is not None:
+        raise ConfigError("run_id", "names the run of a model given by arch or model_fn: a checkpoint's run id "
+                                    "is its SHA-256")
     if req.model3 is not None and req.model2 is None:
         raise ConfigError("model3", "needs model2: the plane goes through three checkpoints")
     if req.model2 is not None:
@@ -181,12 +202,9 @@ def _load_models(req: SurfaceRequest, device: str) -> tuple[list[Any], list[nn.M
     return ckpts, models, fp_names
 
 
-def _run_paths(req: SurfaceRequest, ckpt: Any, kind: str) -> tuple[Path, str | None, str | None, Path]:
+def _run_paths(req: SurfaceRequest, run_id: str, kind: str) -> tuple[Path, str | None, str | None, Path]:
     """(output path, run id, group, journal path)."""
     if req.results is not None:
-        from flatlab.results import run_id_for
-
-        run_id = run_id_for(ckpt.path)
         name = req.name or kind
         group = f"surfaces/{name}"
         path = Path(req.results)
@@ -249,12 +267,38 @@ def run_surface(req: SurfaceRequest, progress_factory: Callable[[int, int], Any]
 
         check_address(req.address)
     device = req.device
-    ckpts, models, fp_names = _load_models(req, device)
-    ckpt = ckpts[0]
-    model = models[0]
-    splits = ckpt.splits(req.data_dir)
-    source = splits.split_batches("source", req.batch_size, req.max_samples, req.seed, device="cpu")
-    target = splits.split_batches("target", req.batch_size, req.max_samples, req.seed, device="cpu")
+    model_settings: dict[str, Any]
+    if req.model_source is not None:
+        from flatlab.sources import load_source
+
+        loaded = load_source(req.model_source, req.data_source, seed=req.seed, run_id=req.run_id)
+        ckpts: list[Any] = []
+        model, fp_names = loaded.model.to("cpu"), None
+        source = loaded.split_batches("source", req.batch_size, req.max_samples, req.seed)
+        target = loaded.split_batches("target", req.batch_size, req.max_samples, req.seed)
+        run_id, run_attrs = loaded.run_id, loaded.run_attrs
+        # What identifies a user's model in the fingerprint: its source, weights and data (its
+        # run id may be a name given by hand).
+        model_settings = {k: loaded.run_attrs.get(k) for k in ("model", "model_args", "num_classes", "weights_sha256",
+                                                               "init_seed", "dataset", "test_envs", "data_fn",
+                                                               "data_args")}
+        model_settings["weights_file"] = loaded.run_attrs.get("weights")
+        model_settings["weights_kind"] = "full precision"
+    else:
+        from flatlab.results import run_attrs_from_checkpoint, run_id_for
+
+        ckpts, models, fp_names = _load_models(req, device)
+        ckpt = ckpts[0]
+        model = models[0]
+        splits = ckpt.splits(req.data_dir)
+        source = splits.split_batches("source", req.batch_size, req.max_samples, req.seed, device="cpu")
+        target = splits.split_batches("target", req.batch_size, req.max_samples, req.seed, device="cpu")
+        # Hashed only for a results file (a large checkpoint takes a while to hash).
+        run_id = run_id_for(ckpt.path) if req.results is not None else ""
+        run_attrs = run_attrs_from_checkpoint(ckpt) if req.results is not None else {}
+        model_settings = {"checkpoint": str(ckpt.path), "checkpoint_sha256": sha256_file(ckpt.path),
+                          "weights_kind": "requantized latent weights" if req.requantize else
+                          ("effective (de-quantized)" if ckpt.is_quantized else "full precision")}
 
     raw_dirs: list[Direction] | None = None
     base: dict[str, Tensor] | None = None
@@ -310,10 +354,10 @@ def run_surface(req: SurfaceRequest, progress_factory: Callable[[int, int], Any]
 
     direction_matrix = np.stack([flatten_direction(d, names) for d in dirs])
     raw_matrix = None if raw_dirs is None else np.stack([flatten_direction(d, names) for d in raw_dirs])
+    weights_kind = model_settings.pop("weights_kind")
     settings: dict[str, Any] = {
         "kind": kind,
-        "checkpoint": str(ckpt.path),
-        "checkpoint_sha256": sha256_file(ckpt.path),
+        **{k: v for k, v in model_settings.items() if v is not None},
         "dims": req.dims,
         "x": x_axis.spec(),
         "y": y_axis.spec() if y_axis is not None else None,
@@ -322,8 +366,7 @@ def run_surface(req: SurfaceRequest, progress_factory: Callable[[int, int], Any]
         "directions": ("interpolation" if req.model2 is not None else
                        req.directions if req.directions in ("random", "hessian") else "file"),
         "seed": req.seed,
-        "weights": "requantized latent weights" if req.requantize else
-                   ("effective (de-quantized)" if ckpt.is_quantized else "full precision"),
+        "weights": weights_kind,
         "requantize": bool(req.requantize),
         "max_samples": req.max_samples,
         "batch_size": req.batch_size,
@@ -339,7 +382,7 @@ def run_surface(req: SurfaceRequest, progress_factory: Callable[[int, int], Any]
     }
     # Paths are provenance, not settings: the same files moved elsewhere give the same surface.
     fingerprint = settings_fingerprint({k: v for k, v in settings.items() if k not in PATH_KEYS}, direction_matrix)
-    path, run_id, group, journal_path = _run_paths(req, ckpt, kind)
+    path, run_id, group, journal_path = _run_paths(req, run_id, kind)
 
     # An existing output: the same settings are resumed or reused, other settings refused.
     if run_id is not None and group is not None:
@@ -366,7 +409,7 @@ def run_surface(req: SurfaceRequest, progress_factory: Callable[[int, int], Any]
                              loss_fn=F.cross_entropy, device=device, points_per_pass=req.points_per_pass)
     bar = progress_factory(n_points, resumed) if progress_factory else None
     start = time.perf_counter()
-    write = functools.partial(_write, path=path, run_id=run_id, group=group, ckpt=ckpt, provenance=provenance,
+    write = functools.partial(_write, path=path, run_id=run_id, group=group, run_attrs=run_attrs, provenance=provenance,
                               directions=direction_matrix, raw=raw_matrix, names=names,
                               shapes=[list(dirs[0][n].shape) for n in names], settings=settings,
                               fingerprint=fingerprint)
@@ -390,7 +433,7 @@ def run_surface(req: SurfaceRequest, progress_factory: Callable[[int, int], Any]
     return SurfaceOutcome(surface, str(path), group, settings, n_points - resumed, resumed, seconds, False)
 
 
-def _write(surface: Surface, path: Path, run_id: str | None, group: str | None, ckpt: Any,
+def _write(surface: Surface, path: Path, run_id: str | None, group: str | None, run_attrs: dict[str, Any],
            directions: np.ndarray, raw: np.ndarray | None, names: list[str], shapes: list[list[int]],
            settings: dict[str, Any], fingerprint: str, provenance: dict[str, Any] | None = None) -> None:
     from flatlab import environment, results
@@ -398,8 +441,7 @@ def _write(surface: Surface, path: Path, run_id: str | None, group: str | None, 
     arrays, attrs = surface_payload(surface, directions, raw, names, shapes, settings, fingerprint)
     attrs.update(environment.environment(settings["device"]))  # threads, versions, CPU: what rounding depends on
     if run_id is not None and group is not None:
-        run_attrs = {**results.run_attrs_from_checkpoint(ckpt), **(provenance or {})}
-        results.write_group(path, run_id, run_attrs, group, arrays, attrs)
+        results.write_group(path, run_id, {**run_attrs, **(provenance or {})}, group, arrays, attrs)
     else:
         results.write_root_file(path, arrays, attrs)
 
