@@ -124,6 +124,7 @@ from torch import Tensor, nn
 
 from flatlab.curvature.params import select_parameters
 from flatlab.errors import FlatlabError
+from flatlab.outputs import OutputFn, model_device, prepare_batches, with_output_fn
 from flatlab.sharpness.perturb import Batch, LossFn, noise_seed
 
 SHARPNESS_KINDS = ("worst", "average")
@@ -578,7 +579,8 @@ def _module_modes(model: nn.Module) -> list[tuple[nn.Module, bool]]:
 
 
 def adaptive_sharpness(model: nn.Module, batches: Sequence[Batch], config: AdaptiveSharpnessConfig, *,
-                       loss_fn: LossFn = F.cross_entropy) -> AdaptiveSharpnessResult:
+                       loss_fn: LossFn = F.cross_entropy,
+                       output_fn: OutputFn | None = None) -> AdaptiveSharpnessResult:
     r"""Adaptive or standard sharpness at radius :math:`\rho` (worst or average case, see the
     module docstring) of ``model`` on ``batches``.
 
@@ -587,9 +589,12 @@ def adaptive_sharpness(model: nn.Module, batches: Sequence[Batch], config: Adapt
             parameters and every module's train/eval mode are restored on return, also when an
             error interrupts the computation. Gradients (``.grad``) are not touched.
         batches: ``(x, y)`` batches of the measurement set (e.g. the training set), in the
-            order the m-subsets are cut from.
+            order the m-subsets are cut from: a list or a DataLoader (read once), moved batch by
+            batch to the model's device.
         config: the settings (:class:`AdaptiveSharpnessConfig`).
-        loss_fn: ``loss_fn(outputs, y)`` with mean reduction (default cross-entropy).
+        loss_fn: ``loss_fn(outputs, y)`` with mean reduction (default cross-entropy); only the
+            loss enters, so any model (a regressor too) can be measured.
+        output_fn: maps the model's output to the tensor ``loss_fn`` takes (default: as is).
 
     Returns:
         An :class:`AdaptiveSharpnessResult`.
@@ -599,13 +604,14 @@ def adaptive_sharpness(model: nn.Module, batches: Sequence[Batch], config: Adapt
     """
     if not isinstance(config, AdaptiveSharpnessConfig):
         raise FlatlabError(f"config must be an AdaptiveSharpnessConfig, got {type(config).__name__}")
+    batches = prepare_batches(batches, model_device(model), name="batches")
     subsets, left_out = partition_batches(batches, config.m)
     selected = select_parameters(model, config.params)
     params = [p for _, p in selected]
     scale = [p.detach().abs().clone() for p in params] if config.scaling == "adaptive" else None
     mask = [(c > 0).to(c.dtype) for c in scale] if scale is not None else None
     modes = _module_modes(model)
-    pert = _Perturbation(model, params, scale, loss_fn)
+    pert = _Perturbation(with_output_fn(model, output_fn), params, scale, loss_fn)
     num_used = sum(_batch_len(y) for s in subsets for _, y in s)
     try:
         model.eval()

@@ -131,14 +131,12 @@ def mean_loss(model: nn.Module, batches: Sequence[Batch], loss_fn: LossFn) -> fl
     return total / count
 
 
-def num_classes_of(model: nn.Module, batches: Sequence[Batch]) -> int:
-    """The number of logits the model produces (the chance level is 1 / this)."""
-    with torch.no_grad():
-        x, _ = batches[0]
-        logits = model(x[:1])
-    if logits.dim() != 2 or logits.shape[1] < 2:
-        raise FlatlabError("accuracy-based sharpness needs a classifier with at least two logits per sample")
-    return int(logits.shape[1])
+def num_classes_of(model: nn.Module, batches: Sequence[Batch], measure: str = "accuracy-based sharpness") -> int:
+    """The number of logits the model produces (the chance level is 1 / this); FlatlabError,
+    naming ``measure``, for a model without accuracy (:func:`flatlab.outputs.require_classifier`)."""
+    from flatlab.outputs import require_classifier
+
+    return require_classifier(model, batches, measure)
 
 
 def check_batches(batches: Sequence[Batch]) -> int:
