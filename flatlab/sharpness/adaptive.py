@@ -124,7 +124,13 @@ from torch import Tensor, nn
 
 from flatlab.curvature.params import select_parameters
 from flatlab.errors import FlatlabError
-from flatlab.outputs import OutputFn, model_device, prepare_batches, with_output_fn
+from flatlab.outputs import (
+    OutputFn,
+    as_tensor_output,
+    model_device,
+    prepare_batches,
+    with_output_fn,
+)
 from flatlab.sharpness.perturb import Batch, LossFn, noise_seed
 
 SHARPNESS_KINDS = ("worst", "average")
@@ -417,7 +423,7 @@ class _Perturbation:
         total = 0.0
         with torch.no_grad():
             for x, y in subset:
-                total += float(self.loss_fn(self.model(x), y)) * _batch_len(y)
+                total += float(self.loss_fn(as_tensor_output(self.model(x), None), y)) * _batch_len(y)
         self.forward_samples += size
         return total / size
 
@@ -428,7 +434,7 @@ class _Perturbation:
         grads = [torch.zeros_like(p) for p in self.params]
         for x, y in subset:
             with torch.enable_grad():
-                loss = self.loss_fn(self.model(x), y)
+                loss = self.loss_fn(as_tensor_output(self.model(x), None), y)
                 parts = torch.autograd.grad(loss, self.params, allow_unused=True)
             weight = _batch_len(y) / size
             total += float(loss.detach()) * weight

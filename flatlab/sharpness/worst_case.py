@@ -47,7 +47,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from flatlab.errors import FlatlabError
-from flatlab.outputs import OutputFn, model_device, prepare_batches, with_output_fn
+from flatlab.outputs import (
+    OutputFn,
+    as_tensor_output,
+    model_device,
+    prepare_batches,
+    with_output_fn,
+)
 from flatlab.sharpness.magnitude import MAGNITUDE_EPS
 from flatlab.sharpness.pacbayes import FoldedPair
 from flatlab.sharpness.perturb import (
@@ -85,7 +91,7 @@ def box_ascent(model: nn.Module, params: Sequence[Tensor], base: Sequence[Tensor
             for p, b, du in zip(params, base, u):
                 p.copy_(b + du)
         x, y = batches[t % len(batches)]
-        loss = loss_fn(model(x), y)
+        loss = loss_fn(as_tensor_output(model(x), None), y)
         grads = torch.autograd.grad(loss, list(params), allow_unused=True)
         with torch.no_grad():
             for du, g, r in zip(u, grads, radius):
