@@ -307,3 +307,52 @@ def test_bad_output_fn_and_missing_output_fn_are_clear(trained):
         measure_model(_like(DictNet, trained), lists, [_config("local_flatness")], settings=SETTINGS)
     with pytest.raises(ConfigError, match="data must be"):
         measure_model(_like(Net, trained), {"source": torch.zeros(3)}, [_config("trace")], settings=SETTINGS)
+
+
+SOURCE_FILE = '''
+import torch
+from torch import nn
+
+
+class DictNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return {"logits": self.fc(x)}
+
+
+def make():
+    return DictNet()
+
+
+def data():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(40, 4, generator=g)
+    y = (x[:, 0] > 0).long()
+    return {"source": [(x[:20], y[:20]), (x[20:], y[20:])], "target": [(x[:10], y[:10])]}
+
+
+def logits(out):
+    return out["logits"]
+'''
+
+
+def test_load_source_takes_an_output_fn(tmp_path):
+    """A user's model through flatlab.sources: output_fn by import path, in the run's identity."""
+    from flatlab.pipeline import measure_source
+    from flatlab.sources import DataSource, ModelSource, evaluate_source, load_source
+
+    path = tmp_path / "user_model.py"
+    path.write_text(SOURCE_FILE)
+    model, data = ModelSource(model_fn=f"{path}:make"), DataSource(data_fn=f"{path}:data")
+    plain = load_source(model, data)
+    source = load_source(model, data, output_fn=f"{path}:logits")
+    assert source.run_attrs["output_fn"] == f"{path}:logits" and "output_fn" not in plain.run_attrs
+    assert source.run_id != plain.run_id
+    out = measure_source(source, [_config("trace"), _config("local_flatness")], settings=SETTINGS)
+    assert math.isfinite(out["trace"].payload["trace"])
+    scores = evaluate_source(source)
+    assert 0.0 <= scores["source_acc"] <= 1.0 and math.isfinite(scores["target_loss"])
