@@ -147,11 +147,13 @@ def describe_outputs(outputs: Tensor, y: Any) -> str:
 @torch.no_grad()
 def require_classifier(model: nn.Module, batches: Sequence[Any], measure: str) -> int:
     """The number of classes C of ``model`` (already adapted by :func:`with_output_fn`) on the
-    first batch; FlatlabError if its accuracy is undefined (see :func:`is_classification`)."""
+    first batch, evaluated in eval mode (the model's modes and buffers are left as they were);
+    FlatlabError if its accuracy is undefined (see :func:`is_classification`)."""
     if not batches:
         raise FlatlabError("no samples to measure on: the batch list is empty")
     x, y = batches[0]
-    outputs = model(x)
+    with preserved_modes(model):  # eval: a train-mode forward would move BatchNorm statistics
+        outputs = model.eval()(x)
     if not isinstance(outputs, Tensor):
         outputs = as_tensor_output(outputs, None)
     if not is_classification(outputs, y):

@@ -356,3 +356,39 @@ def test_load_source_takes_an_output_fn(tmp_path):
     assert math.isfinite(out["trace"].payload["trace"])
     scores = evaluate_source(source)
     assert 0.0 <= scores["source_acc"] <= 1.0 and math.isfinite(scores["target_loss"])
+
+
+def test_sharpness_functions_take_output_fn_and_dataloaders(trained):
+    """The library functions themselves: a train-mode dict model on a DataLoader equals the plain
+    model on the batch list, and keeps its modes (the functions evaluate in eval mode)."""
+    from flatlab.sharpness import (
+        AdaptiveSharpnessConfig,
+        adaptive_sharpness,
+        local_flatness,
+        magnitude_bounds,
+        pacbayes_bounds,
+        relative_flatness,
+        worst_case_sharpness,
+    )
+
+    lists = _lists(trained)
+    loader = DataLoader(TensorDataset(*trained["source"]), batch_size=BATCH, shuffle=False)
+    search = {"mc_samples": 2, "max_samples": 10, "depth": 4}
+    calls = {
+        "pacbayes": lambda m, b, **kw: pacbayes_bounds(m, b, **search, **kw),
+        "magnitude": lambda m, b, **kw: magnitude_bounds(m, b, **search, **kw),
+        "worst_case": lambda m, b, **kw: worst_case_sharpness(m, b, depth=3, ascent_steps=2, **kw),
+        "local_flatness": lambda m, b, **kw: local_flatness(m, {"source": b}, [0.05], samples=4, **kw),
+        "sharpness": lambda m, b, **kw: adaptive_sharpness(m, b, AdaptiveSharpnessConfig(rho=0.05, steps=3),
+                                                           **kw).to_dict(),
+        "relative_flatness": lambda m, b, **kw: relative_flatness(m, b, **kw).to_dict(),
+    }
+    for name, call in calls.items():
+        reference = call(_like(Net, trained).eval(), lists["source"])
+        model = _mixed_modes(_like(DictNet, trained))
+        modes = _modes(model)
+        got = call(model, loader, output_fn=lambda out: out["logits"])
+        assert json.dumps(to_jsonable(got), sort_keys=True, default=str) == \
+            json.dumps(to_jsonable(reference), sort_keys=True, default=str), name
+        assert _modes(model) == modes, name
+        assert _same_weights(model, trained["state"]), name
