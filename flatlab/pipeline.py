@@ -425,8 +425,18 @@ def measure_model(model: nn.Module, data: Mapping[str, Sequence[Any]], measures:
                   results: str | os.PathLike[str] | None = None, run_id: str | None = None,
                   provenance: Mapping[str, Any] | None = None, progress: bool = False,
                   domains: Mapping[str, Sequence[Any]] | None = None,
-                  target_domains: Sequence[str] | None = None) -> Measurement:
+                  target_domains: Sequence[str] | None = None,
+                  output_fn: Callable[[Any], torch.Tensor] | None = None) -> Measurement:
     """Measure any model on named lists of ``(x, y)`` batches (``{"source": ..., "target": ...}``).
+
+    The batches may be lists or DataLoaders (read once, moved to the model's device);
+    ``output_fn`` maps the model's output (a dict, a tuple) to the tensor ``loss_fn`` takes, e.g.
+    ``output_fn=lambda out: out["logits"]``; ``loss_fn`` (default cross-entropy) may be any
+    mean-reduction loss, a regression loss too. On a model without accuracy (outputs other than
+    ``(B, C)`` logits with integer targets) the accuracy-based bounds (pacbayes, magnitude,
+    worst_case) are refused with a FlatlabError before anything is computed; the loss-based
+    measures work. The models are measured in eval mode on their own device; every module's
+    train/eval mode is restored on return.
 
     ``initial_model`` (w0) enables the PAC-Bayes "init" bounds; ``train_size`` is m (default:
     the number of samples in ``data["source"]``). Per-domain measures use ``domains`` (name ->
@@ -441,9 +451,12 @@ def measure_model(model: nn.Module, data: Mapping[str, Sequence[Any]], measures:
             raise FlatlabError("results needs a run_id naming the run, e.g. run_id='my-resnet'")
         check_group_name(run_id, "run_id")
         check_results_target(results)
+    from flatlab.outputs import preserved_modes
+
     ctx = ModelContext(model, data, settings=settings, initial_model=initial_model, train_size=train_size,
-                       loss_fn=loss_fn, domains=domains, target_domains=target_domains)
-    return _run(ctx, measures, results, run_id, dict(provenance or {}), progress)
+                       loss_fn=loss_fn, domains=domains, target_domains=target_domains, output_fn=output_fn)
+    with preserved_modes(model, initial_model):  # the context measures them in eval mode
+        return _run(ctx, measures, results, run_id, dict(provenance or {}), progress)
 
 
 def measure_source(source: Any, measures: Sequence[MeasureConfig], *, settings: MeasurementSettings | None = None,

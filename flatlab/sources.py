@@ -443,6 +443,8 @@ class LoadedSource:
     splits: Any = None
     named_batches: dict[str, list[Batch]] | None = None
     loss_fn: Callable[..., torch.Tensor] | None = None
+    #: Maps the model's output to the tensor ``loss_fn`` takes (:mod:`flatlab.outputs`); None: as is.
+    output_fn: Callable[[Any], torch.Tensor] | None = None
 
     @property
     def split_names(self) -> list[str]:
@@ -472,14 +474,16 @@ class LoadedSource:
 
         model = self.model.to(device).eval()
         if self.splits is not None:
-            return SplitsContext(model, self.splits, settings, device, loss_fn=self.loss_fn)
+            return SplitsContext(model, self.splits, settings, device, loss_fn=self.loss_fn,
+                                 output_fn=self.output_fn)
         assert self.named_batches is not None
         s = settings
         data = {name: _to(_subset(b, s.max_samples, s.seed, name, s.batch_size), device)
                 for name, b in self.named_batches.items()}
         # m in the bounds is the size of the whole training set, also when a subset is measured.
         train_size = sum(len(y) for _, y in self.named_batches["source"]) if "source" in self.named_batches else None
-        return ModelContext(model, data, settings=settings, train_size=train_size, loss_fn=self.loss_fn)
+        return ModelContext(model, data, settings=settings, train_size=train_size, loss_fn=self.loss_fn,
+                            output_fn=self.output_fn)
 
 
 @torch.no_grad()
@@ -495,6 +499,7 @@ def evaluate_source(source: LoadedSource, batch_size: int = 512, device: torch.d
     import torch.nn.functional as F
 
     from flatlab.evaluate import check_batch_size, evaluate_models
+    from flatlab.outputs import as_tensor_output, correct_count, is_classification
 
     check_batch_size(batch_size)
     model = source.model.to(device).eval()
@@ -503,13 +508,17 @@ def evaluate_source(source: LoadedSource, batch_size: int = 512, device: torch.d
     loss = source.loss_fn or F.cross_entropy
     out: dict[str, Any] = {}
     for name, batches in (source.named_batches or {}).items():
-        total, correct, count = 0.0, 0, 0
+        total, correct, count, labelled = 0.0, 0, 0, True
         for x, y in _to(batches, torch.device(device)):
-            logits = model(x)
+            logits = as_tensor_output(model(x), source.output_fn)
             total += float(loss(logits, y)) * len(y)  # a mean-reduction loss, weighted by the batch size
-            correct += int((logits.argmax(1) == y).sum())
+            if labelled and is_classification(logits, y):
+                correct += int(correct_count(logits, y))
+            else:
+                labelled = False  # a regressor: accuracy is undefined
             count += len(y)
-        out[f"{name}_acc"], out[f"{name}_loss"] = correct / count, total / count
+        out[f"{name}_acc"] = correct / count if labelled else float("nan")
+        out[f"{name}_loss"] = total / count
     if "target_acc" in out:  # the name the report and evaluate_models give the test domain's accuracy
         out["ood_acc"] = out["target_acc"]
     return out
@@ -564,7 +573,7 @@ def derived_run_id(identity: Mapping[str, Any]) -> str:
 
 
 def load_source(model: ModelSource, data: DataSource, *, seed: int = 0, run_id: str | None = None,
-                loss_fn: str | None = None) -> LoadedSource:
+                loss_fn: str | None = None, output_fn: str | None = None) -> LoadedSource:
     """Build the model, load its weights and data, and name the run.
 
     Args:
@@ -574,6 +583,8 @@ def load_source(model: ModelSource, data: DataSource, *, seed: int = 0, run_id: 
         run_id: the run's name in a results file (default: derived, see the module docstring).
         loss_fn: ``pkg.module:function`` of a mean-reduction loss ``loss(outputs, y)`` (default
             cross-entropy).
+        output_fn: ``pkg.module:function`` mapping the model's output to the tensor the loss
+            takes (e.g. a dict's logits; default: the output as is).
 
     Raises:
         FlatlabError: a bad source, module, function, weights file or data (one line each).
@@ -581,6 +592,7 @@ def load_source(model: ModelSource, data: DataSource, *, seed: int = 0, run_id: 
     if run_id is not None:
         check_run_id(run_id)
     loss = import_callable(loss_fn, "loss_fn") if loss_fn else None
+    outputs = import_callable(output_fn, "output_fn") if output_fn else None
     splits = None
     named: dict[str, list[Batch]] | None = None
     attrs: dict[str, Any] = {"algorithm": USER_ALGORITHM}
@@ -637,14 +649,18 @@ def load_source(model: ModelSource, data: DataSource, *, seed: int = 0, run_id: 
                  weights=str(Path(model.weights).resolve()) if model.weights is not None else None,
                  loss_fn=loss_fn or "cross_entropy", num_params=sum(p.numel() for p in net.parameters()))
     given = run_id is not None
-    run_id = run_id or derived_run_id({**model_identity, **data_identity, "loss_fn": loss_fn})
+    identity = {**model_identity, **data_identity, "loss_fn": loss_fn}
+    if output_fn:  # only when given: the run ids derived before output_fn existed stay the same
+        identity["output_fn"] = output_fn
+        attrs["output_fn"] = output_fn
+    run_id = run_id or derived_run_id(identity)
     attrs.update(run_id_source="given" if given else "derived (model, weights, data, loss)")
     from flatlab.results import versions
 
     attrs["versions"] = versions()
     return LoadedSource(model=net, model_source=model, data_source=data, run_id=run_id,
                         run_attrs={k: v for k, v in attrs.items() if v is not None},
-                        splits=splits, named_batches=named, loss_fn=loss)
+                        splits=splits, named_batches=named, loss_fn=loss, output_fn=outputs)
 
 
 __all__ = [

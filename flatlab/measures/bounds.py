@@ -140,7 +140,7 @@ def compute_pacbayes(ctx: MeasureContext, config: PacBayesConfig) -> MeasureResu
 
     model, initial, m, source = _inputs(ctx)
     values = pacbayes_bounds(model, source, initial, m=m, sigma_max=config.sigma_max, seed=ctx.settings.seed,
-                             **config.noise(), **config.search())
+                             output_fn=ctx.output_fn, **config.noise(), **config.search())
     return _result("pacbayes", config, values, ctx)
 
 
@@ -149,7 +149,7 @@ def compute_magnitude(ctx: MeasureContext, config: MagnitudeConfig) -> MeasureRe
 
     model, initial, m, source = _inputs(ctx)
     values = magnitude_bounds(model, source, initial, m=m, sigma_max=config.sigma_max, seed=ctx.settings.seed,
-                              **config.noise(), **config.search())
+                              output_fn=ctx.output_fn, **config.noise(), **config.search())
     return _result("magnitude", config, values, ctx)
 
 
@@ -157,9 +157,19 @@ def compute_worst_case(ctx: MeasureContext, config: WorstCaseConfig) -> MeasureR
     from flatlab.sharpness import worst_case_sharpness
 
     model, initial, m, source = _inputs(ctx)
-    values = worst_case_sharpness(model, source, initial, m=m, alpha_max=config.sigma_max,
-                                  ascent_steps=config.ascent_steps, keskar_eps=config.keskar_eps, **config.search())
+    # The context's loss (a custom loss_fn) drives the ascent and Keskar's sharpness.
+    values = worst_case_sharpness(model, source, initial, m=m, alpha_max=config.sigma_max, loss_fn=ctx.loss_fn,
+                                  output_fn=ctx.output_fn, ascent_steps=config.ascent_steps,
+                                  keskar_eps=config.keskar_eps, **config.search())
     return _result("worst_case", config, values, ctx)
+
+
+def check_classifier(ctx: MeasureContext, config: MeasureConfig) -> None:
+    """Every bound is defined by a training-accuracy drop: refuse a model without accuracy (a
+    regressor) before any measure is computed."""
+    from flatlab.outputs import require_classifier, with_output_fn
+
+    require_classifier(with_output_fn(ctx.model("effective"), ctx.output_fn), ctx.batches("source"), config.measure)
 
 
 def _reader(group: str, keys: list[tuple[str, str, str | None]]) -> Any:
@@ -189,14 +199,14 @@ MEASURES = [
                                      "(sigma = noise std)", PacBayesConfig, compute_pacbayes, "bounds/pacbayes",
             (Column("pacbayes_inv_sigma_sq", "PAC-Bayes 1/σ²", "", "PAC-Bayes flatness 1/sigma^2"),),
             _reader("bounds/pacbayes", [("pacbayes_inv_sigma_sq", "inv_sigma_sq", "inv_sigma_sq_stderr")]), _noise_cost,
-            request_flag="--pacbayes", in_all=True),
+            request_flag="--pacbayes", in_all=True, check=check_classifier),
     Measure("magnitude", FAMILY.name, "magnitude-aware sigma', its orig/init bounds and inv_sigma_sq",
             MagnitudeConfig, compute_magnitude, "bounds/magnitude",
             (Column("magnitude_inv_sigma_sq", "magnitude-aware 1/σ'²", "",
                     "magnitude-aware PAC-Bayes flatness 1/sigma'^2"),),
             _reader("bounds/magnitude", [("magnitude_inv_sigma_sq", "inv_sigma_sq", "inv_sigma_sq_stderr")]),
             _noise_cost,
-            request_flag="--magnitude", in_all=True),
+            request_flag="--magnitude", in_all=True, check=check_classifier),
     Measure("worst_case", FAMILY.name, "worst-case alpha' (plain and magnitude-aware), bounds, inv_alpha_sq, "
                                        "Keskar's sharpness", WorstCaseConfig, compute_worst_case, "bounds/worst_case",
             (Column("worst_case_inv_alpha_sq", "worst-case 1/α'²", "", "worst-case sharpness 1/alpha'^2"),
@@ -207,7 +217,7 @@ MEASURES = [
                                           ("worst_case_magnitude_inv_alpha_sq", "magnitude_inv_alpha_sq", None),
                                           ("keskar", "keskar", None)]),
             lambda c: Cost(gradient=float((2 * c.bisection_depth + 1) * c.ascent_steps)),
-            request_flag="--worst-case", in_all=True),
+            request_flag="--worst-case", in_all=True, check=check_classifier),
 ]
 
 __all__ = ["FAMILY", "MEASURES", "MagnitudeConfig", "PacBayesConfig", "WorstCaseConfig"]

@@ -14,6 +14,8 @@ Every measure's compute function takes a :class:`MeasureContext`. It hands out
   source domains' in-splits, or held-out splits with ``source_part="out"``, then the target
   domain(s); a user's model: the named splits, or the ``domains`` it was given), each a seeded
   subset of ``max_samples``, and ``target_domains()``: which of those names are targets;
+* ``loss_fn`` and ``output_fn``: the loss on ``output_fn(model(x))`` every measure uses
+  (default cross-entropy on the output as is; :mod:`flatlab.outputs`);
 * ``cache``: objects several measures share (one Hessian operator with its cached graph for
   every curvature measure on the same split, the dense spectrum of ``solver = "dense"``).
 
@@ -35,6 +37,7 @@ from torch import nn
 
 from flatlab.errors import FlatlabError
 from flatlab.measures.base import MeasureConfig, setting
+from flatlab.outputs import OutputFn, check_output_fn, prepare_batches
 
 #: The data splits of a flatlab checkpoint (README, Data splits): the training set, the source domains'
 #: held-out parts, every sample of the test domain(s).
@@ -64,6 +67,8 @@ class MeasureContext:
     """Models, data splits and shared caches for the measures of one run (see module docstring)."""
 
     loss_fn: Callable[..., torch.Tensor] = staticmethod(F.cross_entropy)  # type: ignore[assignment]
+    #: Maps the model's output to the tensor ``loss_fn`` takes (:mod:`flatlab.outputs`); None: as is.
+    output_fn: OutputFn | None = None
 
     def __init__(self, settings: MeasurementSettings, device: torch.device) -> None:
         self.settings = settings
@@ -184,12 +189,13 @@ class SplitsContext(MeasureContext):
     checkpoint trained on those splits gets (:class:`CheckpointContext`), without w0."""
 
     def __init__(self, model: nn.Module, splits: Any, settings: MeasurementSettings, device: torch.device,
-                 loss_fn: Callable[..., torch.Tensor] | None = None) -> None:
+                 loss_fn: Callable[..., torch.Tensor] | None = None, output_fn: OutputFn | None = None) -> None:
         super().__init__(settings, device)
         self._model = model
         self._splits = splits
         if loss_fn is not None:
             self.loss_fn = loss_fn  # type: ignore[assignment]
+        self.output_fn = check_output_fn(output_fn)
 
     @property
     def quantized(self) -> bool:
@@ -227,6 +233,10 @@ class ModelContext(MeasureContext):
     """Any ``nn.Module`` with named lists of ``(x, y)`` batches (e.g. ``{"source": ...,
     "target": ...}``); ``initial_model`` (w0) and ``train_size`` (m) are optional.
 
+    Batches may be lists or any re-iterable of ``(x, y)`` pairs (a ``DataLoader``): each is read
+    once, in order, and its batches moved to the model's device (the model is never moved).
+    ``output_fn`` maps the model's output (a dict, a tuple) to the tensor ``loss_fn`` takes.
+
     Per-domain measures see ``domains`` (name -> batches, e.g. one entry per source domain and
     one for the target) or, when it is not given, the named splits themselves as the domains;
     ``target_domains`` names the targets among them (default: ``"target"`` if present). A user's
@@ -237,7 +247,7 @@ class ModelContext(MeasureContext):
                  settings: MeasurementSettings | None = None, initial_model: nn.Module | None = None,
                  train_size: int | None = None, loss_fn: Callable[..., torch.Tensor] | None = None,
                  latent_model: nn.Module | None = None, domains: Mapping[str, Sequence[Any]] | None = None,
-                 target_domains: Sequence[str] | None = None) -> None:
+                 target_domains: Sequence[str] | None = None, output_fn: OutputFn | None = None) -> None:
         try:
             device = next(model.parameters()).device
         except StopIteration:
@@ -247,10 +257,13 @@ class ModelContext(MeasureContext):
             raise FlatlabError("data must name at least one split, e.g. {'source': batches}")
         self._model = model
         self._latent = latent_model
-        self._data = {str(k): list(v) for k, v in data.items()}
+        # Read once and put on the model's device: a DataLoader becomes a fixed list, a list on
+        # the right device stays the same batches.
+        self._data = {str(k): prepare_batches(v, device, name="data") for k, v in data.items()}
         self._initial = initial_model
         self._train_size = train_size
-        self._domains = None if domains is None else {str(k): list(v) for k, v in domains.items()}
+        self._domains = None if domains is None else {str(k): prepare_batches(v, device, name="domains")
+                                                      for k, v in domains.items()}
         names = self._domains if self._domains is not None else self._data
         if target_domains is None:
             self._targets = ("target",) if "target" in names else ()
@@ -262,6 +275,7 @@ class ModelContext(MeasureContext):
                                    f"({', '.join(names)})")
         if loss_fn is not None:
             self.loss_fn = loss_fn  # type: ignore[assignment]
+        self.output_fn = check_output_fn(output_fn)
 
     @property
     def quantized(self) -> bool:

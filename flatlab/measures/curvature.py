@@ -186,6 +186,7 @@ def operator(ctx: MeasureContext, config: CurvatureConfig) -> Any:
         model = ctx.model(config.wrt)
         ctx.cache[key] = curvature_operator(config.curvature, model, ctx.batches(config.split), ctx.loss_fn,
                                             params=config.params, method=config.hvp, mode=config.mode,
+                                            output_fn=ctx.output_fn,
                                             progress=lambda: ctx.progress() if ctx.progress else None)
     return ctx.cache[key]
 
@@ -203,12 +204,13 @@ def _dense(ctx: MeasureContext, config: CurvatureConfig) -> tuple[Any, int]:
         raise FlatlabError(f"solver dense is limited to {MAX_DENSE_PARAMS} parameters and this model has {op.dim} "
                            "selected: use solver lanczos (dense is the float64 validation mode for small models)")
     if config.curvature == "hessian" and config.mode == "eval":
-        matrix = dense_hessian(ctx.model(config.wrt), ctx.batches(config.split), params=config.params)
+        matrix = dense_hessian(ctx.model(config.wrt), ctx.batches(config.split), ctx.loss_fn, params=config.params,
+                               output_fn=ctx.output_fn)
     else:
         from flatlab.curvature.dense import dense_curvature
 
-        matrix = dense_curvature(config.curvature, ctx.model(config.wrt), ctx.batches(config.split),
-                                 params=config.params)
+        matrix = dense_curvature(config.curvature, ctx.model(config.wrt), ctx.batches(config.split), ctx.loss_fn,
+                                 params=config.params, output_fn=ctx.output_fn)
     ctx.cache[key] = dense_spectrum(matrix)
     return ctx.cache[key], op.dim  # one column per parameter
 

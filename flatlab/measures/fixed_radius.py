@@ -216,7 +216,7 @@ def compute_sharpness(ctx: MeasureContext, config: SharpnessConfig) -> MeasureRe
         name = variant_name(scaling, kind)
         rho = config.rho if scaling == "adaptive" else rho_standard
         result = adaptive_sharpness(model, batches, _library_config(config, scaling, kind, rho, seed),
-                                    loss_fn=ctx.loss_fn)
+                                    loss_fn=ctx.loss_fn, output_fn=ctx.output_fn)
         record = result.to_dict()
         variants[name] = record
         stderr = result.stderr if math.isfinite(result.stderr) else None

@@ -90,7 +90,8 @@ def compute_local_flatness(ctx: MeasureContext, config: LocalFlatnessConfig) -> 
     seed = ctx.settings.seed
     source, target = ctx.batches("source"), ctx.batches("target")
     out = local_flatness(ctx.model("effective"), {"source": source, "target": target}, radii, relative=relative,
-                         samples=config.samples, seed=seed, loss_fn=ctx.loss_fn, antithetic=config.antithetic)
+                         samples=config.samples, seed=seed, loss_fn=ctx.loss_fn, antithetic=config.antithetic,
+                         output_fn=ctx.output_fn)
     splits = out["splits"]
     values: dict[str, Any] = {
         "gammas": out["gammas"], "radii": out["radii"], "relative": out["relative"],

@@ -138,7 +138,8 @@ def compute_per_domain(ctx: MeasureContext, config: PerDomainConfig) -> MeasureR
     progress = ctx.progress
 
     def operator(m: Any, batches: Any) -> Any:
-        return HessianOperator(m, list(batches), ctx.loss_fn, params=config.params, progress=progress)
+        return HessianOperator(m, list(batches), ctx.loss_fn, params=config.params, progress=progress,
+                               output_fn=ctx.output_fn)
 
     seed = ctx.settings.seed
     res = per_domain_curvature(model, domains, loss_fn=ctx.loss_fn, config=config.library_config(seed),

@@ -111,7 +111,7 @@ def compute_relative_flatness(ctx: MeasureContext, config: RelativeFlatnessMeasu
 
     seed = ctx.settings.seed
     result = relative_flatness(ctx.model("effective"), ctx.batches(config.split), config.library_config(seed),
-                               loss_fn=ctx.loss_fn)
+                               loss_fn=ctx.loss_fn, output_fn=ctx.output_fn)
     payload = result.to_dict()
     payload.update(relative_flatness=result.kappa, relative_flatness_stderr=result.stderr, split=config.split,
                    seed=seed, requested_method=config.method)

@@ -124,6 +124,13 @@ from torch import Tensor, nn
 
 from flatlab.curvature.params import select_parameters
 from flatlab.errors import FlatlabError
+from flatlab.outputs import (
+    OutputFn,
+    as_tensor_output,
+    model_device,
+    prepare_batches,
+    with_output_fn,
+)
 from flatlab.sharpness.perturb import Batch, LossFn, noise_seed
 
 SHARPNESS_KINDS = ("worst", "average")
@@ -416,7 +423,7 @@ class _Perturbation:
         total = 0.0
         with torch.no_grad():
             for x, y in subset:
-                total += float(self.loss_fn(self.model(x), y)) * _batch_len(y)
+                total += float(self.loss_fn(as_tensor_output(self.model(x), None), y)) * _batch_len(y)
         self.forward_samples += size
         return total / size
 
@@ -427,7 +434,7 @@ class _Perturbation:
         grads = [torch.zeros_like(p) for p in self.params]
         for x, y in subset:
             with torch.enable_grad():
-                loss = self.loss_fn(self.model(x), y)
+                loss = self.loss_fn(as_tensor_output(self.model(x), None), y)
                 parts = torch.autograd.grad(loss, self.params, allow_unused=True)
             weight = _batch_len(y) / size
             total += float(loss.detach()) * weight
@@ -578,7 +585,8 @@ def _module_modes(model: nn.Module) -> list[tuple[nn.Module, bool]]:
 
 
 def adaptive_sharpness(model: nn.Module, batches: Sequence[Batch], config: AdaptiveSharpnessConfig, *,
-                       loss_fn: LossFn = F.cross_entropy) -> AdaptiveSharpnessResult:
+                       loss_fn: LossFn = F.cross_entropy,
+                       output_fn: OutputFn | None = None) -> AdaptiveSharpnessResult:
     r"""Adaptive or standard sharpness at radius :math:`\rho` (worst or average case, see the
     module docstring) of ``model`` on ``batches``.
 
@@ -587,9 +595,12 @@ def adaptive_sharpness(model: nn.Module, batches: Sequence[Batch], config: Adapt
             parameters and every module's train/eval mode are restored on return, also when an
             error interrupts the computation. Gradients (``.grad``) are not touched.
         batches: ``(x, y)`` batches of the measurement set (e.g. the training set), in the
-            order the m-subsets are cut from.
+            order the m-subsets are cut from: a list or a DataLoader (read once), moved batch by
+            batch to the model's device.
         config: the settings (:class:`AdaptiveSharpnessConfig`).
-        loss_fn: ``loss_fn(outputs, y)`` with mean reduction (default cross-entropy).
+        loss_fn: ``loss_fn(outputs, y)`` with mean reduction (default cross-entropy); only the
+            loss enters, so any model (a regressor too) can be measured.
+        output_fn: maps the model's output to the tensor ``loss_fn`` takes (default: as is).
 
     Returns:
         An :class:`AdaptiveSharpnessResult`.
@@ -599,13 +610,14 @@ def adaptive_sharpness(model: nn.Module, batches: Sequence[Batch], config: Adapt
     """
     if not isinstance(config, AdaptiveSharpnessConfig):
         raise FlatlabError(f"config must be an AdaptiveSharpnessConfig, got {type(config).__name__}")
+    batches = prepare_batches(batches, model_device(model), name="batches")
     subsets, left_out = partition_batches(batches, config.m)
     selected = select_parameters(model, config.params)
     params = [p for _, p in selected]
     scale = [p.detach().abs().clone() for p in params] if config.scaling == "adaptive" else None
     mask = [(c > 0).to(c.dtype) for c in scale] if scale is not None else None
     modes = _module_modes(model)
-    pert = _Perturbation(model, params, scale, loss_fn)
+    pert = _Perturbation(with_output_fn(model, output_fn), params, scale, loss_fn)
     num_used = sum(_batch_len(y) for s in subsets for _, y in s)
     try:
         model.eval()

@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from flatlab.errors import FlatlabError
+from flatlab.outputs import OutputFn, model_device, prepare_batches, with_output_fn
 from flatlab.sharpness.perturb import Batch, LossFn, NoiseBank, check_batches, mean_loss
 
 DEFAULT_RELATIVE_RADII = (0.0, 0.02, 0.04, 0.06, 0.08, 0.1)
@@ -79,18 +80,22 @@ def paired_splits(antithetic: bool | str | Iterable[str], names: Iterable[str]) 
 
 def local_flatness(model: nn.Module, splits: Mapping[str, Sequence[Batch]], radii: Sequence[float], *,
                    relative: bool = True, samples: int = 100, seed: int = 0, loss_fn: LossFn = F.cross_entropy,
-                   antithetic: bool | str | Iterable[str] = "target") -> dict[str, Any]:
+                   antithetic: bool | str | Iterable[str] = "target",
+                   output_fn: OutputFn | None = None) -> dict[str, Any]:
     """F_gamma with Monte Carlo standard errors on each data split, for each radius.
 
     Args:
         model: any model; not modified (perturbed as it is: no BatchNorm folding).
-        splits: name -> batches, e.g. ``{"source": ..., "target": ...}``.
+        splits: name -> batches, e.g. ``{"source": ..., "target": ...}``: lists of (x, y) pairs
+            or DataLoaders (read once), moved batch by batch to the model's device.
         radii: strictly increasing, non-negative; relative to ||w|| if ``relative``.
         relative: radii are fractions of ||w|| (all parameters) rather than absolute norms.
         samples: Monte Carlo evaluations per radius (SWAD: 100); on a paired split rounded up
             to an even number (samples / 2 directions, each used with both signs).
         seed: seeds the directions.
-        loss_fn: mean-reduced loss, default cross-entropy.
+        loss_fn: mean-reduced loss, default cross-entropy; any model and loss (regression too):
+            only the loss enters.
+        output_fn: maps the model's output to the tensor ``loss_fn`` takes (default: as is).
         antithetic: which splits use antithetic pairs (:func:`paired_splits`; default the
             ``target`` split only, see the module docstring for why).
 
@@ -103,9 +108,12 @@ def local_flatness(model: nn.Module, splits: Mapping[str, Sequence[Batch]], radi
     values = check_radii(radii)
     if samples < 2:
         raise FlatlabError(f"local flatness needs at least 2 Monte Carlo samples for a standard error, got {samples}")
+    device = model_device(model)
+    splits = {name: prepare_batches(b, device, name="splits") for name, b in splits.items()}
     paired = paired_splits(antithetic, splits)
     work = copy.deepcopy(model).eval()
     params = [p for p in work.parameters()]
+    work = with_output_fn(work, output_fn)  # perturbed through params, losses through output_fn
     base = [p.detach().clone() for p in params]
     weight_norm = math.sqrt(sum(float(b.double().pow(2).sum()) for b in base))
     gammas = [r * weight_norm for r in values] if relative else values

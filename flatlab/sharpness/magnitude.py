@@ -26,8 +26,9 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from flatlab.outputs import OutputFn, model_device, prepare_batches, with_output_fn
 from flatlab.sharpness.pacbayes import FoldedPair, interval_of, search_inputs
-from flatlab.sharpness.perturb import Batch, check_batches
+from flatlab.sharpness.perturb import Batch, check_batches, num_classes_of
 from flatlab.sharpness.sigma_search import SIGMA_IS_STD_NOTE, sigma_search
 
 MAGNITUDE_EPS = 1e-3
@@ -45,24 +46,29 @@ def magnitude_bounds(model: nn.Module, batches: Sequence[Batch], initial_model: 
                      m: int | None = None, eps: float = MAGNITUDE_EPS, target_drop: float = 0.1,
                      tolerance: float = 0.01, mc_samples: int = 10, depth: int = 15, sigma_max: float = 2.0,
                      seed: int = 0, fold_bn: bool = True, early_stop: bool = True, fixed_draws: bool = False,
-                     max_samples: int = 1000, draw_examples: int = 128) -> dict[str, Any]:
+                     max_samples: int = 1000, draw_examples: int = 128,
+                     output_fn: OutputFn | None = None) -> dict[str, Any]:
     """sigma', the magnitude-aware orig/init bounds and 1/sigma'^2.
 
     Both bounds need w0 (their denominator holds w - w0): without ``initial_model`` they are None
-    and only sigma' and 1/sigma'^2 are reported.
+    and only sigma' and 1/sigma'^2 are reported. ``batches``, ``output_fn`` and the refusal of a
+    model without accuracy: as :func:`~flatlab.sharpness.pacbayes.pacbayes_bounds`.
 
     Returns:
         ``sigma`` (= sigma', relative noise standard deviation) with ``sigma_ci_low`` /
         ``sigma_ci_high``, ``orig``, ``init``, ``inv_sigma_sq`` with its interval and standard
         error, ``epsilon`` and every input (m, omega, norms, target, passes, draws, ...).
     """
+    batches = prepare_batches(batches, model_device(model), name="batches")
+    # Refuse a model without accuracy before the BatchNorm fold: sigma is defined by an accuracy drop.
+    num_classes_of(with_output_fn(model, output_fn), batches, "magnitude")
     pair = FoldedPair(model, initial_model, fold_bn)
     n = check_batches(batches)
     m = int(m if m is not None else n)
     search = sigma_search(pair.model, batches, target_drop=target_drop, tolerance=tolerance,
                           mc_samples=mc_samples, depth=depth, sigma_max=sigma_max, seed=seed,
                           magnitude_eps=eps, early_stop=early_stop, fixed_draws=fixed_draws,
-                          max_samples=max_samples, draw_examples=draw_examples)
+                          max_samples=max_samples, draw_examples=draw_examples, output_fn=output_fn, measure="magnitude")
     sigma = search.radius
     orig = init = None
     if pair.w0 is not None:

@@ -25,8 +25,15 @@ from typing import Any
 
 from torch import nn
 
+from flatlab.outputs import OutputFn, model_device, prepare_batches, with_output_fn
 from flatlab.sharpness.bn_fold import fold_batchnorm
-from flatlab.sharpness.perturb import Batch, aligned_weight_vectors, check_batches, weight_vector
+from flatlab.sharpness.perturb import (
+    Batch,
+    aligned_weight_vectors,
+    check_batches,
+    num_classes_of,
+    weight_vector,
+)
 from flatlab.sharpness.sigma_search import (
     SIGMA_IS_STD_NOTE,
     Z_CONFIDENCE,
@@ -48,8 +55,9 @@ class FoldedPair:
             self.model, self.fold = fold_batchnorm(model)
             self.initial, _ = fold_batchnorm(initial_model) if initial_model is not None else (None, None)
         else:
-            self.model, self.fold = model.eval(), None
-            self.initial = initial_model.eval() if initial_model is not None else None
+            # As given: the searches evaluate eval-mode copies, and the caller's mode stays.
+            self.model, self.fold = model, None
+            self.initial = initial_model
         if self.initial is not None:
             self.w, self.w0 = aligned_weight_vectors(self.model, self.initial)
         else:
@@ -121,17 +129,24 @@ def pacbayes_bounds(model: nn.Module, batches: Sequence[Batch], initial_model: n
                     m: int | None = None, target_drop: float = 0.1, tolerance: float = 0.01, mc_samples: int = 10,
                     depth: int = 15, sigma_max: float = 2.0, seed: int = 0, fold_bn: bool = True,
                     early_stop: bool = True, fixed_draws: bool = False, max_samples: int = 1000,
-                    draw_examples: int = 128) -> dict[str, Any]:
+                    draw_examples: int = 128, output_fn: OutputFn | None = None) -> dict[str, Any]:
     """PAC-Bayes-orig, PAC-Bayes-init and 1/sigma^2 of a classifier on its training data.
 
     Args:
         model: the trained classifier (de-quantized if quantized); not modified.
-        batches: the training set (or a subset of it) on the model's device.
+        batches: the training set (or a subset of it): (x, y) pairs, a list or a DataLoader (read
+            once), moved batch by batch to the model's device.
         initial_model: the same architecture holding w0; without it ``init`` is None.
         m: training-set size in the bound (default: the number of samples in ``batches``).
         target_drop, tolerance, mc_samples, depth, sigma_max, seed, early_stop, fixed_draws,
             max_samples, draw_examples: see :func:`~flatlab.sharpness.sigma_search.sigma_search`.
         fold_bn: fold BatchNorm first (docs/measures.md section 4).
+        output_fn: maps the model's output (a dict, a tuple) to its logits; default: as is.
+
+    Raises:
+        FlatlabError: as ``sigma_search``; a model without accuracy (outputs other than (B, C)
+            logits with integer targets, e.g. a regression model): sigma is defined by an
+            accuracy drop.
 
     Returns:
         ``sigma`` (noise standard deviation) with ``sigma_ci_low`` / ``sigma_ci_high`` (95%),
@@ -141,13 +156,16 @@ def pacbayes_bounds(model: nn.Module, batches: Sequence[Batch], initial_model: n
         converged, ... plus ``sigma_note`` saying that sigma is a standard deviation and
         ``note`` when the cap on draws or the depth stopped the search short.
     """
+    batches = prepare_batches(batches, model_device(model), name="batches")
+    # Refuse a model without accuracy before the BatchNorm fold: sigma is defined by an accuracy drop.
+    num_classes_of(with_output_fn(model, output_fn), batches, "pacbayes")
     pair = FoldedPair(model, initial_model, fold_bn)
     n = check_batches(batches)
     m = int(m if m is not None else n)
     search = sigma_search(pair.model, batches, target_drop=target_drop, tolerance=tolerance,
                           mc_samples=mc_samples, depth=depth, sigma_max=sigma_max, seed=seed,
                           early_stop=early_stop, fixed_draws=fixed_draws, max_samples=max_samples,
-                          draw_examples=draw_examples)
+                          draw_examples=draw_examples, output_fn=output_fn, measure="pacbayes")
     sigma, low, high = search.radius, search.radius_ci_low, search.radius_ci_high
 
     def bound(norm_sq: float | None) -> dict[str, float | None]:

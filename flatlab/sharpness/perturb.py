@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from flatlab.errors import FlatlabError
+from flatlab.outputs import as_tensor_output
 
 Batch = tuple[Tensor, Tensor]
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -114,7 +115,7 @@ def count_correct(model: nn.Module, batches: Iterable[Batch]) -> tuple[int, int]
     """(number of correct argmax predictions, number of samples)."""
     correct, count = 0, 0
     for x, y in batches:
-        correct += int((model(x).argmax(1) == y).sum())
+        correct += int((as_tensor_output(model(x), None).argmax(1) == y).sum())
         count += len(y)
     return correct, count
 
@@ -124,21 +125,19 @@ def mean_loss(model: nn.Module, batches: Sequence[Batch], loss_fn: LossFn) -> fl
     """The sample-weighted mean of ``loss_fn`` (mean reduction) over all batches."""
     total, count = 0.0, 0
     for x, y in batches:
-        total += float(loss_fn(model(x), y)) * len(y)
+        total += float(loss_fn(as_tensor_output(model(x), None), y)) * len(y)
         count += len(y)
     if count == 0:
         raise FlatlabError("no samples to measure on: the batch list is empty")
     return total / count
 
 
-def num_classes_of(model: nn.Module, batches: Sequence[Batch]) -> int:
-    """The number of logits the model produces (the chance level is 1 / this)."""
-    with torch.no_grad():
-        x, _ = batches[0]
-        logits = model(x[:1])
-    if logits.dim() != 2 or logits.shape[1] < 2:
-        raise FlatlabError("accuracy-based sharpness needs a classifier with at least two logits per sample")
-    return int(logits.shape[1])
+def num_classes_of(model: nn.Module, batches: Sequence[Batch], measure: str = "accuracy-based sharpness") -> int:
+    """The number of logits the model produces (the chance level is 1 / this); FlatlabError,
+    naming ``measure``, for a model without accuracy (:func:`flatlab.outputs.require_classifier`)."""
+    from flatlab.outputs import require_classifier
+
+    return require_classifier(model, batches, measure)
 
 
 def check_batches(batches: Sequence[Batch]) -> int:

@@ -96,6 +96,7 @@ from flatlab.curvature.dense import dense_hessian
 from flatlab.curvature.hvp import HessianOperator
 from flatlab.curvature.trace import hutchinson_trace, hutchpp_trace
 from flatlab.errors import FlatlabError
+from flatlab.outputs import OutputFn, model_device, prepare_batches
 from flatlab.sharpness.perturb import Batch, LossFn
 
 RELATIVE_FLATNESS_METHODS = ("auto", "exact", "hutchinson", "hutch++")
@@ -252,14 +253,17 @@ class _ScaledLayerHessian(LinearOperator):
 
 def relative_flatness(model: nn.Module, batches: Sequence[Batch],
                       config: RelativeFlatnessConfig | None = None, *,
-                      loss_fn: LossFn = F.cross_entropy) -> RelativeFlatnessResult:
+                      loss_fn: LossFn = F.cross_entropy,
+                      output_fn: OutputFn | None = None) -> RelativeFlatnessResult:
     r""":math:`\kappa_{\mathrm{Tr}}(W)` of one linear layer on ``batches`` (see the module docstring).
 
     Args:
         model: any ``nn.Module``; evaluated in eval mode, left unchanged.
-        batches: ``(x, y)`` batches of the measurement set (Petzka et al.: the training set).
+        batches: ``(x, y)`` batches of the measurement set (Petzka et al.: the training set): a
+            list or a DataLoader (read once), moved batch by batch to the model's device.
         config: settings (default :class:`RelativeFlatnessConfig()`: last Linear, ``auto``).
-        loss_fn: mean-reduction loss (default cross-entropy).
+        loss_fn: mean-reduction loss (default cross-entropy); any loss (regression too).
+        output_fn: maps the model's output to the tensor ``loss_fn`` takes (default: as is).
 
     Raises:
         FlatlabError: unknown or non-Linear layer, a frozen weight, empty data, or ``exact`` on a
@@ -272,6 +276,7 @@ def relative_flatness(model: nn.Module, batches: Sequence[Batch],
     weight_name = f"{layer}.weight" if layer else "weight"
     if not module.weight.requires_grad:
         raise FlatlabError(f"the weight of layer {layer!r} is frozen (requires_grad is false): nothing to differentiate")
+    batches = prepare_batches(batches, model_device(model), name="batches")
     num_samples = sum(_batch_len(y) for _, y in batches)
     if num_samples == 0:
         raise FlatlabError("no samples to measure on: the batch list is empty")
@@ -289,11 +294,12 @@ def relative_flatness(model: nn.Module, batches: Sequence[Batch],
                                f"weights; layer {layer!r} has {d} x {n} = {size}: use method hutch++ or raise "
                                "exact_max_size")
         # detach: dense_hessian's result can carry the weights' requires_grad through torch.func
-        hessian = dense_hessian(model, batches, loss_fn, params=[weight_name], max_params=size).detach()
+        hessian = dense_hessian(model, batches, loss_fn, params=[weight_name], max_params=size,
+                                output_fn=output_fn).detach()
         kappa = kappa_from_layer_hessian(weight, hessian)
         stderr, products, h_trace = 0.0, size, float(torch.trace(hessian))
     else:
-        op = HessianOperator(model, batches, loss_fn, params=[weight_name])
+        op = HessianOperator(model, batches, loss_fn, params=[weight_name], output_fn=output_fn)
         estimate = (hutchpp_trace if method == "hutch++" else hutchinson_trace)(
             _ScaledLayerHessian(op, gram), num_products=config.num_products, seed=config.seed)
         kappa, stderr, products, h_trace = estimate.trace, estimate.stderr, estimate.products, None

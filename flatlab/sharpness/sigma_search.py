@@ -83,6 +83,7 @@ import torch
 from torch import nn
 
 from flatlab.errors import FlatlabError
+from flatlab.outputs import OutputFn, model_device, prepare_batches, with_output_fn
 from flatlab.sharpness.perturb import (
     Batch,
     NoiseBank,
@@ -917,7 +918,8 @@ def sigma_search(model: nn.Module, batches: Sequence[Batch], *, target_drop: flo
                  mc_samples: int = 10, depth: int = 15, sigma_max: float = 2.0, magnitude_eps: float | None = None,
                  seed: int = 0, early_stop: bool = True, z_score: float = 3.0, initial_sigma: float | None = None,
                  stream: str | None = None, fixed_draws: bool = False, max_samples: int = 1000,
-                 draw_examples: int = 128) -> SearchResult:
+                 draw_examples: int = 128, output_fn: OutputFn | None = None,
+                 measure: str = "the noise search") -> SearchResult:
     """The largest noise standard deviation sigma with mean training-accuracy drop = ``target_drop``,
     with a 95% confidence interval.
 
@@ -942,7 +944,7 @@ def sigma_search(model: nn.Module, batches: Sequence[Batch], *, target_drop: flo
 
     Args:
         model: any classifier (argmax of the logits is the prediction); it is not modified.
-        batches: training data, (x, y) on the model's device.
+        batches: training data, (x, y) pairs: a list or a DataLoader, moved to the model's device.
         target_drop: d in (0, 1).
         tolerance: the band |D(sigma) - d| < tolerance; the adaptive search's standard-error
             target is tolerance / 2.
@@ -962,12 +964,15 @@ def sigma_search(model: nn.Module, batches: Sequence[Batch], *, target_drop: flo
         fixed_draws: the non-adaptive search.
         max_samples: adaptive: the cap on draws per probe.
         draw_examples: adaptive: training examples each draw is evaluated on (0: all).
+        output_fn: maps the model's output to its logits (default: the output as is).
+        measure: names the measure in the refusal of a model without accuracy.
 
     Returns:
         A :class:`SearchResult` whose ``radius`` is sigma (or sigma').
 
     Raises:
-        FlatlabError: target outside (0, 1); accuracy already within the target of chance; bad counts.
+        FlatlabError: target outside (0, 1); accuracy already within the target of chance; bad counts;
+            a model without accuracy (not a classifier).
     """
     check_target_drop(target_drop, tolerance)
     if mc_samples < 1:
@@ -981,10 +986,13 @@ def sigma_search(model: nn.Module, batches: Sequence[Batch], *, target_drop: flo
         raise FlatlabError(f"the examples per noise draw must be 0 (all) or positive, got {draw_examples}")
     if stream is None:
         stream = PLAIN_STREAM if magnitude_eps is None else MAGNITUDE_STREAM
+    batches = prepare_batches(batches, model_device(model), name="batches")
     work = copy.deepcopy(model).eval()
-    n = check_batches(batches)
-    num_classes = num_classes_of(work, batches)
     params = [p for p in work.parameters()]
+    # The noise goes on work's parameters; every accuracy is read through output_fn.
+    work = with_output_fn(work, output_fn)
+    n = check_batches(batches)
+    num_classes = num_classes_of(work, batches, measure)
     base = [p.detach().clone() for p in params]
     if initial_sigma is None and magnitude_eps is None:
         # Plain sigma scales with the weights (a bias-free ReLU net scaled by c has sigma scaled by c),

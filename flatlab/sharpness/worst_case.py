@@ -47,6 +47,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from flatlab.errors import FlatlabError
+from flatlab.outputs import (
+    OutputFn,
+    as_tensor_output,
+    model_device,
+    prepare_batches,
+    with_output_fn,
+)
 from flatlab.sharpness.magnitude import MAGNITUDE_EPS
 from flatlab.sharpness.pacbayes import FoldedPair
 from flatlab.sharpness.perturb import (
@@ -84,7 +91,7 @@ def box_ascent(model: nn.Module, params: Sequence[Tensor], base: Sequence[Tensor
             for p, b, du in zip(params, base, u):
                 p.copy_(b + du)
         x, y = batches[t % len(batches)]
-        loss = loss_fn(model(x), y)
+        loss = loss_fn(as_tensor_output(model(x), None), y)
         grads = torch.autograd.grad(loss, list(params), allow_unused=True)
         with torch.no_grad():
             for du, g, r in zip(u, grads, radius):
@@ -100,8 +107,12 @@ def box_ascent(model: nn.Module, params: Sequence[Tensor], base: Sequence[Tensor
 def worst_case_alpha(model: nn.Module, batches: Sequence[Batch], *, loss_fn: LossFn = F.cross_entropy,
                      magnitude_eps: float | None = None, target_drop: float = 0.1, tolerance: float = 0.01,
                      depth: int = 15, alpha_max: float = 2.0, ascent_steps: int = 20,
-                     early_stop: bool = True) -> SearchResult:
+                     early_stop: bool = True, output_fn: OutputFn | None = None) -> SearchResult:
     """The largest box radius alpha' whose ascent-found worst accuracy drop equals ``target_drop``.
+
+    ``batches`` are (x, y) pairs (a list or a DataLoader, moved to the model's device);
+    ``output_fn`` maps the model's output to its logits. The model must be a classifier
+    (FlatlabError otherwise: alpha' is defined by an accuracy drop).
 
     Returns:
         A :class:`~flatlab.sharpness.sigma_search.SearchResult` with ``radius`` = alpha'.
@@ -110,14 +121,16 @@ def worst_case_alpha(model: nn.Module, batches: Sequence[Batch], *, loss_fn: Los
     check_target_drop(target_drop, tolerance)
     if ascent_steps < 1:
         raise FlatlabError(f"the number of gradient-ascent steps must be at least 1, got {ascent_steps}")
+    batches = prepare_batches(batches, model_device(model), name="batches")
     work = copy.deepcopy(model).eval()
     for p in work.parameters():
         p.requires_grad_(True)
+    params = list(work.parameters())
+    work = with_output_fn(work, output_fn)  # perturbed through params, read through output_fn
     n = check_batches(batches)
-    num_classes = num_classes_of(work, batches)
+    num_classes = num_classes_of(work, batches, "worst_case")
     base_correct, _ = count_correct(work, batches)
     check_room_for_drop(base_correct / n, num_classes, target_drop)
-    params = list(work.parameters())
     base = [p.detach().clone() for p in params]
     ascent_fraction = sum(len(batches[t % len(batches)][1]) for t in range(ascent_steps)) / n
     test = DropTest(work, batches, base_correct, target_drop, tolerance)
@@ -156,17 +169,21 @@ def worst_case_bound(norm_sq: float, alpha: float, omega: int, m: int) -> float:
 
 
 def keskar_sharpness(model: nn.Module, batches: Sequence[Batch], *, loss_fn: LossFn = F.cross_entropy,
-                     eps: float = KESKAR_EPS, ascent_steps: int = 20) -> dict[str, Any]:
+                     eps: float = KESKAR_EPS, ascent_steps: int = 20,
+                     output_fn: OutputFn | None = None) -> dict[str, Any]:
     """Keskar's epsilon-sharpness, 100 max_delta (L(w+delta) - L(w)) / (1 + L(w)), |delta_i| <= eps(|w_i|+1).
 
-    ``model`` is not modified. Returns ``value``, ``epsilon``, ``loss``, ``perturbed_loss``, ``ascent_steps``.
+    ``model`` is not modified; it may be any model (the loss alone enters), its output mapped by
+    ``output_fn``; ``batches`` a list or a DataLoader. Returns ``value``, ``epsilon``, ``loss``, ``perturbed_loss``, ``ascent_steps``.
     """
     if not eps > 0:
         raise FlatlabError(f"Keskar's epsilon must be positive, got {eps}")
+    batches = prepare_batches(batches, model_device(model), name="batches")
     work = copy.deepcopy(model).eval()
     for p in work.parameters():
         p.requires_grad_(True)
     params = list(work.parameters())
+    work = with_output_fn(work, output_fn)
     base = [p.detach().clone() for p in params]
     loss = mean_loss(work, batches, loss_fn)
     radius = [eps * (b.abs() + 1.0) for b in base]
@@ -182,21 +199,30 @@ def worst_case_sharpness(model: nn.Module, batches: Sequence[Batch], initial_mod
                          m: int | None = None, loss_fn: LossFn = F.cross_entropy, target_drop: float = 0.1,
                          tolerance: float = 0.01, depth: int = 15, alpha_max: float = 2.0, ascent_steps: int = 20,
                          magnitude_eps: float = MAGNITUDE_EPS, keskar_eps: float = KESKAR_EPS,
-                         fold_bn: bool = True, early_stop: bool = True) -> dict[str, Any]:
+                         fold_bn: bool = True, early_stop: bool = True,
+                         output_fn: OutputFn | None = None) -> dict[str, Any]:
     """alpha' (plain and magnitude-aware), the worst-case bounds, 1/alpha'^2 and Keskar's sharpness.
+
+    ``batches``: (x, y) pairs, a list or a DataLoader (moved to the model's device); ``output_fn``
+    maps the model's output to its logits. FlatlabError for a model without accuracy (regression):
+    alpha' is defined by an accuracy drop.
 
     Returns:
         ``alpha``, ``orig``, ``init``, ``inv_alpha_sq``, ``magnitude_alpha``,
         ``magnitude_inv_alpha_sq``, ``keskar`` (and its epsilon and losses) and every input.
     """
+    batches = prepare_batches(batches, model_device(model), name="batches")
+    # Refuse a model without accuracy before the BatchNorm fold and the searches.
+    num_classes_of(with_output_fn(model, output_fn), batches, "worst_case")
     pair = FoldedPair(model, initial_model, fold_bn)
     n = check_batches(batches)
     m = int(m if m is not None else n)
-    common = {"loss_fn": loss_fn, "target_drop": target_drop, "tolerance": tolerance, "depth": depth,
+    common = {"loss_fn": loss_fn, "output_fn": output_fn, "target_drop": target_drop, "tolerance": tolerance, "depth": depth,
               "alpha_max": alpha_max, "ascent_steps": ascent_steps, "early_stop": early_stop}
     plain = worst_case_alpha(pair.model, batches, **common)
     mag = worst_case_alpha(pair.model, batches, magnitude_eps=magnitude_eps, **common)
-    keskar = keskar_sharpness(pair.model, batches, loss_fn=loss_fn, eps=keskar_eps, ascent_steps=ascent_steps)
+    keskar = keskar_sharpness(pair.model, batches, loss_fn=loss_fn, eps=keskar_eps, ascent_steps=ascent_steps,
+                              output_fn=output_fn)
     alpha = plain.radius
     return {
         "alpha": alpha,

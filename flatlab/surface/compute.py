@@ -8,12 +8,13 @@ Orientation (docs/measures.md 6): a 2D surface has arrays of shape ``(len(y), le
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from flatlab.outputs import OutputFn
 from flatlab.parallel import fan_out
 from flatlab.surface.evaluate import VALUE_NAMES, PointEvaluator, SurfaceProblem
 from flatlab.surface.journal import PointJournal
@@ -165,12 +166,12 @@ def compute_surface(problem: SurfaceProblem, x: np.ndarray, y: np.ndarray | None
     return surface
 
 
-def surface_of_model(model: Any, source: Sequence, target: Sequence | None = None, *,
+def surface_of_model(model: Any, source: Iterable, target: Iterable | None = None, *,
                      x: np.ndarray | Sequence[float] | None = None,
                      y: np.ndarray | Sequence[float] | None = None, norm: str = "filter",
                      ignore: str = "biasbn", seed: int = 0, loss_fn: Callable | None = None,
-                     device: str = "cpu", workers: int = 1, points_per_pass: int = 1,
-                     label: str | None = None) -> Surface:
+                     device: str | None = None, workers: int = 1, points_per_pass: int = 1,
+                     label: str | None = None, output_fn: OutputFn | None = None) -> Surface:
     """Random-direction surface of any ``nn.Module`` on any batches (the Python entry point).
 
     ``f(a) = L(w + a d1)`` (1D, ``y=None``) or ``f(a, b) = L(w + a d1 + b d2)`` (2D) with seeded
@@ -182,10 +183,23 @@ def surface_of_model(model: Any, source: Sequence, target: Sequence | None = Non
     ``directions_sha256``, the hash of the raw Gaussian draws (the one ``flatlab surface``
     records): two models with the same parameter names and shapes and the same seed share their
     draws, so :func:`flatlab.store.write_result` files them as surfaces on shared directions.
+
+    Any model: ``source`` and ``target`` are ``(x, y)`` batches, lists or DataLoaders (read once);
+    ``output_fn`` maps the model's output (a dict, a tuple) to the tensor ``loss_fn`` takes. On a
+    model without accuracy (a regressor: outputs other than ``(B, C)`` logits with integer
+    targets) the surface holds the loss alone: ``train_acc`` and ``test_acc`` are NaN.
+
+    The evaluation runs on ``device`` (default: the model's own). The user's model keeps its
+    device (on another ``device`` a copy is evaluated), its weights and every module's
+    train/eval mode (it is evaluated in eval mode and set back).
     """
+    import copy
+
+    import torch
     import torch.nn.functional as F
 
     from flatlab.io import array_sha256
+    from flatlab.outputs import check_output_fn, model_device, prepare_batches, preserved_modes
     from flatlab.surface.directions import (
         flatten_direction,
         normalize_direction,
@@ -193,7 +207,16 @@ def surface_of_model(model: Any, source: Sequence, target: Sequence | None = Non
         random_direction,
     )
 
+    check_output_fn(output_fn)
     x = np.linspace(-1.0, 1.0, 51) if x is None else x
+    home = model_device(model)
+    where = home if device is None else torch.device(device)
+    if where.type == home.type and where.index in (None, home.index):
+        where = home  # "cuda" names the model's own cuda:N
+    # Never move the user's model: another device gets a copy (same weights, same names).
+    work = model if where == home else copy.deepcopy(model).to(where)
+    source = prepare_batches(source, where, name="source")
+    target = None if target is None else prepare_batches(target, where, name="target")
     weights = {n: p.detach().cpu() for n, p in parameter_tensors(model).items()}
     ndir = 1 if y is None else 2
     raw = [random_direction(weights, seed, i) for i in range(ndir)]
@@ -201,16 +224,17 @@ def surface_of_model(model: Any, source: Sequence, target: Sequence | None = Non
     draws_sha = array_sha256(np.stack([flatten_direction(r, names) for r in raw]))
     dirs = [normalize_direction(r, weights, norm, ignore) for r in raw]
     del raw  # as large as the model: keep only its hash
-    problem = SurfaceProblem(model=model, source=list(source), target=None if target is None else list(target),
-                             directions=dirs, loss_fn=loss_fn or F.cross_entropy, device=device,
-                             points_per_pass=points_per_pass)
-    return compute_surface(problem, np.asarray(x, dtype=np.float64),
-                           None if y is None else np.asarray(y, dtype=np.float64), workers=workers,
-                           settings={"kind": f"random{ndir}d-{norm}", "dims": ndir, "directions": "random",
-                                     "norm": norm, "ignore": ignore, "seed": seed,
-                                     "loss": getattr(loss_fn, "__name__", "custom") if loss_fn else "cross_entropy",
-                                     "device": str(device).split(":")[0], "directions_sha256": draws_sha,
-                                     "train_size": sum(len(b[1]) for b in problem.source),
-                                     "test_size": None if problem.target is None else
-                                     sum(len(b[1]) for b in problem.target)},
-                           label=label)
+    problem = SurfaceProblem(model=work, source=source, target=target, directions=dirs,
+                             loss_fn=loss_fn or F.cross_entropy, device=str(where),
+                             points_per_pass=points_per_pass, output_fn=output_fn)
+    with preserved_modes(model):  # the evaluator puts the model in eval mode
+        return compute_surface(problem, np.asarray(x, dtype=np.float64),
+                               None if y is None else np.asarray(y, dtype=np.float64), workers=workers,
+                               settings={"kind": f"random{ndir}d-{norm}", "dims": ndir, "directions": "random",
+                                         "norm": norm, "ignore": ignore, "seed": seed,
+                                         "loss": getattr(loss_fn, "__name__", "custom") if loss_fn else "cross_entropy",
+                                         "device": where.type, "directions_sha256": draws_sha,
+                                         "train_size": sum(len(b[1]) for b in problem.source),
+                                         "test_size": None if problem.target is None else
+                                         sum(len(b[1]) for b in problem.target)},
+                               label=label)

@@ -13,7 +13,10 @@ slower per point than plain ones, so the default is 1 (see ``benchmarks/bench_su
 
 Per point and split the evaluator returns the mean loss ``sum_B loss_fn(f(x_B), y_B) |B| / N``
 (``loss_fn`` reduces by the mean, so batches are weighted by their size) and the accuracy
-``#{argmax f(x) = y} / N``.
+``#{argmax f(x) = y} / N``, with ``f(x)`` the model's output after ``output_fn``. Accuracy is
+defined for a classifier only (outputs ``(B, C)``, ``C >= 2``, integer targets:
+:func:`flatlab.outputs.is_classification`); for any other model (a regressor) the accuracies
+are NaN and the surface holds the loss alone.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from flatlab.errors import FlatlabError
+from flatlab.outputs import OutputFn, as_tensor_output, correct_count, is_classification
 from flatlab.surface.directions import Direction
 
 Batches = list[tuple[Tensor, Tensor]]
@@ -48,6 +52,8 @@ class SurfaceProblem:
             floating-point buffers of ``model`` (interpolation moves BatchNorm statistics too).
         base: the origin ``w`` per perturbed tensor (default: the model's current values).
         loss_fn: ``loss_fn(logits, y)`` with mean reduction.
+        output_fn: maps the model's output to the tensor ``loss_fn`` takes (None: as is); a
+            lambda cannot go to worker processes (pickling): use a module-level function there.
         device: where the evaluation runs.
         points_per_pass: grid points per forward pass (``vmap``); 1 = plain forward passes.
     """
@@ -61,6 +67,7 @@ class SurfaceProblem:
     device: str = "cpu"
     points_per_pass: int = 1
     extra: dict = field(default_factory=dict)
+    output_fn: OutputFn | None = None
 
     def __post_init__(self) -> None:
         if not 1 <= len(self.directions) <= 2:
@@ -109,6 +116,7 @@ class PointEvaluator:
         self.source = [(x.to(device), y.to(device)) for x, y in problem.source]
         self.target = None if problem.target is None else [(x.to(device), y.to(device)) for x, y in problem.target]
         self.loss_fn = problem.loss_fn
+        self.output_fn = problem.output_fn
         self.points_per_pass = problem.points_per_pass
 
     def __enter__(self) -> PointEvaluator:
@@ -138,12 +146,16 @@ class PointEvaluator:
         loss_sum = torch.zeros((), dtype=torch.float64, device=batches[0][0].device)
         correct = torch.zeros((), dtype=torch.int64, device=batches[0][0].device)
         count = 0
+        labelled = True  # accuracy is defined (a classifier) on every batch
         for x, y in batches:
-            logits = self.model(x)
+            logits = as_tensor_output(self.model(x), self.output_fn)
             loss_sum += self.loss_fn(logits, y).double() * len(y)
-            correct += (logits.argmax(1) == y).sum()
+            if labelled and is_classification(logits, y):
+                correct += correct_count(logits, y)
+            else:
+                labelled = False
             count += len(y)
-        return float(loss_sum) / count, int(correct) / count
+        return float(loss_sum) / count, int(correct) / count if labelled else float("nan")
 
     def evaluate(self, coords: Sequence[float]) -> tuple[float, float, float, float]:
         """(train_loss, train_acc, test_loss, test_acc) at one point."""
@@ -177,11 +189,17 @@ class PointEvaluator:
                 c = coords[:, j].to(base.dtype).reshape((-1,) + (1,) * base.dim())
                 w += c * d[n].unsqueeze(0)
             stacked[n] = w
-        model, loss_fn = self.model, self.loss_fn
+        model, loss_fn, output_fn = self.model, self.loss_fn, self.output_fn
+        labelled = {"all": True}  # set while tracing: shapes and dtypes are known there
 
         def one(params: dict[str, Tensor], x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-            logits = functional_call(model, params, (x,))
-            return loss_fn(logits, y).double() * len(y), (logits.argmax(1) == y).sum()
+            logits = as_tensor_output(functional_call(model, params, (x,)), output_fn)
+            if is_classification(logits, y):
+                hits = correct_count(logits, y)
+            else:
+                labelled["all"] = False
+                hits = torch.zeros((), dtype=torch.int64, device=logits.device)
+            return loss_fn(logits, y).double() * len(y), hits
 
         batched = vmap(one, in_dims=(0, None, None))
 
@@ -189,6 +207,7 @@ class PointEvaluator:
             if not batches:
                 nan = [float("nan")] * len(points)
                 return nan, nan
+            labelled["all"] = True
             loss_sum = torch.zeros(len(points), dtype=torch.float64, device=device)
             correct = torch.zeros(len(points), dtype=torch.int64, device=device)
             count = 0
@@ -197,7 +216,8 @@ class PointEvaluator:
                 loss_sum += ls
                 correct += cs
                 count += len(y)
-            return (loss_sum / count).tolist(), (correct.double() / count).tolist()
+            acc = (correct.double() / count).tolist() if labelled["all"] else [float("nan")] * len(points)
+            return (loss_sum / count).tolist(), acc
 
         tl, ta = run(self.source)
         vl, va = run(self.target)
