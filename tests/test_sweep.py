@@ -171,7 +171,7 @@ def test_shipped_study_dry_run(relpath, tmp_path, capsys, monkeypatch):
         assert payload["estimated_seconds"] > 0
     if Path(relpath).name == "qgen.toml" and "pacs" not in relpath:
         assert [v.label for v in study.variants] == ["fp", "qat8", "qat4", "qat2"]
-        assert len(study.seeds) == 3 and len(study.test_envs) >= 2
+        assert len(study.seeds) >= 10 and len(study.test_envs) >= 2
     if Path(relpath).name == "qtdog_bits.toml" and "pacs" not in relpath:
         assert len(study.test_envs) == 6
     assert not (tmp_path / "o").exists()
