@@ -42,6 +42,7 @@ class DemoSettings:
     ensemble_seeds: tuple[int, ...]
     workers: int
     top_k: int
+    rtol: float | None
     trace_products: int
     density_steps: int
     max_samples: int
@@ -53,12 +54,12 @@ class DemoSettings:
     grid_line: str
 
 
-FULL = DemoSettings(width=8, steps=600, eval_every=100, lr=3e-3, quant_start=200, seeds=tuple(range(8)),
-                    ensemble_seeds=(0, 1, 2), workers=2, top_k=3, trace_products=30, density_steps=30,
+FULL = DemoSettings(width=8, steps=600, eval_every=300, lr=3e-3, quant_start=200, seeds=tuple(range(8)),
+                    ensemble_seeds=(0, 1, 2), workers=2, top_k=3, rtol=1e-2, trace_products=20, density_steps=20,
                     max_samples=600, gammas_rel=(0.02, 0.05, 0.1), flatness_samples=10, mc_samples=4,
                     fixed_draws=False, grid_2d="-1:1:21", grid_line="-0.5:1.5:41")
 QUICK = DemoSettings(width=4, steps=120, eval_every=40, lr=3e-3, quant_start=40, seeds=(0, 1, 2),
-                     ensemble_seeds=(0, 1, 2), workers=1, top_k=2, trace_products=9, density_steps=10,
+                     ensemble_seeds=(0, 1, 2), workers=1, top_k=2, rtol=None, trace_products=9, density_steps=10,
                      max_samples=200, gammas_rel=(0.02, 0.05, 0.1), flatness_samples=4, mc_samples=2,
                      fixed_draws=True, grid_2d="-1:1:5", grid_line="-0.5:1.5:5")
 
@@ -116,6 +117,7 @@ device = "cpu"
 
 [measure.curvature]
 top_k = {s.top_k}
+{"" if s.rtol is None else f"rtol = {s.rtol}"}
 trace = true
 trace_products = {s.trace_products}
 density = true

@@ -183,7 +183,10 @@ def fan_out(setup: Callable[[Any], Any], setup_arg: Any, work: Callable[[Any, An
         finished = True
     finally:
         if finished:
-            pool.shutdown(wait=True)
+            # Every task is done and returned: the idle workers exit on their own. Waiting for
+            # them here cost a sweep up to half a minute (large worker heaps torn down at exit)
+            # before its next phase; the interpreter still joins them before it exits.
+            pool.shutdown(wait=False)
         else:
             # Interrupted, a task failed, or the consumer stopped early: do not wait for the
             # running tasks (a surface chunk or a sweep job can take minutes).
