@@ -43,7 +43,7 @@ def test_the_readme_has_a_verdict_table_per_shipped_study() -> None:
     assert sorted({r for r, _, _ in TABLES}) == shipped
     for results, claims, _ in TABLES:
         assert (REPO / claims).is_file(), claims
-        assert (REPO / results).stat().st_size < 5 * 2**20, f"{results}: keep shipped results small"
+        assert (REPO / results).stat().st_size < 8 * 2**20, f"{results}: keep shipped results small"
 
 
 @pytest.mark.parametrize(("results", "claims", "rows"), TABLES, ids=[Path(r).stem + "-" + Path(c).stem

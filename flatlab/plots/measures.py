@@ -262,7 +262,12 @@ def bits_sweep(groups: Sequence[dict[str, Any]], columns: Sequence[str], labels:
         handles, labels_ = axes[0].get_legend_handles_labels()
         if handles:
             fig.legend(handles, labels_, loc="outside lower center", ncol=min(5, len(handles)))
-        fig.suptitle(title or "bit width: mean over seeds, 95% bootstrap CI")
+        text = title or "bit width: mean over seeds, 95% bootstrap CI"
+        if n == 1 and len(text) > 40:  # one narrow panel: wrap the title instead of clipping it
+            import textwrap
+
+            text = "\n".join(textwrap.wrap(text, 40))
+        fig.suptitle(text)
     return fig
 
 
