@@ -139,27 +139,12 @@ class MeasureContext:
         raise NotImplementedError
 
 
-class CheckpointContext(MeasureContext):
-    """A flatlab checkpoint: models rebuilt from it, its exact data splits."""
+class _OnDomainSplits(MeasureContext):
+    """The batches of a registered data set's splits (``self._splits``, a
+    :class:`~flatlab.data.DomainSplits`): ``source``/``source-out``/``target`` with their seeded
+    subsets, and every domain alone, shared by checkpoints and user models on those splits."""
 
-    def __init__(self, checkpoint: Any, settings: MeasurementSettings, device: torch.device,
-                 data_dir: str | None = None) -> None:
-        super().__init__(settings, device)
-        self.checkpoint = checkpoint
-        self._splits = checkpoint.splits(data_dir)
-
-    @property
-    def quantized(self) -> bool:
-        return bool(self.checkpoint.is_quantized)
-
-    def _build_model(self, view: str) -> nn.Module:
-        # Seeded as `flatlab sharpness` always was: building a model draws an initialisation
-        # from the global generator before the weights are loaded.
-        torch.manual_seed(self.settings.seed)
-        return self.checkpoint.build_model(self.device, effective=view == "effective")
-
-    def _build_initial_model(self) -> nn.Module | None:
-        return self.checkpoint.build_initial_model(self.device)
+    _splits: Any
 
     def _build_batches(self, split: str) -> list[Any]:
         if split not in SPLITS:
@@ -183,7 +168,30 @@ class CheckpointContext(MeasureContext):
         return tuple(str(names[e]) for e in self._splits.test_envs)
 
 
-class SplitsContext(MeasureContext):
+class CheckpointContext(_OnDomainSplits):
+    """A flatlab checkpoint: models rebuilt from it, its exact data splits."""
+
+    def __init__(self, checkpoint: Any, settings: MeasurementSettings, device: torch.device,
+                 data_dir: str | None = None) -> None:
+        super().__init__(settings, device)
+        self.checkpoint = checkpoint
+        self._splits = checkpoint.splits(data_dir)
+
+    @property
+    def quantized(self) -> bool:
+        return bool(self.checkpoint.is_quantized)
+
+    def _build_model(self, view: str) -> nn.Module:
+        # Seeded as `flatlab sharpness` always was: building a model draws an initialisation
+        # from the global generator before the weights are loaded.
+        torch.manual_seed(self.settings.seed)
+        return self.checkpoint.build_model(self.device, effective=view == "effective")
+
+    def _build_initial_model(self) -> nn.Module | None:
+        return self.checkpoint.build_initial_model(self.device)
+
+
+class SplitsContext(_OnDomainSplits):
     """A user's model on a registered data set's splits (:class:`~flatlab.data.DomainSplits`):
     the same ``source``/``source-out``/``target`` batches, subsets and per-domain batches as a
     checkpoint trained on those splits gets (:class:`CheckpointContext`), without w0."""
@@ -206,27 +214,6 @@ class SplitsContext(MeasureContext):
 
     def _build_initial_model(self) -> nn.Module | None:
         return None  # a user's model has no recorded step-0 weights
-
-    def _build_batches(self, split: str) -> list[Any]:
-        if split not in SPLITS:
-            raise FlatlabError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
-        s = self.settings
-        return self._splits.split_batches(split, s.batch_size, s.max_samples, s.seed, self.device)
-
-    def split_size(self, split: str) -> int:
-        return int(self._splits.split_size(split))
-
-    def _build_domain_batches(self, source_part: str, max_samples: int | None) -> dict[str, list[Any]]:
-        from flatlab.curvature.per_domain import domain_batches
-
-        s = self.settings
-        return domain_batches(self._splits, batch_size=s.batch_size, source_part=source_part, include_target=True,
-                              max_samples=s.max_samples if max_samples is None else max_samples, seed=s.seed,
-                              device=self.device)
-
-    def target_domains(self) -> tuple[str, ...]:
-        names = self._splits.dataset.domains
-        return tuple(str(names[e]) for e in self._splits.test_envs)
 
 
 class ModelContext(MeasureContext):
