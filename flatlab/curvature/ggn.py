@@ -178,21 +178,7 @@ class GGNOperator(CurvatureOperator):
                 a.add_(g, alpha=weight)
 
     def _build_cache(self) -> bool:
-        saved = 0
-
-        def pack(t: torch.Tensor) -> torch.Tensor:
-            nonlocal saved
-            saved += t.numel() * t.element_size()
-            return t
-
-        cache = []
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            for x, y, weight in self.batches():
-                cache.append((self._batch_graphs(x, y), weight))
-                if saved > self.cache_bytes:
-                    return False
-        self._stamp_cache(cache)
-        return True
+        return self._build_cache_of(self._batch_graphs)
 
     def _product(self, pieces: list[torch.Tensor], out: torch.Tensor | None) -> torch.Tensor:
         if self.method == "double-vjp" and self._cache_usable():

@@ -90,24 +90,14 @@ class HessianOperator(CurvatureOperator):
 
     def _build_cache(self) -> bool:
         """Build every batch's gradient graph, measuring its saved tensors; give up above budget."""
-        saved = 0
+        return self._build_cache_of(self._gradient_graph)
 
-        def pack(t: torch.Tensor) -> torch.Tensor:
-            nonlocal saved
-            saved += t.numel() * t.element_size()
-            return t
-
-        cache = []
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            for x, y, weight in self.batches():
-                with torch.enable_grad():
-                    loss = self.loss_value(self.outputs(x), y)
-                    grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
-                cache.append((tuple(g if g is not None and g.requires_grad else None for g in grads), weight))
-                if saved > self.cache_bytes:
-                    return False
-        self._stamp_cache(cache)
-        return True
+    def _gradient_graph(self, x: Any, y: Any) -> tuple[torch.Tensor | None, ...]:
+        """The batch's loss gradient with its graph kept (None for parameters it does not reach)."""
+        with torch.enable_grad():
+            loss = self.loss_value(self.outputs(x), y)
+            grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
+        return tuple(g if g is not None and g.requires_grad else None for g in grads)
 
     def _cached_product(self, pieces: list[torch.Tensor], out: torch.Tensor | None) -> torch.Tensor | None:
         if not self._cache_usable():

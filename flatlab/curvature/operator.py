@@ -443,6 +443,25 @@ class CurvatureOperator(LinearOperator):
         self._cache = cache
         self._cache_versions = [p._version for p in self.params]
 
+    def _build_cache_of(self, graphs_of: Callable[[Any, Any], Any]) -> bool:
+        """Cache ``graphs_of(x, y)`` (a batch's differentiable graph) for every batch, counting the
+        bytes autograd saves for them; give up, caching nothing, once they exceed ``cache_bytes``."""
+        saved = 0
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            nonlocal saved
+            saved += t.numel() * t.element_size()
+            return t
+
+        cache = []
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            for x, y, weight in self.batches():
+                cache.append((graphs_of(x, y), weight))
+                if saved > self.cache_bytes:
+                    return False
+        self._stamp_cache(cache)
+        return True
+
     # -- products --------------------------------------------------------------------------------
     def product(self, v: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """:math:`A v` for a flat torch vector ``v`` (converted to the parameters' dtype and device).
