@@ -324,7 +324,8 @@ def test_setting_names_repeat_across_families_but_values_stay_apart():
 def test_check_registry_refuses_a_flag_used_by_two_families(monkeypatch):
     from flatlab.errors import FlatlabError
     from flatlab.measures import registry
-    from flatlab.measures.base import Family, MeasureConfig, setting
+    from flatlab.measures.base import Family
+    from flatlab.measures.config import MeasureConfig, setting
 
     @dataclasses.dataclass(frozen=True, kw_only=True)
     class Clash(MeasureConfig):

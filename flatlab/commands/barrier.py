@@ -1,28 +1,22 @@
-"""``flatlab barrier``: loss and error barriers on the line between two checkpoints."""
+"""``flatlab barrier``: loss and error barriers on the line between two checkpoints (linear mode
+connectivity).
+
+B = max over alpha of L((1-a) w1 + a w2) - [(1-a) L(w1) + a L(w2)] on a grid of alpha in [0, 1]
+(Frankle et al. 2020), on CKPT1's source and target splits, with the paired standard error of the
+per-sample gaps; the same on the error (1 - accuracy). Quantized checkpoints enter with their
+de-quantized weights. With --results the line is stored under CKPT1's run
+(/runs/<id>/barriers/<name>) and a rerun with the same settings reads it back.
+"""
 
 from __future__ import annotations
 
 import argparse
 
-from flatlab.commands.common import (
-    add_data_dir_option,
-    add_device_option,
-    add_output_options,
-    command_line,
-    emit,
-    fmt,
-    table,
-)
+from flatlab.commands import common
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "barrier", help="loss and error barriers on the line between two checkpoints (linear mode connectivity)",
-        description="B = max over alpha of L((1-a) w1 + a w2) - [(1-a) L(w1) + a L(w2)] on a grid of alpha in "
-                    "[0, 1] (Frankle et al. 2020), on CKPT1's source and target splits, with the paired standard "
-                    "error of the per-sample gaps; the same on the error (1 - accuracy). Quantized checkpoints "
-                    "enter with their de-quantized weights. With --results the line is stored under CKPT1's run "
-                    "(/runs/<id>/barriers/<name>) and a rerun with the same settings reads it back.")
+    p = common.add_command(sub, __doc__)
     p.add_argument("checkpoint1", help="model 1 (alpha = 0): model.pt or a run folder")
     p.add_argument("checkpoint2", help="model 2 (alpha = 1): model.pt or a run folder")
     p.add_argument("--bn", default="interpolate", choices=["interpolate", "reestimate"],
@@ -39,9 +33,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--results", default=None, metavar="RESULTS.h5",
                    help="store the line in this results file under CKPT1's run, and reuse it on a rerun")
     p.add_argument("--name", default=None, help="the barrier's name in --results (default vs-<CKPT2's run id>)")
-    add_data_dir_option(p)
-    add_device_option(p, default="cpu")
-    add_output_options(p)
+    common.add_data_dir_option(p)
+    common.add_device_option(p, default="cpu")
+    common.add_output_options(p)
     p.set_defaults(func=run)
 
 
@@ -57,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
                          bn_batches=args.bn_batches, device=args.device, results=args.results, name=args.name,
                          data_dir=args.data_dir)
     try:
-        outcome = run_barrier(req, provenance={"command_line": command_line()})
+        outcome = run_barrier(req, provenance={"command_line": common.command_line()})
     except FlatlabError as exc:
         # the library names settings by their field names; here they are flags
         text = str(exc)
@@ -80,10 +74,10 @@ def run(args: argparse.Namespace) -> int:
     for split in settings.get("splits", []):
         e = summary[split]
         ends = e.get("endpoint_losses") or [None, None]
-        rows.append([split, f"{fmt(e['loss_barrier'])} +- {fmt(e['loss_barrier_stderr'], 2)}",
-                     e["loss_barrier_alpha"], f"{fmt(e['error_barrier'])} +- {fmt(e['error_barrier_stderr'], 2)}",
+        rows.append([split, f"{common.fmt(e['loss_barrier'])} +- {common.fmt(e['loss_barrier_stderr'], 2)}",
+                     e["loss_barrier_alpha"], f"{common.fmt(e['error_barrier'])} +- {common.fmt(e['error_barrier_stderr'], 2)}",
                      ends[0], ends[1], e["num_samples"]])
-    lines += ["", table(rows, ["split", "loss barrier (+- se)", "at alpha", "error barrier (+- se)", "L(model 1)",
+    lines += ["", common.table(rows, ["split", "loss barrier (+- se)", "at alpha", "error barrier (+- se)", "L(model 1)",
                                "L(model 2)", "samples"])]
     if outcome.path is not None:
         lines.append("")
@@ -91,5 +85,5 @@ def run(args: argparse.Namespace) -> int:
                      f"{outcome.run_id})" + (": same settings, nothing recomputed" if outcome.reused else ""))
     for note in outcome.notes:
         lines.append(f"note: {note}")
-    emit(args, summary, "\n".join(lines))
+    common.emit(args, summary, "\n".join(lines))
     return 0

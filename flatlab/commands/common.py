@@ -8,11 +8,45 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from typing import Any
 
 from flatlab.io import dumps_json
 from flatlab.text import fmt, table  # noqa: F401  (the commands print with these)
+
+
+def add_command(sub: argparse._SubParsersAction, doc: str | None) -> argparse.ArgumentParser:
+    """A sub-command's parser, declared by its module docstring.
+
+    The docstring's first paragraph is ````flatlab NAME``: one-line help.``; the paragraphs after
+    it are the ``--help`` description (argparse rewraps them). One text serves the reader of the
+    code and the user of the command, so the two cannot drift apart.
+    """
+    paragraphs = [" ".join(p.split()) for p in (doc or "").strip().split("\n\n")]
+    m = re.fullmatch(r"``flatlab ([a-z-]+)``: (.+?)\.?", paragraphs[0])
+    if m is None:
+        raise ValueError(f"a command's docstring starts with ``flatlab NAME``: help, got {paragraphs[0]!r}")
+    return sub.add_parser(m.group(1), help=m.group(2), description=" ".join(paragraphs[1:]) or m.group(2))
+
+
+def add_results_inputs(parser: argparse.ArgumentParser, *, inputs: str, use: str, claims: str) -> None:
+    """The inputs of the commands that read results (``report``, ``figures``): the RESULTS
+    files and which of their measure columns, local-flatness radii and claims to take up.
+
+    ``inputs`` says what RESULTS may be, ``use`` what the columns are for (``show``), ``claims``
+    what a claims file adds.
+    """
+    parser.add_argument("results", nargs="+", metavar="RESULTS", help=inputs)
+    parser.add_argument("--measures", default=None, metavar="LIST",
+                        help=f"comma-separated measure columns to {use} (default: every measure present), e.g. "
+                             "top_eigenvalue,trace,pacbayes_inv_sigma_sq,local_flatness_target@0.1rel")
+    parser.add_argument("--radii", default=None, metavar="LIST",
+                        help=f"local-flatness radii to {use}, as stored (relative or absolute); default: the "
+                             "largest radius every measured run shares")
+    parser.add_argument("--claims", action="append", default=[], metavar="FILE",
+                        help=f"a claims file (TOML, docs/claims.md): {claims}; repeat for several files "
+                             "(each file is its own Holm family)")
 
 
 def add_output_options(parser: argparse.ArgumentParser) -> None:

@@ -1,23 +1,24 @@
-"""``flatlab export``: write a quantized checkpoint as packed b-bit integer codes plus scales."""
+"""``flatlab export``: pack a quantized checkpoint's weights into b-bit integers.
+
+Write the integer weight codes of a QAT checkpoint packed at b bits, plus the scales and every other
+tensor in full precision. The file loads with torch.load(weights_only=True), and `flatlab evaluate
+FILE` gives exactly the checkpoint's logits.
+"""
 
 from __future__ import annotations
 
 import argparse
 
-from flatlab.commands.common import add_output_options, emit, table
+from flatlab.commands import common
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("export", help="pack a quantized checkpoint's weights into b-bit integers",
-                       description="Write the integer weight codes of a QAT checkpoint packed at b bits, "
-                                   "plus the scales and every other tensor in full precision. The file "
-                                   "loads with torch.load(weights_only=True), and `flatlab evaluate FILE` "
-                                   "gives exactly the checkpoint's logits.")
+    p = common.add_command(sub, __doc__)
     p.add_argument("checkpoint", help="a quantized model.pt (or its run folder)")
     p.add_argument("--out", required=True, metavar="FILE", help="packed file to write (atomically)")
     p.add_argument("--with-init", action="store_true",
                    help="also store the initial FP weights w0 (needed by measures of distance from init)")
-    add_output_options(p)
+    common.add_output_options(p)
     p.set_defaults(func=run)
 
 
@@ -30,5 +31,5 @@ def run(args: argparse.Namespace) -> int:
             ["packed bytes (tensors)", report["packed_bytes"]], ["FP32 bytes", report["fp32_bytes"]],
             ["size ratio", report["size_ratio"]], ["expected ratio", report["expected_size_ratio"]],
             ["identical weights on reload", report["verified"]]]
-    emit(args, report, table(rows))
+    common.emit(args, report, common.table(rows))
     return 0

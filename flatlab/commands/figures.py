@@ -1,4 +1,14 @@
-"""``flatlab figures``: the paper's figures from results files (reads results, never recomputes)."""
+"""``flatlab figures``: figures from results files: surfaces, spectra, local flatness, measures vs OOD
+accuracy.
+
+Writes whatever the inputs hold: 1D loss curves (source and target; FP and quantized on one axis;
+accuracy on a twin axis), 2D contours with log-spaced levels, 3D surfaces (static, interactive
+offline HTML, VTK .vtp for ParaView), Hessian spectral densities (log scale), local flatness F_gamma
+vs gamma per algorithm, each measure vs OOD accuracy with its rank correlation (95% CIs) and per-run
+estimation error bars, bit width vs OOD accuracy and vs sharpness with 95% bootstrap CIs over seeds,
+and with --claims a forest plot of the claims' verdicts. Reads results only; no measurement is
+recomputed.
+"""
 
 from __future__ import annotations
 
@@ -6,31 +16,18 @@ import argparse
 import sys
 from pathlib import Path
 
-from flatlab.commands.common import add_output_options, emit
+from flatlab.commands import common
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "figures", help="figures from results files: surfaces, spectra, local flatness, measures vs OOD accuracy",
-        description="Writes whatever the inputs hold: 1D loss curves (source and target; FP and quantized on "
-                    "one axis; accuracy on a twin axis), 2D contours with log-spaced levels, 3D surfaces "
-                    "(static, interactive offline HTML, VTK .vtp for ParaView), Hessian spectral densities "
-                    "(log scale), local flatness F_gamma vs gamma per algorithm, each measure vs OOD accuracy "
-                    "with its rank correlation (95% CIs) and per-run estimation error bars, bit width vs OOD "
-                    "accuracy and vs sharpness with 95% bootstrap CIs over seeds, and with --claims a forest plot "
-                    "of the claims' verdicts. Reads results only; no measurement is recomputed.")
-    p.add_argument("results", nargs="+", metavar="RESULTS",
-                   help="results file(s) (.h5) or stand-alone surface files (several: drawn together)")
+    p = common.add_command(sub, __doc__)
+    common.add_results_inputs(p, inputs="results file(s) (.h5) or stand-alone surface files (several: drawn together)",
+                              use="plot against OOD accuracy",
+                              claims="also draw its forest plot (effect and CI per claim, coloured by verdict)")
     p.add_argument("--out", default=None, metavar="DIR",
                    help="output folder (default: <first input's folder>/<its name>_figures)")
     p.add_argument("--format", default="pdf,png,html,vtp", metavar="LIST",
                    help="comma-separated subset of pdf,png,svg,html,vtp (default pdf,png,html,vtp)")
-    p.add_argument("--measures", default=None, metavar="LIST",
-                   help="measures to plot against OOD accuracy (default: every measure present)")
-    p.add_argument("--radii", default=None, metavar="LIST", help="local-flatness radii for the measure figures")
-    p.add_argument("--claims", action="append", default=[], metavar="FILE",
-                   help="a claims file (docs/claims.md): also draw its forest plot (effect and CI per claim, "
-                        "coloured by verdict); repeat for several files")
     p.add_argument("--reference", default=None, metavar="VARIANT",
                    help="the reference variant of the claims (default: the claims file's, else erm / fp)")
     p.add_argument("--alpha", type=float, default=None, metavar="A",
@@ -43,7 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "clip (clipped at the --clip-quantile quantile, said in the colour-bar label)")
     p.add_argument("--clip-quantile", type=float, default=0.95, metavar="Q",
                    help="the quantile --z-scale clip clips at, in (0, 1] (default 0.95: the 95th percentile)")
-    add_output_options(p)
+    common.add_output_options(p)
     p.set_defaults(func=run)
 
 
@@ -96,5 +93,5 @@ def run(args: argparse.Namespace) -> int:
         lines.append(f"  {fig['kind']:<18} {', '.join(Path(f).name for f in fig['files'])}")
     for skip in summary["skipped"]:
         lines.append(f"  skipped {skip['figure']}: {skip['reason']}")
-    emit(args, summary, "\n".join(lines))
+    common.emit(args, summary, "\n".join(lines))
     return 0

@@ -1,17 +1,19 @@
-"""``flatlab info``: what a checkpoint holds."""
+"""``flatlab info``: data set, domains, model, algorithm, bits, size of a checkpoint.
+
+Describe a checkpoint without evaluating it.
+"""
 
 from __future__ import annotations
 
 import argparse
 
-from flatlab.commands.common import add_output_options, emit, table
+from flatlab.commands import common
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("info", help="data set, domains, model, algorithm, bits, size of a checkpoint",
-                       description="Describe a checkpoint without evaluating it.")
+    p = common.add_command(sub, __doc__)
     p.add_argument("checkpoint", help="model.pt (or a run folder)")
-    add_output_options(p)
+    common.add_output_options(p)
     p.set_defaults(func=run)
 
 
@@ -20,10 +22,10 @@ def run(args: argparse.Namespace) -> int:
 
     info = checkpoint_info(args.checkpoint)
     rows = [[k, v] for k, v in info.items() if not isinstance(v, (dict, list)) or k in ("test_envs", "domains", "test_env_names")]
-    text = table(rows)
+    text = common.table(rows)
     if info.get("layers"):  # quantized: distinct weight values per channel, per layer
-        text += "\n\n" + table([[r["layer"], r["bits"], r["shape"], r["max_distinct_per_channel"], r["limit"]]
+        text += "\n\n" + common.table([[r["layer"], r["bits"], r["shape"], r["max_distinct_per_channel"], r["limit"]]
                                for r in info["layers"]],
                               ["quantized layer", "bits", "shape", "max distinct/channel", "limit 2^b"])
-    emit(args, info, text)
+    common.emit(args, info, text)
     return 0

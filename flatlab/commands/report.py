@@ -1,41 +1,32 @@
-"""``flatlab report``: does flatter mean better out of domain here? Rows, variants with intervals,
-comparisons, correlations, and verdicts on a paper's claims."""
+"""``flatlab report``: flatness vs out-of-domain accuracy: per-run table, variants with CIs,
+comparisons, correlations, claims.
+
+One row per run (ensembles included): variant, algorithm, bits, seed, test domain, id_acc, ood_acc,
+generalization gap (source in-split minus out-split accuracy), domain gap (id_acc - ood_acc) and
+every measure present as 'value +- se' (its estimation error; missing shown as '-', never 0). Then
+seed-to-seed variation per variant (mean, bootstrap CI over seeds within test domains, sd, n); every
+variant against the reference (paired on seed and test domain: mean difference, CI, sign-flip p,
+Holm over the report, seeds for 80% power); Kendall's tau and Spearman's rho with CIs and p-values
+against ood_acc and each gap, per test domain and pooled; Jiang et al.'s granulated tau with a CI.
+--claims FILE adds one verdict per claim (supported, contradicted, inconclusive, not testable). Run
+folders and checkpoints contribute their accuracies only, unless --measure: then each is measured
+first with `flatlab sharpness` into --measure-results.
+"""
 
 from __future__ import annotations
 
 import argparse
 
-from flatlab.commands.common import add_deprecated_alias, add_output_options, command_line, emit
+from flatlab.commands import common
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "report", help="flatness vs out-of-domain accuracy: per-run table, variants with CIs, comparisons, "
-                       "correlations, claims",
-        description="One row per run (ensembles included): variant, algorithm, bits, seed, test domain, id_acc, "
-                    "ood_acc, generalization gap (source in-split minus out-split accuracy), domain gap (id_acc - "
-                    "ood_acc) and every measure present as 'value +- se' (its estimation error; missing shown as "
-                    "'-', never 0). Then seed-to-seed variation per variant (mean, bootstrap CI over seeds within "
-                    "test domains, sd, n); every variant against the reference (paired on seed and test domain: "
-                    "mean difference, CI, sign-flip p, Holm over the report, seeds for 80% power); Kendall's tau "
-                    "and Spearman's rho with CIs and p-values against ood_acc and each gap, per test domain and "
-                    "pooled; Jiang et al.'s granulated tau with a CI. --claims FILE adds one verdict per claim "
-                    "(supported, contradicted, inconclusive, not testable). Run folders and checkpoints "
-                    "contribute their accuracies only, unless --measure: then each is measured first with "
-                    "`flatlab sharpness` into --measure-results.")
-    p.add_argument("results", nargs="+", metavar="RESULTS",
-                   help="results files (.h5), stand-alone surface files, run folders or checkpoints")
+    p = common.add_command(sub, __doc__)
+    common.add_results_inputs(p, inputs="results files (.h5), stand-alone surface files, run folders or checkpoints",
+                              use="show",
+                              claims="one verdict per claim")
     p.add_argument("--csv", default=None, metavar="FILE",
                    help="also write the per-run table as CSV (with <measure>_stderr columns; missing = empty cell)")
-    p.add_argument("--measures", default=None, metavar="LIST",
-                   help="comma-separated measure columns (default: every measure present), e.g. "
-                        "top_eigenvalue,trace,pacbayes_inv_sigma_sq,local_flatness_target@0.1rel")
-    p.add_argument("--radii", default=None, metavar="LIST",
-                   help="local-flatness radii to show, as stored (relative or absolute); default: the largest "
-                        "radius every measured run shares")
-    p.add_argument("--claims", action="append", default=[], metavar="FILE",
-                   help="a claims file (TOML, docs/claims.md): one verdict per claim; repeat for several files "
-                        "(each file is its own Holm family)")
     p.add_argument("--markdown", action="store_true",
                    help="print the claims' verdict tables as Markdown (for a paper or a README) instead of text")
     p.add_argument("--reference", default=None, metavar="VARIANT",
@@ -59,10 +50,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--measure-results", default="measures.h5", metavar="FILE",
                    help="results file the measurements go to (default measures.h5); runs already measured "
                         "there are not measured again")
-    add_deprecated_alias(p, "--measure-out", "--measure-results", "measure_results", metavar="FILE")
+    common.add_deprecated_alias(p, "--measure-out", "--measure-results", "measure_results", metavar="FILE")
     p.add_argument("--measure-args", default="--top-k 5 --trace --pacbayes", metavar="FLAGS",
                    help="flatlab sharpness flags for --measure (default '--top-k 5 --trace --pacbayes')")
-    add_output_options(p)
+    common.add_output_options(p)
     p.set_defaults(func=run)
 
 
@@ -149,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
 
         configs, settings = measure_configs(args.measure_args)
         measured = measure_checkpoints(inputs, args.measure_results, configs, settings, quiet=args.quiet,
-                                       provenance={"command_line": command_line()})
+                                       provenance={"command_line": common.command_line()})
         if measured is not None:
             inputs.append(measured)
     uncertainty = uncertainty_from_args(args, args.alpha)
@@ -177,5 +168,5 @@ def run(args: argparse.Namespace) -> int:
         except OSError as exc:
             raise FlatlabError(f"--csv {args.csv}: cannot write it ({exc.strerror})") from None
         report["csv"] = str(args.csv)
-    emit(args, report, text)
+    common.emit(args, report, text)
     return 0

@@ -1,18 +1,11 @@
-"""``flatlab sharpness``: every registered measure of a checkpoint, one flag each.
+"""``flatlab sharpness``: Hessian spectrum, trace, density, per-layer curvature, bounds and local
+flatness of a checkpoint.
 
-The model is a flatlab checkpoint (CKPT) or a user's model and data (``--arch``/``--model-fn``,
-``--weights``, ``--dataset``/``--data-fn``: :mod:`flatlab.sources`, the flags of
-:func:`~flatlab.commands.common.add_model_source_options`).
-
-The flags are derived from the measure registry (:mod:`flatlab.measures`): each measure's
-request flag (``--top-k K``, ``--trace``, ``--pacbayes``, ...) and every setting of its family
-(one flag per setting, shared by the measures that share it). Flags are unique across families
-(:func:`~flatlab.measures.registry.check_registry`); setting names need not be (curvature's
-``top_k`` is ``--top-k``, per-domain curvature's ``--per-domain-top-k``), so each family's values
-are parsed into their own namespace (argparse destination ``<family>.<setting>``) and handed to
-that family's configs only. The command builds the configs, calls
-:func:`flatlab.pipeline.measure_checkpoint` and prints. With no measure flag at all, the top-5
-eigenvalues and the trace are computed.
+Measures of a checkpoint's loss on its own data splits, in eval mode: top Hessian eigenvalues by
+Lanczos with residuals, trace (Hutch++) with standard error, spectral density, per-layer curvature,
+PAC-Bayes/magnitude/worst-case bounds, local flatness. Without measure flags: --top-k 5 --trace.
+With --results, each measure is stored as soon as it is done and a rerun computes only what is
+missing.
 """
 
 from __future__ import annotations
@@ -22,17 +15,7 @@ import sys
 from collections.abc import Iterable
 from typing import Any
 
-from flatlab.commands.common import (
-    add_data_dir_option,
-    add_deprecated_alias,
-    add_model_source_options,
-    add_output_options,
-    command_line,
-    emit,
-    fmt,
-    model_source_from_args,
-    table,
-)
+from flatlab.commands import common
 
 DEFAULT_REQUEST = {"top_eigenvalues": 5, "trace": True}
 
@@ -71,21 +54,29 @@ def _argument(group: Any, spec: Any, family: str | None, request_value: bool = F
         elif not spec.choices:
             kwargs["metavar"] = spec.name.upper()  # not the namespaced destination
         if spec.default is not None and not request_value and "default" not in spec.help:
-            shown = ",".join(map(str, spec.default)) if isinstance(spec.default, tuple) else fmt(spec.default)
+            shown = ",".join(map(str, spec.default)) if isinstance(spec.default, tuple) else common.fmt(spec.default)
             kwargs["help"] = f"{kwargs['help']} (default {shown})"
     group.add_argument(spec.flag, **kwargs)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    """The parser. The model is a flatlab checkpoint (CKPT) or a user's model and data
+    (``--arch``/``--model-fn``, ``--weights``, ``--dataset``/``--data-fn``: :mod:`flatlab.sources`, the flags of
+    :func:`~flatlab.commands.common.add_model_source_options`).
+
+    The flags are derived from the measure registry (:mod:`flatlab.measures`): each measure's
+    request flag (``--top-k K``, ``--trace``, ``--pacbayes``, ...) and every setting of its family
+    (one flag per setting, shared by the measures that share it). Flags are unique across families
+    (:func:`~flatlab.measures.registry.check_registry`); setting names need not be (curvature's
+    ``top_k`` is ``--top-k``, per-domain curvature's ``--per-domain-top-k``), so each family's values
+    are parsed into their own namespace (argparse destination ``<family>.<setting>``) and handed to
+    that family's configs only. The command builds the configs, calls
+    :func:`flatlab.pipeline.measure_checkpoint` and prints. With no measure flag at all, the top-5
+    eigenvalues and the trace are computed.
+    """
     from flatlab.measures import MEASURES
 
-    p = sub.add_parser(
-        "sharpness", help="Hessian spectrum, trace, density, per-layer curvature, bounds and local flatness of a checkpoint",
-        description="Measures of a checkpoint's loss on its own data splits, in eval mode: top Hessian "
-                    "eigenvalues by Lanczos with residuals, trace (Hutch++) with standard error, spectral "
-                    "density, per-layer curvature, PAC-Bayes/magnitude/worst-case bounds, local flatness. "
-                    "Without measure flags: --top-k 5 --trace. With --results, each measure is stored as "
-                    "soon as it is done and a rerun computes only what is missing.")
+    p = common.add_command(sub, __doc__)
     p.add_argument("checkpoint", nargs="?", default=None,
                    help="model.pt (or a run folder); or your own model with --arch/--model-fn below")
     per_family, shared = _specs()
@@ -106,15 +97,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         for spec in specs:
             if spec.name not in value_fields:
                 _argument(group, spec, family.name)
-    common = p.add_argument_group("shared by every measure")
+    shared_group = p.add_argument_group("shared by every measure")
     for spec in shared:
-        _argument(common, spec, None)
-    common.add_argument("--results", default=None, metavar="RESULTS.h5",
+        _argument(shared_group, spec, None)
+    shared_group.add_argument("--results", default=None, metavar="RESULTS.h5",
                         help="write /runs/<run_id>/... to this HDF5 results file (with provenance) and resume from it")
-    add_deprecated_alias(p, "--out", "--results", "results", metavar="RESULTS.h5")
-    add_data_dir_option(p)
-    add_model_source_options(p)
-    add_output_options(p)
+    common.add_deprecated_alias(p, "--out", "--results", "results", metavar="RESULTS.h5")
+    common.add_data_dir_option(p)
+    common.add_model_source_options(p)
+    common.add_output_options(p)
     p.set_defaults(func=run)
 
 
@@ -186,7 +177,7 @@ def configs_from_args(args: argparse.Namespace) -> tuple[list[Any], Any]:
         return values
 
     try:
-        common = given(None, shared)
+        shared_values = given(None, shared)
         wanted = requested_measures(args)
         defaulted = not wanted
         if defaulted:
@@ -204,7 +195,7 @@ def configs_from_args(args: argparse.Namespace) -> tuple[list[Any], Any]:
             if defaulted and family.name == "curvature":
                 values.setdefault("top_k", DEFAULT_REQUEST["top_eigenvalues"])
             configs += configs_from_values(mine, values)
-        settings = MeasurementSettings(**common)
+        settings = MeasurementSettings(**shared_values)
     except Exception as exc:  # noqa: BLE001 - reworded, then raised again
         raise in_flag_words(exc) from None
     return configs, settings
@@ -256,7 +247,7 @@ def curvature_table(payload: dict[str, Any]) -> str:
              f"({payload.get('num_params', '-')}), solver {payload['solver']}, {payload.get('hvps', 0)} products"]
     if "top_eigenvalues" in payload:
         rows = [[i + 1, v, r] for i, (v, r) in enumerate(zip(payload["top_eigenvalues"], payload["residuals"]))]
-        lines += ["", table(rows, ["k", "eigenvalue", "residual ||Hv - lv||"])]
+        lines += ["", common.table(rows, ["k", "eigenvalue", "residual ||Hv - lv||"])]
         if "eigen_method" in payload:
             lanczos = payload["eigen_method"] == "lanczos"
             rule = f"rtol {payload['rtol']:g}" if lanczos else f"tol {payload['tol']:g}"
@@ -268,16 +259,16 @@ def curvature_table(payload: dict[str, Any]) -> str:
     if "note" in payload:
         lines.append(f"note: {payload['note']}")
     if "trace" in payload:
-        lines += ["", f"trace {fmt(payload['trace'])} +- {fmt(payload['trace_stderr'])} (standard error; "
+        lines += ["", f"trace {common.fmt(payload['trace'])} +- {common.fmt(payload['trace_stderr'])} (standard error; "
                       f"{payload['trace_method']}, {payload['trace_hvps']} products)"]
     if "density" in payload:
         grid = payload["density_grid"]
         where = "stored in --results" if payload.get("density_stored") else "in the JSON output (--json) or --results"
-        lines += ["", f"spectral density on [{fmt(grid[0])}, {fmt(grid[-1])}], sigma {fmt(payload['density_sigma'])}, "
+        lines += ["", f"spectral density on [{common.fmt(grid[0])}, {common.fmt(grid[-1])}], sigma {common.fmt(payload['density_sigma'])}, "
                       f"{payload['density_hvps']} products: {where}"]
     if "per_layer" in payload:
         rows = [[L["layer"], L["num_params"], L["top_eigenvalue"], L["trace"], L["trace_stderr"]] for L in payload["per_layer"]]
-        lines += ["", table(rows, ["layer", "params", "top eigenvalue", "trace", "trace stderr"])]
+        lines += ["", common.table(rows, ["layer", "params", "top eigenvalue", "trace", "trace stderr"])]
     return "\n".join(lines)
 
 
@@ -301,15 +292,15 @@ def nested_table(payload: dict[str, Any], names: list[str]) -> str:
             rows += [[name, *row] for row in measure.table(values)]
             continue
         if name == "local_flatness":
-            lrows = [[fmt(g), f"{fmt(s)} +- {fmt(se)}", f"{fmt(t)} +- {fmt(te)}"]
+            lrows = [[common.fmt(g), f"{common.fmt(s)} +- {common.fmt(se)}", f"{common.fmt(t)} +- {common.fmt(te)}"]
                      for g, s, se, t, te in zip(values["gammas"], values["source"], values["source_stderr"],
                                                 values["target"], values["target_stderr"])]
             parts.append(f"local flatness F_gamma ({values['samples']} samples per radius):\n"
-                         + table(lrows, ["gamma", "F source", "F target"]))
+                         + common.table(lrows, ["gamma", "F source", "F target"]))
             continue
         rows += [[name, key, inner] for key, inner in _pairs(values)]
     if rows:
-        parts.insert(0, table(rows, ["measure", "quantity", "value"]))
+        parts.insert(0, common.table(rows, ["measure", "quantity", "value"]))
     return "\n\n".join(parts)
 
 
@@ -320,8 +311,8 @@ def run(args: argparse.Namespace) -> int:
     from flatlab.pipeline import measure_checkpoint, measure_source
 
     configs, settings = configs_from_args(args)
-    model_source, data_source = model_source_from_args(args, args.checkpoint)
-    provenance = {"command_line": command_line()}
+    model_source, data_source = common.model_source_from_args(args, args.checkpoint)
+    provenance = {"command_line": common.command_line()}
     if model_source is not None:
         from flatlab.results import check_results_target
         from flatlab.sources import load_source
@@ -355,7 +346,7 @@ def run(args: argparse.Namespace) -> int:
                      f"{', '.join(measurement.resumed)}")
     for note in measurement.notes:
         parts.append(f"note: {note}")
-    emit(args, payload, "\n\n".join(parts))
+    common.emit(args, payload, "\n\n".join(parts))
     if args.quiet and not args.json:
         sys.stdout.flush()
     return 0

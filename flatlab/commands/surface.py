@@ -1,4 +1,10 @@
-"""``flatlab surface``: 1D/2D loss surfaces, interpolation lines and planes (Li et al. 2018)."""
+"""``flatlab surface``: loss surface around a checkpoint (1D/2D), or between checkpoints.
+
+f(a, b) = L(w + a d1 + b d2) on a grid, with seeded Gaussian directions normalized per filter (Li et
+al. 2018); or the line/plane through two/three checkpoints. Loss and accuracy on the source
+(train_*) and target (test_*) splits. Interrupted runs resume from a side journal when rerun with
+the same command.
+"""
 
 from __future__ import annotations
 
@@ -6,25 +12,11 @@ import argparse
 import re
 import sys
 
-from flatlab.commands.common import (
-    add_data_dir_option,
-    add_device_option,
-    add_model_source_options,
-    add_output_options,
-    command_line,
-    emit,
-    fmt,
-    model_source_from_args,
-)
+from flatlab.commands import common
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "surface", help="loss surface around a checkpoint (1D/2D), or between checkpoints",
-        description="f(a, b) = L(w + a d1 + b d2) on a grid, with seeded Gaussian directions normalized "
-                    "per filter (Li et al. 2018); or the line/plane through two/three checkpoints. Loss and "
-                    "accuracy on the source (train_*) and target (test_*) splits. Interrupted runs resume "
-                    "from a side journal when rerun with the same command.")
+    p = common.add_command(sub, __doc__)
     # Let grids with a negative minimum follow their flag (`--x -1:1:51`, as in Li et al.'s docs):
     # argparse would otherwise read "-1:1:51" as an unknown option.
     p._negative_number_matcher = re.compile(r"^-\d+$|^-\d*\.\d+$|^-[\d.]+(e[-+]?\d+)?:")
@@ -60,10 +52,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default=None, help="standalone surface file (default surface.h5)")
     p.add_argument("--results", default=None, help="write into this results file (/runs/<id>/surfaces/<name>)")
     p.add_argument("--name", default=None, help="surface name inside --results (default: from the settings)")
-    add_data_dir_option(p)
-    add_model_source_options(p, loss=False)
-    add_device_option(p)
-    add_output_options(p)
+    common.add_data_dir_option(p)
+    common.add_model_source_options(p, loss=False)
+    common.add_device_option(p)
+    common.add_output_options(p)
     p.set_defaults(func=run, dims=2)
 
 
@@ -83,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
     from flatlab.surface.runner import SurfaceRequest, request_summary, run_surface
     from flatlab.train import resolve_device
 
-    model_source, data_source = model_source_from_args(args, args.checkpoint)
+    model_source, data_source = common.model_source_from_args(args, args.checkpoint)
     workers = args.workers if args.workers is not None else (None if args.backend == "ray" else 1)
     req = SurfaceRequest(
         checkpoint=args.checkpoint or "", model_source=model_source, data_source=data_source, run_id=args.run_id,
@@ -97,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
 
     validate_request(req)
     req.device = str(resolve_device(args.device))
-    outcome = run_surface(req, _progress(args), provenance={"command_line": command_line()})
+    outcome = run_surface(req, _progress(args), provenance={"command_line": common.command_line()})
     summary = request_summary(outcome)
     lines = [f"surface {outcome.settings['kind']}: {'x'.join(map(str, summary['shape']))} points -> {summary['path']}"
              + (f" ({summary['group']})" if summary["group"] else "")]
@@ -105,11 +97,11 @@ def run(args: argparse.Namespace) -> int:
         lines.append("already complete with these settings: nothing recomputed")
     else:
         lines.append(f"computed {summary['computed']}, resumed {summary['resumed']}, "
-                     f"{fmt(summary['seconds_per_point'])} s per point")
+                     f"{common.fmt(summary['seconds_per_point'])} s per point")
     if summary["origin"]:
         o = summary["origin"]
-        lines.append(f"origin: train_loss {fmt(o['train_loss'])} train_acc {fmt(o['train_acc'])} "
-                     f"test_loss {fmt(o['test_loss'])} test_acc {fmt(o['test_acc'])}")
-    lines.append(f"train_loss range [{fmt(summary['train_loss_min'])}, {fmt(summary['train_loss_max'])}]")
-    emit(args, summary, "\n".join(lines))
+        lines.append(f"origin: train_loss {common.fmt(o['train_loss'])} train_acc {common.fmt(o['train_acc'])} "
+                     f"test_loss {common.fmt(o['test_loss'])} test_acc {common.fmt(o['test_acc'])}")
+    lines.append(f"train_loss range [{common.fmt(summary['train_loss_min'])}, {common.fmt(summary['train_loss_max'])}]")
+    common.emit(args, summary, "\n".join(lines))
     return 0

@@ -1,21 +1,22 @@
-"""``flatlab sweep``: run a study file's jobs (train, then measure) and merge their results."""
+"""``flatlab sweep``: run a study (TOML): every algorithm x bits x seed x test domain, trained and
+measured.
+
+Expand the study into jobs (algorithm variant x seed x test domain, plus ensembles), train and
+measure each in OUT/runs and OUT/jobs, and merge everything into OUT/results.h5 for `flatlab report`
+and `flatlab figures`. Jobs already done are skipped; rerun the same command after a crash to
+continue. A failed job does not stop the others (exit status 1 at the end, with a summary).
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from flatlab.commands.common import add_output_options, emit, fmt, table
+from flatlab.commands import common
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "sweep", help="run a study (TOML): every algorithm x bits x seed x test domain, trained and measured",
-        description="Expand the study into jobs (algorithm variant x seed x test domain, plus ensembles), "
-                    "train and measure each in OUT/runs and OUT/jobs, and merge everything into "
-                    "OUT/results.h5 for `flatlab report` and `flatlab figures`. Jobs already done are "
-                    "skipped; rerun the same command after a crash to continue. A failed job does not stop "
-                    "the others (exit status 1 at the end, with a summary).")
+    p = common.add_command(sub, __doc__)
     p.add_argument("study", help="study file (TOML), e.g. analysis/qgen.toml")
     p.add_argument("--out", default=None, metavar="DIR", help="sweep folder (default: sweep-<study name>)")
     p.add_argument("--backend", default="local", choices=["local", "ray"],
@@ -25,7 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, default=1,
                    help="jobs run at the same time (local processes or Ray actors; default 1)")
     p.add_argument("--dry-run", action="store_true", help="list the jobs and an estimated running time; run nothing")
-    add_output_options(p)
+    common.add_output_options(p)
     p.set_defaults(func=run)
 
 
@@ -66,26 +67,26 @@ def run(args: argparse.Namespace) -> int:
         payload = {"study": study.name, "out": str(out), "jobs": listed, "num_jobs": len(jobs),
                    "workers": args.workers, "estimated_seconds": round(total, 1), "estimate_device": estimate["device"],
                    "estimate_note": estimate["note"], "notes": study.notes}
-        text = table(rows, ["job", "kind", "variant", "test domains", "seed", "status", "estimate", "measurements"])
+        text = common.table(rows, ["job", "kind", "variant", "test domains", "seed", "status", "estimate", "measurements"])
         text += (f"\n\n{len(jobs)} jobs ({sum(1 for r in listed if r['status'] == 'done')} done); estimated "
                  f"{_duration(total)} with {args.workers} worker(s) on {estimate['device']} "
                  f"({estimate['note']})")
         for note in study.notes:
             text += f"\nnote: {note}"
-        emit(args, payload, text)
+        common.emit(args, payload, text)
         return 0
     summary = run_sweep(study, out, backend=args.backend, workers=args.workers, address=args.address,
                         quiet=args.quiet)
     payload = summary.as_dict()
     counts = payload["counts"]
     lines = [f"sweep {study.name}: {len(summary.outcomes)} jobs in {out} ("
-             + ", ".join(f"{n} {k}" for k, n in sorted(counts.items())) + f"), {fmt(summary.seconds)} s this run",
+             + ", ".join(f"{n} {k}" for k, n in sorted(counts.items())) + f"), {common.fmt(summary.seconds)} s this run",
              f"results: {summary.results}" if summary.results else "results: none yet (no job finished)"]
     for o in summary.failed:
         lines.append(f"{o.status}: {o.job_id}: {o.error} (details in {out / 'jobs' / o.job_id / 'error.txt'})"
                      if o.status == "failed" else f"{o.status}: {o.job_id}: {o.error}")
     if args.json or not args.quiet:
-        emit(args, payload, "\n".join(lines))
+        common.emit(args, payload, "\n".join(lines))
     elif summary.failed:
         sys.stderr.write("\n".join(lines) + "\n")
     return 1 if summary.failed else 0

@@ -1,4 +1,8 @@
-"""``flatlab train``: train one model on multi-domain data, leave-one-domain-out."""
+"""``flatlab train``: train a model (ERM, QAT, ...) leave-one-domain-out.
+
+Train on the source domains; select by training-domain validation; write OUT/model.pt,
+OUT/results.jsonl and OUT/done. Rerun the same command after an interruption to resume.
+"""
 
 from __future__ import annotations
 
@@ -6,14 +10,7 @@ import argparse
 import sys
 from typing import Any
 
-from flatlab.commands.common import (
-    add_deprecated_alias,
-    add_device_option,
-    add_output_options,
-    emit,
-    parse_json_arg,
-    table,
-)
+from flatlab.commands import common
 
 #: (flag, hparam key, type, help) for hyperparameters settable by a flag of their own.
 HPARAM_FLAGS: list[tuple[str, str, type, str]] = [
@@ -49,10 +46,7 @@ MODEL_FLAGS: list[tuple[str, str, type, str]] = [
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="train a model (ERM, QAT, ...) leave-one-domain-out",
-                       description="Train on the source domains; select by training-domain validation; "
-                                   "write OUT/model.pt, OUT/results.jsonl and OUT/done. Rerun the same "
-                                   "command after an interruption to resume.")
+    p = common.add_command(sub, __doc__)
     p.add_argument("--dataset", default="rotated-digits", help="data set name (default rotated-digits)")
     p.add_argument("--data-dir", default=None, help="root folder of a DomainBed-layout data set")
     p.add_argument("--test-env", nargs="+", default=["0"], metavar="DOMAIN", dest="test_envs",
@@ -67,7 +61,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cache-mb", type=int, default=None, help="image folders: memory budget for decoded images (MB)")
     p.add_argument("--decode-threads", type=int, default=None, metavar="N",
                    help="image folders: threads that decode and augment images")
-    add_deprecated_alias(p, "--workers", "--decode-threads", "decode_threads", type=int)
+    common.add_deprecated_alias(p, "--workers", "--decode-threads", "decode_threads", type=int)
     p.add_argument("--pretrained", default=None, metavar="PATH", help="initial weights from a local file")
     p.add_argument("--steps", type=int, default=None, help="training steps (rotated-digits: 1500)")
     p.add_argument("--eval-every", type=int, default=None, help="evaluate and save state every N steps (default steps/10, at most 100)")
@@ -79,8 +73,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--hparams", default=None, metavar="JSON", help="hyperparameters as a JSON object (flags win)")
     p.add_argument("--out", required=True, help="run folder")
     p.add_argument("--fresh", action="store_true", help="discard what OUT holds and start over")
-    add_device_option(p)
-    add_output_options(p)
+    common.add_device_option(p)
+    common.add_output_options(p)
     p.set_defaults(func=run)
 
 
@@ -98,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
         model_options={k: v for k, v in model_opts.items() if v is not None}, dataset_options=dataset_opts,
         data_dir=args.data_dir, steps=args.steps, eval_every=args.eval_every, seed=args.seed,
         trial_seed=args.trial_seed, holdout_fraction=args.holdout_fraction,
-        hparams_json=parse_json_arg(args.hparams, "--hparams") if args.hparams else None,
+        hparams_json=common.parse_json_arg(args.hparams, "--hparams") if args.hparams else None,
         hparam_flags=hparam_flags, out=args.out, device=args.device, fresh=args.fresh, quiet=args.quiet,
         pretrained=args.pretrained,
     )
@@ -115,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
                "status": status, **acc, "at_chance": result.at_chance, "warnings": list(result.warnings)}
     if not args.json and args.quiet:
         return 0
-    emit(args, payload, table(rows))
+    common.emit(args, payload, common.table(rows))
     if not args.json:
         sys.stdout.flush()
     return 0

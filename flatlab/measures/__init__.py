@@ -36,19 +36,10 @@ from flatlab.measures import (
     per_domain,
     relative_flatness,
 )
-from flatlab.measures.base import (
-    Column,
-    ColumnSource,
-    ConfigError,
-    Cost,
-    Estimate,
-    Family,
-    Measure,
-    MeasureConfig,
-    MeasureResult,
-    setting,
-)
+from flatlab.measures.base import Cost, Family, Measure, MeasureResult
 from flatlab.measures.bounds import MagnitudeConfig, PacBayesConfig, WorstCaseConfig
+from flatlab.measures.columns import Column, ColumnSource, Estimate
+from flatlab.measures.config import ConfigError, MeasureConfig, setting
 from flatlab.measures.context import (
     SPLITS,
     CheckpointContext,

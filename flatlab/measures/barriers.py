@@ -46,7 +46,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from flatlab.measures.base import Column, ColumnSource, Estimate, scalar
+from flatlab.measures.columns import Column, ColumnSource, Estimate, scalar
 
 GROUP = "barriers"
 #: Column names: barrier_<loss|error>_<split>@<name>.

@@ -34,18 +34,9 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from flatlab.measures.base import (
-    Column,
-    ConfigError,
-    Cost,
-    Family,
-    Measure,
-    MeasureConfig,
-    MeasureResult,
-    attr_estimates,
-    group_node,
-    setting,
-)
+from flatlab.measures.base import Cost, Family, Measure, MeasureResult
+from flatlab.measures.columns import Column, attr_estimates, group_node
+from flatlab.measures.config import ConfigError, MeasureConfig, setting
 from flatlab.measures.context import MeasureContext
 
 FAMILY = Family("bounds", "sharpness bounds (Jiang et al. 2019)", request="list", nest=True,

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from flatlab.errors import FlatlabError
-from flatlab.measures.base import MeasureConfig, setting
+from flatlab.measures.config import MeasureConfig, setting
 from flatlab.outputs import OutputFn, check_output_fn, prepare_batches
 
 #: The data splits of a flatlab checkpoint (README, Data splits): the training set, the source domains'

@@ -30,19 +30,9 @@ from flatlab.curvature.lanczos import DEFAULT_RTOL
 from flatlab.curvature.operator import CURVATURES, MODES
 from flatlab.curvature.params import PARAM_CHOICES
 from flatlab.errors import FlatlabError
-from flatlab.measures.base import (
-    Column,
-    ConfigError,
-    Cost,
-    Estimate,
-    Family,
-    Measure,
-    MeasureConfig,
-    MeasureResult,
-    group_node,
-    scalar,
-    setting,
-)
+from flatlab.measures.base import Cost, Family, Measure, MeasureResult
+from flatlab.measures.columns import Column, Estimate, group_node, scalar
+from flatlab.measures.config import ConfigError, MeasureConfig, setting
 from flatlab.measures.context import SPLITS, MeasureContext
 
 SOLVERS = ("lanczos", "pyhessian", "dense")

@@ -62,19 +62,9 @@ from typing import Any
 
 import numpy as np
 
-from flatlab.measures.base import (
-    Column,
-    ConfigError,
-    Cost,
-    Estimate,
-    Family,
-    Measure,
-    MeasureConfig,
-    MeasureResult,
-    group_node,
-    scalar,
-    setting,
-)
+from flatlab.measures.base import Cost, Family, Measure, MeasureResult
+from flatlab.measures.columns import Column, Estimate, group_node, scalar
+from flatlab.measures.config import ConfigError, MeasureConfig, setting
 from flatlab.measures.context import SPLITS, MeasureContext
 from flatlab.sharpness.adaptive import PERTURBED_PARAMS, SCALINGS, SHARPNESS_KINDS
 

@@ -26,18 +26,9 @@ from typing import Any
 
 import numpy as np
 
-from flatlab.measures.base import (
-    Column,
-    ConfigError,
-    Cost,
-    Estimate,
-    Family,
-    Measure,
-    MeasureConfig,
-    MeasureResult,
-    group_node,
-    setting,
-)
+from flatlab.measures.base import Cost, Family, Measure, MeasureResult
+from flatlab.measures.columns import Column, Estimate, group_node
+from flatlab.measures.config import ConfigError, MeasureConfig, setting
 from flatlab.measures.context import MeasureContext
 
 FAMILY = Family("local_flatness", "local flatness (SWAD)", request="section", nest=True,

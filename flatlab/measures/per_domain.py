@@ -47,18 +47,9 @@ import numpy as np
 from flatlab.curvature.lanczos import DEFAULT_RTOL
 from flatlab.curvature.params import PARAM_CHOICES
 from flatlab.curvature.trace import TRACE_METHODS
-from flatlab.measures.base import (
-    Column,
-    ConfigError,
-    Cost,
-    Estimate,
-    Family,
-    Measure,
-    MeasureConfig,
-    MeasureResult,
-    group_node,
-    setting,
-)
+from flatlab.measures.base import Cost, Family, Measure, MeasureResult
+from flatlab.measures.columns import Column, Estimate, group_node
+from flatlab.measures.config import ConfigError, MeasureConfig, setting
 from flatlab.measures.context import MeasureContext
 
 FAMILY = Family("per_domain", "per-domain curvature and eigenspace overlap", request="section", nest=True,

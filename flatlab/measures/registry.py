@@ -24,16 +24,9 @@ from typing import Any
 
 from flatlab.errors import FlatlabError
 from flatlab.io import settings_fingerprint
-from flatlab.measures.base import (
-    Column,
-    ColumnSource,
-    ConfigError,
-    Estimate,
-    Family,
-    Measure,
-    MeasureConfig,
-    SettingSpec,
-)
+from flatlab.measures.base import Family, Measure
+from flatlab.measures.columns import Column, ColumnSource, Estimate
+from flatlab.measures.config import ConfigError, MeasureConfig, SettingSpec
 
 MEASURES: dict[str, Measure] = {}
 FAMILIES: dict[str, Family] = {}

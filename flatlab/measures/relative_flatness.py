@@ -32,19 +32,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from flatlab.errors import FlatlabError
-from flatlab.measures.base import (
-    Column,
-    ConfigError,
-    Cost,
-    Estimate,
-    Family,
-    Measure,
-    MeasureConfig,
-    MeasureResult,
-    attr_estimates,
-    group_node,
-    setting,
-)
+from flatlab.measures.base import Cost, Family, Measure, MeasureResult
+from flatlab.measures.columns import Column, Estimate, attr_estimates, group_node
+from flatlab.measures.config import ConfigError, MeasureConfig, setting
 from flatlab.measures.context import SPLITS, MeasureContext
 from flatlab.sharpness.relative_flatness import DEFAULT_EXACT_MAX_SIZE, RELATIVE_FLATNESS_METHODS
 
