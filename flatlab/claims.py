@@ -710,17 +710,6 @@ def _against_fp_ensemble(t: _Test, ctx: _Context, measure: str, confidence: floa
     return replace(c, note="; ".join(n for n in (note, c.note) if n))
 
 
-def _rowwise_spearman(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    from scipy import stats
-
-    rx, ry = stats.rankdata(x, axis=1), stats.rankdata(y, axis=1)
-    rx -= rx.mean(axis=1, keepdims=True)
-    ry -= ry.mean(axis=1, keepdims=True)
-    den = np.sqrt(np.sum(rx * rx, axis=1) * np.sum(ry * ry, axis=1))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(den > 0, np.sum(rx * ry, axis=1) / np.where(den > 0, den, 1.0), np.nan)
-
-
 @dataclass(frozen=True)
 class CorrelationDifference:
     """E = f(t_measure) - f(t_versus) over the same runs, with a percentile bootstrap CI.
@@ -774,7 +763,7 @@ def correlation_difference(x: Sequence[float], z: Sequence[float], y: Sequence[f
         small_sample_note,
     )
     from flatlab.stats.bootstrap import percentile_interval
-    from flatlab.stats.correlation import weighted_tau_b
+    from flatlab.stats.correlation import rowwise_spearman, weighted_tau_b
 
     if method not in ("kendall", "spearman"):
         raise ValueError(f"method must be 'kendall' or 'spearman', got {method!r}")
@@ -818,7 +807,7 @@ def correlation_difference(x: Sequence[float], z: Sequence[float], y: Sequence[f
             blocks.append(f(weighted_tau_b(w, sx, sy)) - f(weighted_tau_b(w, sz, sy)))
     else:
         for idx in bootstrap_indices(cells, n_resamples, rng):
-            blocks.append(f(_rowwise_spearman(xv[idx], yv[idx])) - f(_rowwise_spearman(zv[idx], yv[idx])))
+            blocks.append(f(rowwise_spearman(xv[idx], yv[idx])) - f(rowwise_spearman(zv[idx], yv[idx])))
     theta = np.concatenate(blocks)
     defined = theta[np.isfinite(theta)]
     undefined = len(theta) - len(defined)

@@ -16,7 +16,7 @@ from flatlab.stats._common import Strata, bootstrap_indices, resample_counts
 from flatlab.stats.correlation import (
     _granulated_plan,
     _psi_of_counts,
-    _rowwise_spearman,
+    rowwise_spearman,
     _signs,
     weighted_tau_b,
 )
@@ -53,7 +53,7 @@ def test_weighted_tau_b_equals_scipy_on_resamples() -> None:
 def test_rowwise_spearman_equals_scipy() -> None:
     x, y = _tied_data(12, 3)
     idx = np.random.default_rng(4).integers(0, 12, size=(40, 12))
-    got = _rowwise_spearman(x[idx], y[idx])
+    got = rowwise_spearman(x[idx], y[idx])
     expected = [stats.spearmanr(x[i], y[i]).statistic for i in idx]
     np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-14)
 

@@ -24,7 +24,7 @@ from flatlab.stats import (
     seeds_needed,
     sign_flip_test,
 )
-from flatlab.stats.correlation import _rowwise_spearman
+from flatlab.stats.correlation import rowwise_spearman
 
 EXPERIMENTS = 2000
 MC_SD = math.sqrt(0.8 * 0.2 / EXPERIMENTS)  # 0.0089 at power 0.8
@@ -165,7 +165,7 @@ def test_correlation_runs_needed_agree_with_simulation(method: str, r: float) ->
     if method == "kendall":
         p = stats.kendalltau(xy[..., 0], xy[..., 1], axis=1).pvalue
     else:
-        rs = _rowwise_spearman(xy[..., 0], xy[..., 1])
+        rs = rowwise_spearman(xy[..., 0], xy[..., 1])
         p = 2 * stats.t.sf(np.abs(rs) * np.sqrt((n - 2) / (1 - rs ** 2)), n - 2)  # scipy.stats.spearmanr's p
     assert abs(np.mean(p < 0.05) - 0.8) < 0.05
 

@@ -100,6 +100,11 @@ def dropped_note(n_dropped: int, what: str) -> str | None:
     return f"{n_dropped} {what} with a missing (NaN) value dropped"
 
 
+def kept(labels: list[Hashable] | None, keep: npt.NDArray[np.bool_]) -> list[Hashable] | None:
+    """The labels at the positions ``keep`` marks (the values there are not missing); None stays None."""
+    return None if labels is None else [label for label, k in zip(labels, keep) if k]
+
+
 def join_notes(*notes: str | None) -> str | None:
     """The non-empty notes joined by '; ', or None when there is nothing to say."""
     kept = [n for n in notes if n]

@@ -55,7 +55,7 @@ from __future__ import annotations
 import math
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -72,8 +72,10 @@ from flatlab.stats._common import (
     check_seed,
     dropped_note,
     join_notes,
+    kept,
     small_sample_note,
 )
+from flatlab.stats.estimate import IntervalEstimate
 
 IntervalMethod = Literal["bca", "percentile"]
 METHODS: tuple[str, ...] = ("bca", "percentile")
@@ -82,36 +84,28 @@ METHODS: tuple[str, ...] = ("bca", "percentile")
 DEFAULT_RESAMPLES = 9999
 
 
-@dataclass(frozen=True)
-class GroupSummary:
-    """One variant's values over seeds: mean, spread and a stratified bootstrap CI of the mean.
+@dataclass(frozen=True, kw_only=True)
+class GroupSummary(IntervalEstimate):
+    """One variant's values over seeds: mean, spread and a stratified bootstrap CI of the mean
+    (:class:`~flatlab.stats.estimate.IntervalEstimate`).
 
     Attributes:
         mean: pooled mean over all runs (= stratum means weighted by stratum sizes).
         sd: sample standard deviation, ddof 1 (NaN for n = 1).
         stderr: sd / sqrt(n) (NaN for n = 1).
         n: number of (finite) values.
-        n_strata: number of test domains (1 when unstratified).
-        ci_low, ci_high: the bootstrap interval of the mean (NaN when there is none).
-        confidence: its nominal coverage.
         method: the interval actually computed ("bca" or "percentile"; "none" when NaN).
         n_resamples: bootstrap resamples drawn.
-        small_sample: True when a test domain holds fewer than 5 values (interval unreliable).
-        note: why the interval is missing, degenerate or unreliable, and dropped NaNs; else None.
     """
+
+    estimate_of: ClassVar[str] = "mean"
 
     mean: float
     sd: float
     stderr: float
     n: int
-    n_strata: int
-    ci_low: float
-    ci_high: float
-    confidence: float
     method: str
     n_resamples: int
-    small_sample: bool
-    note: str | None
 
 
 @dataclass(frozen=True)
@@ -227,8 +221,7 @@ def summarize_group(values: npt.ArrayLike, strata: Sequence[Hashable] | npt.Arra
     keep = ~np.isnan(x)
     n_dropped = int(np.count_nonzero(~keep))
     x = x[keep]
-    if labels is not None:
-        labels = [lab for lab, k in zip(labels, keep) if k]
+    labels = kept(labels, keep)
     if len(x) == 0:
         raise ValueError("values holds no finite value")
     cells = Strata.of(labels, len(x))

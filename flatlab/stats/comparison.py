@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import numpy.typing as npt
@@ -39,6 +40,7 @@ from flatlab.stats._common import (
     check_seed,
     dropped_note,
     join_notes,
+    kept,
     small_sample_note,
 )
 from flatlab.stats.bootstrap import (
@@ -49,6 +51,7 @@ from flatlab.stats.bootstrap import (
     linear_bootstrap_interval,
     single_cell_note,
 )
+from flatlab.stats.estimate import IntervalEstimate
 from flatlab.stats.permutation import (
     DEFAULT_PERMUTATIONS,
     MAX_EXACT_SIGN_FLIP,
@@ -60,88 +63,63 @@ from flatlab.stats.permutation import (
 Labels = Sequence[Hashable] | npt.ArrayLike | None
 
 
-@dataclass(frozen=True)
-class PairedComparison:
-    """A - B on runs matched by (seed, test domain).
+@dataclass(frozen=True, kw_only=True)
+class Comparison(IntervalEstimate):
+    """A - B with its bootstrap CI (:class:`~flatlab.stats.estimate.IntervalEstimate`) and a
+    permutation test (paired or unpaired).
 
     Attributes:
-        mean_diff: mean of d = a - b over the pairs.
-        sd_diff: sample sd of d (ddof 1; NaN for one pair).
-        n: number of complete pairs.
-        n_strata: number of test domains.
-        ci_low, ci_high: stratified bootstrap CI of mean_diff (NaN when there is none).
-        confidence: nominal coverage of the CI.
+        mean_diff: the estimated difference A - B (see the subclasses).
         method: interval computed ("bca", "percentile", "none").
-        p_value: two-sided sign-flip permutation p-value.
-        test: name of the test ("sign-flip permutation").
-        exact: True if all 2^n sign patterns were enumerated, False for Monte Carlo.
-        n_permutations: sign patterns enumerated or drawn.
-        small_sample: True when a test domain has fewer than 5 pairs (CI unreliable).
-        note: what to know about the CI and dropped pairs; None when nothing.
+        p_value: two-sided permutation p-value.
+        test: name of the test ("sign-flip permutation", ...).
+        exact: True if all sign patterns / relabelings were enumerated, False for Monte Carlo.
+        n_permutations: patterns enumerated or drawn.
     """
 
+    estimate_of: ClassVar[str] = "mean_diff"
+
     mean_diff: float
-    sd_diff: float
-    n: int
-    n_strata: int
-    ci_low: float
-    ci_high: float
-    confidence: float
     method: str
     p_value: float
     test: str
     exact: bool
     n_permutations: int
-    small_sample: bool
-    note: str | None
-
-    @property
-    def estimate(self) -> float:
-        """The effect the CI is about (mean_diff)."""
-        return self.mean_diff
 
 
-@dataclass(frozen=True)
-class UnpairedComparison:
-    """A - B on two independent groups of runs.
+@dataclass(frozen=True, kw_only=True)
+class PairedComparison(Comparison):
+    """A - B on runs matched by (seed, test domain): mean_diff is the mean of d = a - b over the
+    pairs, the CI a stratified bootstrap, the test a sign flip; small_sample: a test domain has
+    fewer than 5 pairs.
 
     Attributes:
-        mean_diff: T, the (stratum-weighted) difference of means (module docstring).
+        sd_diff: sample sd of d (ddof 1; NaN for one pair).
+        n: number of complete pairs.
+    """
+
+    sd_diff: float
+    n: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class UnpairedComparison(Comparison):
+    """A - B on two independent groups of runs: mean_diff is T, the (stratum-weighted)
+    difference of means (module docstring), the test permutes the group labels; small_sample: a
+    (group, test domain) cell has fewer than 5 runs.
+
+    Attributes:
         mean_a, mean_b: the groups' pooled means.
         sd_a, sd_b: the groups' sample sds (ddof 1; NaN for one run).
         n_a, n_b: runs per group.
-        n_strata: number of test domains.
-        ci_low, ci_high: bootstrap CI of mean_diff.
-        confidence, method: as in :class:`PairedComparison`.
-        p_value: two-sided permutation p-value of the group labels.
-        test: the test's name; exact: all relabelings enumerated; n_permutations: how many.
-        small_sample: a (group, test domain) cell has fewer than 5 runs.
-        note: what to know; None when nothing.
     """
 
-    mean_diff: float
     mean_a: float
     mean_b: float
     sd_a: float
     sd_b: float
     n_a: int
     n_b: int
-    n_strata: int
-    ci_low: float
-    ci_high: float
-    confidence: float
-    method: str
-    p_value: float
-    test: str
-    exact: bool
-    n_permutations: int
-    small_sample: bool
-    note: str | None
-
-    @property
-    def estimate(self) -> float:
-        """The effect the CI is about (mean_diff)."""
-        return self.mean_diff
 
     @property
     def sd_pooled(self) -> float:
@@ -181,8 +159,7 @@ def paired_comparison(a: npt.ArrayLike, b: npt.ArrayLike, strata: Labels = None,
     labels = as_labels(strata, len(x), "strata")
     keep = ~(np.isnan(x) | np.isnan(y))
     d = (x - y)[keep]
-    if labels is not None:
-        labels = [lab for lab, k in zip(labels, keep) if k]
+    labels = kept(labels, keep)
     if len(d) == 0:
         raise ValueError("a and b have no pair where both values are finite")
     cells = Strata.of(labels, len(d))
@@ -233,9 +210,7 @@ def unpaired_comparison(a: npt.ArrayLike, b: npt.ArrayLike, strata_a: Labels = N
     la, lb = as_labels(strata_a, len(x), "strata_a"), as_labels(strata_b, len(y), "strata_b")
     keep_a, keep_b = ~np.isnan(x), ~np.isnan(y)
     x, y = x[keep_a], y[keep_b]
-    if la is not None and lb is not None:
-        la = [lab for lab, k in zip(la, keep_a) if k]
-        lb = [lab for lab, k in zip(lb, keep_b) if k]
+    la, lb = kept(la, keep_a), kept(lb, keep_b)
     for name, v in (("a", x), ("b", y)):
         if len(v) == 0:
             raise ValueError(f"{name} holds no finite value")

@@ -49,7 +49,7 @@ import math
 import warnings
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -65,10 +65,12 @@ from flatlab.stats._common import (
     check_seed,
     dropped_note,
     join_notes,
+    kept,
     resample_counts,
     small_sample_note,
 )
 from flatlab.stats.bootstrap import check_interval_args, percentile_interval
+from flatlab.stats.estimate import IntervalEstimate
 
 CorrelationMethod = Literal["kendall", "spearman"]
 
@@ -78,37 +80,27 @@ DEFAULT_RESAMPLES = 4999
 Labels = Sequence[Hashable] | npt.ArrayLike | None
 
 
-@dataclass(frozen=True)
-class CorrelationResult:
-    """A rank correlation over runs with its p-value and a bootstrap CI.
+@dataclass(frozen=True, kw_only=True)
+class CorrelationResult(IntervalEstimate):
+    """A rank correlation over runs with its p-value and a percentile bootstrap CI
+    (:class:`~flatlab.stats.estimate.IntervalEstimate`; NaN for n < 5 or when undefined;
+    small_sample: fewer than 5 runs in a test domain or overall).
 
     Attributes:
         statistic: Kendall's tau-b or Spearman's rho (NaN if undefined: n < 2 or constant input).
         p_value: scipy's two-sided p-value (NaN for n < 5 or undefined statistic).
-        ci_low, ci_high: percentile bootstrap CI (NaN for n < 5 or when undefined).
         n: runs with finite x and y.
         method: "kendall" or "spearman".
-        confidence: nominal coverage; n_resamples: resamples drawn (0 when none).
-        n_strata: test domains.
-        small_sample: fewer than 5 runs in a test domain (or overall).
-        note: what to know; None when nothing.
+        n_resamples: resamples drawn (0 when none).
     """
+
+    estimate_of: ClassVar[str] = "statistic"
 
     statistic: float
     p_value: float
-    ci_low: float
-    ci_high: float
     n: int
     method: str
-    confidence: float
     n_resamples: int
-    n_strata: int
-    small_sample: bool
-    note: str | None
-
-    @property
-    def estimate(self) -> float:
-        return self.statistic
 
 
 @dataclass(frozen=True)
@@ -136,25 +128,19 @@ class GranulatedTau:
         raise KeyError(f"axis {axis!r} does not vary (varying: {', '.join(self.varying_axes) or 'none'})")
 
 
-@dataclass(frozen=True)
-class GranulatedTauCI:
-    """Granulated tau with a percentile bootstrap CI over runs (resampled within test domains)."""
+@dataclass(frozen=True, kw_only=True)
+class GranulatedTauCI(IntervalEstimate):
+    """Granulated tau with a percentile bootstrap CI over runs (resampled within test domains):
+    the fields of :class:`GranulatedTau`, the resamples drawn, and the interval
+    (:class:`~flatlab.stats.estimate.IntervalEstimate`)."""
+
+    estimate_of: ClassVar[str] = "psi"
 
     psi: float
     axes: tuple[AxisTau, ...]
     varying_axes: tuple[str, ...]
     n: int
-    ci_low: float
-    ci_high: float
-    confidence: float
     n_resamples: int
-    n_strata: int
-    small_sample: bool
-    note: str | None
-
-    @property
-    def estimate(self) -> float:
-        return self.psi
 
 
 # --- shared pieces -----------------------------------------------------------------------------
@@ -167,8 +153,7 @@ def _finite_rows(x: npt.ArrayLike, y: npt.ArrayLike, labels: Labels, name_x: str
         raise ValueError(f"{name_x} and {name_y} must have the same length, got {len(xv)} and {len(yv)}")
     lab = as_labels(labels, len(xv), "strata")
     keep = ~(np.isnan(xv) | np.isnan(yv))
-    if lab is not None:
-        lab = [v for v, k in zip(lab, keep) if k]
+    lab = kept(lab, keep)
     return xv[keep], yv[keep], keep, lab
 
 
@@ -197,7 +182,8 @@ def weighted_tau_b(counts: npt.NDArray[np.float64], sx: npt.NDArray[np.float64],
         return np.where(den > 0, num / np.sqrt(np.where(den > 0, den, 1.0)), np.nan)
 
 
-def _rowwise_spearman(x: npt.NDArray[np.float64], y: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+def rowwise_spearman(x: npt.NDArray[np.float64], y: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+    """Spearman's rho of each row pair (x[b], y[b]) of two (B, n) arrays; NaN where a row is constant."""
     rx, ry = stats.rankdata(x, axis=1), stats.rankdata(y, axis=1)
     rx -= rx.mean(axis=1, keepdims=True)
     ry -= ry.mean(axis=1, keepdims=True)
@@ -273,7 +259,7 @@ def _resampled_correlations(x: npt.NDArray[np.float64], y: npt.NDArray[np.float6
             yield weighted_tau_b(resample_counts(idx, cells.n), sx, sy)
     else:
         for idx in bootstrap_indices(cells, n_resamples, rng):
-            yield _rowwise_spearman(x[idx], y[idx])
+            yield rowwise_spearman(x[idx], y[idx])
 
 
 # --- granulated tau ----------------------------------------------------------------------------

@@ -17,6 +17,8 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
+from flatlab.stats._common import as_vector
+
 
 def holm(pvalues: npt.ArrayLike) -> npt.NDArray[np.float64]:
     """Holm-Bonferroni adjusted p-values, in the input order.
@@ -26,12 +28,7 @@ def holm(pvalues: npt.ArrayLike) -> npt.NDArray[np.float64]:
     Raises:
         ValueError: pvalues is not 1-D, or holds a value outside [0, 1] or an infinity.
     """
-    try:
-        p = np.array(pvalues, dtype=np.float64)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"pvalues must be a 1-D sequence of numbers: {exc}") from None
-    if p.ndim != 1:
-        raise ValueError(f"pvalues must be 1-D, got shape {p.shape}")
+    p = as_vector(pvalues, "pvalues")
     finite = ~np.isnan(p)
     if np.any((p[finite] < 0) | (p[finite] > 1)):
         bad = p[finite][(p[finite] < 0) | (p[finite] > 1)][0]
