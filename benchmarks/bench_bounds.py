@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _harness import environment, markdown_table
 
 from flatlab.checkpoint import load_checkpoint
 from flatlab.sharpness import fold_batchnorm, sigma_search
@@ -116,11 +117,8 @@ def main() -> None:
     header = ["search", "reference passes", "reference s", "ref converged", "CRN, full passes", "flatlab passes",
               "flatlab s", "flatlab converged", "passes ratio", "time ratio", "median sigma ref / flatlab"]
     print(f"digits CNN (width 8), m = {sum(len(y) for _, y in batches)}, K = 10, depth 15, tol 0.01, "
-          f"{args.seeds} seeds, medians, device {args.device}\n")
-    print("| " + " | ".join(header) + " |")
-    print("|" + "---|" * len(header))
-    for row in rows:
-        print("| " + " | ".join(row) + " |")
+          f"{args.seeds} seeds, medians; {environment(args.device)}\n")
+    print(markdown_table(header, rows))
 
 
 if __name__ == "__main__":

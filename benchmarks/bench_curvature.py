@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _harness import environment, interleaved_medians, markdown_table
 from torch import nn
 
 from flatlab.curvature import HessianOperator, lanczos_top_eigenvalues
@@ -76,12 +77,6 @@ def resnet18_case(samples: int = 32) -> tuple[str, nn.Module, list]:
 COST_ROUNDS = 9
 
 
-def elapsed(fn: Callable[[], object]) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
 def reference_eigenvalues(model: nn.Module, batches: list, k: int) -> np.ndarray:
     """Converged top-k in float64 (the same weights, cast)."""
     model64 = copy.deepcopy(model).double().eval()
@@ -120,8 +115,7 @@ def bench_case(name: str, model: nn.Module, batches: list, repeats: int, rows: l
     print(f"[{name}] reference ...", file=sys.stderr, flush=True)
     ref = reference_eigenvalues(model, batches, 5)
     if hvp_cost:
-        # One HVP relative to one gradient over the same data. The methods and the gradient are
-        # timed interleaved (each round runs every one once), so all see the same machine load.
+        # One HVP relative to one gradient over the same data, timed interleaved with it.
         op_grad = HessianOperator(model, batches, graph_cache_bytes=0)
         v = torch.randn(op_grad.dim, generator=torch.Generator().manual_seed(0))
         methods = {"double backward, cached graph (default)": ("double-backward", None),
@@ -129,17 +123,11 @@ def bench_case(name: str, model: nn.Module, batches: list, repeats: int, rows: l
                    "forward-over-reverse (torch.func)": ("forward-over-reverse", 0)}
         ops = {label: HessianOperator(model, batches, method=method, graph_cache_bytes=cache)
                for label, (method, cache) in methods.items()}
-        for op in ops.values():
-            op.hvp(v)  # warm-up (and, when cached, the graph build)
-        op_grad.gradient()
-        times: dict[str, list[float]] = {label: [] for label in [*ops, "gradient"]}
-        for _ in range(COST_ROUNDS):
-            for label, op in ops.items():
-                times[label].append(elapsed(lambda op=op: op.hvp(v)))
-            times["gradient"].append(elapsed(op_grad.gradient))
-        t_grad = statistics.median(times["gradient"])
-        for label in ops:
-            seconds = statistics.median(times[label])
+        # The warm-up call of each HVP also builds the cached graph where there is one.
+        hvps: dict[str, Callable[[], object]] = {label: lambda op=op: op.hvp(v) for label, op in ops.items()}
+        medians = interleaved_medians({**hvps, "gradient": op_grad.gradient}, COST_ROUNDS)
+        t_grad = medians.pop("gradient")
+        for label, seconds in medians.items():
             cost_rows.append([name, label, f"{seconds * 1000:.1f}", f"{t_grad * 1000:.1f}", f"{seconds / t_grad:.2f}"])
     solve = solvers(rtols)
     for k in ks:
@@ -161,12 +149,6 @@ def bench_case(name: str, model: nn.Module, batches: list, repeats: int, rows: l
             ours = med[solver]
             rows.append([name, f"top-{k}", solver, f"{ours['hvps']:.0f}", f"{theirs['hvps'] / ours['hvps']:.1f}x",
                          f"{ours['time']:.2f}", f"{theirs['time'] / ours['time']:.1f}x", f"{ours['err']:.1e}"])
-
-
-def markdown(rows: list[list[str]], header: list[str]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -191,15 +173,15 @@ def main(argv: list[str] | None = None) -> int:
         name, model, batches = cases[model_name]()
         before = len(rows)
         bench_case(name, model, batches, args.repeats, rows, cost_rows, ks, not args.no_hvp_cost, rtols)
-        print(markdown(rows[before:], ROW_HEADER), file=sys.stderr, flush=True)
-    print(f"torch {torch.__version__}, {args.threads} threads, CPU, float32; medians over {args.repeats} seeds; "
+        print(markdown_table(ROW_HEADER, rows[before:]), file=sys.stderr, flush=True)
+    print(f"{environment()}, float32; medians over {args.repeats} seeds; "
           f"relative error = max over the k eigenvalues vs a float64 ARPACK reference (tol 1e-9); "
           f"flatlab early-stopping Lanczos (residuals from the Lanczos relation, no extra HVPs), "
           f"flatlab ARPACK tol 1e-4 (residual checks included in its HVPs), PyHessian tol 1e-3, maxIter 100.\n")
-    print(markdown(rows, ROW_HEADER))
+    print(markdown_table(ROW_HEADER, rows))
     if cost_rows:
         print()
-        print(markdown(cost_rows, ["model", "HVP method", "one HVP (ms)", "one gradient (ms)", "HVP / gradient"]))
+        print(markdown_table(["model", "HVP method", "one HVP (ms)", "one gradient (ms)", "HVP / gradient"], cost_rows))
     print(f"\ntotal benchmark time {time.perf_counter() - start:.0f} s")
     return 0
 

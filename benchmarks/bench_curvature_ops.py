@@ -26,12 +26,12 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from collections.abc import Callable
 
 import torch
+from _harness import environment, interleaved_medians, markdown_table
 from torch import nn
 
 from flatlab.curvature import (
@@ -72,29 +72,19 @@ def product_methods(model: nn.Module, batches: list) -> dict[str, tuple[str, Cal
     return {label: (op.kind, op.product) for label, op in ops.items()}
 
 
-def elapsed(fn: Callable[[], object]) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
+COST_HEADER = ["model", "curvature", "method", "one product (ms)", "one gradient (ms)", "product / gradient"]
 
 
 def bench_products(name: str, model: nn.Module, batches: list, rounds: int, rows: list) -> None:
     gradient_op = HessianOperator(model, batches, graph_cache_bytes=0)
     v = torch.randn(gradient_op.dim, generator=torch.Generator().manual_seed(0))
     methods = product_methods(model, batches)
-    for label, (kind, product) in methods.items():
-        print(f"[{name}] warm-up {kind}: {label} ...", file=sys.stderr, flush=True)
-        product(v)
-    gradient_op.gradient()
-    times: dict[str, list[float]] = {label: [] for label in [*methods, "gradient"]}
-    for r in range(rounds):
-        print(f"[{name}] round {r + 1}/{rounds}", file=sys.stderr, flush=True)
-        for label, (_, product) in methods.items():
-            times[label].append(elapsed(lambda product=product: product(v)))
-        times["gradient"].append(elapsed(gradient_op.gradient))
-    t_grad = statistics.median(times["gradient"])
+    products: dict[str, Callable[[], object]] = {
+        label: lambda product=product: product(v) for label, (_, product) in methods.items()}
+    medians = interleaved_medians({**products, "gradient": gradient_op.gradient}, rounds, progress=name)
+    t_grad = medians["gradient"]
     for label, (kind, _) in methods.items():
-        seconds = statistics.median(times[label])
+        seconds = medians[label]
         rows.append([name, kind, label, f"{seconds * 1000:.1f}", f"{t_grad * 1000:.1f}", f"{seconds / t_grad:.2f}"])
 
 
@@ -156,12 +146,6 @@ def bench_solvers(name: str, model: nn.Module, batches: list, slq_steps: int, tr
     return pyhessian_density_failure(HessianOperator(model, batches))
 
 
-def markdown(rows: list[list[str]], header: list[str]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(lines)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1)
@@ -188,18 +172,16 @@ def main(argv: list[str] | None = None) -> int:
         else:
             case = resnet
         bench_products(*case, args.rounds, cost_rows)
-        print(markdown(cost_rows, ["model", "curvature", "method", "one product (ms)", "one gradient (ms)",
-                                   "product / gradient"]), file=sys.stderr, flush=True)
+        print(markdown_table(COST_HEADER, cost_rows), file=sys.stderr, flush=True)
     if not args.no_solvers:
         density_note = bench_solvers(*resnet, args.slq_steps, args.trace_products, solver_rows)
-    print(f"torch {torch.__version__}, {args.threads} thread(s), CPU, float32, eval mode; medians of {args.rounds} "
+    print(f"{environment()}, float32, eval mode; medians of {args.rounds} "
           "interleaved rounds.\n")
-    print(markdown(cost_rows, ["model", "curvature", "method", "one product (ms)", "one gradient (ms)",
-                               "product / gradient"]))
+    print(markdown_table(COST_HEADER, cost_rows))
     if solver_rows:
         print()
-        print(markdown(solver_rows, ["model", "curvature", "solver", "products", "time (s)", "s per product",
-                                     "s per product inside products", "share of time in products"]))
+        print(markdown_table(["model", "curvature", "solver", "products", "time (s)", "s per product",
+                              "s per product inside products", "share of time in products"], solver_rows))
         print(f"\nPyHessian density() (2 Lanczos steps): {density_note}")
     print(f"\ntotal benchmark time {time.perf_counter() - start:.0f} s")
     return 0

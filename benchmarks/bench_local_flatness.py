@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from _harness import environment, markdown_table
 
 from flatlab.checkpoint import load_checkpoint
 from flatlab.sharpness.perturb import mean_loss, noise_seed, seeded_normal
@@ -99,11 +100,8 @@ def main() -> None:
               f"stderr, {n_eval} independent", f"stderr, {n_eval // 2} pairs", "pairs / independent",
               "corr(L+, L-)"]
     print(f"\n{args.directions} directions, both signs, per radius and split; stderr at N = {n_eval} evaluations; "
-          f"CPU, {args.threads} thread(s)\n")
-    print("| " + " | ".join(header) + " |")
-    print("|" + "---|" * len(header))
-    for row in rows:
-        print("| " + " | ".join(row) + " |")
+          f"{environment()}\n")
+    print(markdown_table(header, rows))
 
 
 if __name__ == "__main__":

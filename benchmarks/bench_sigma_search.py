@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _harness import environment, markdown_table
 
 from flatlab.checkpoint import load_checkpoint
 from flatlab.sharpness import fold_batchnorm, sigma_search
@@ -135,11 +136,8 @@ def main() -> None:
     header = ["model", "noise", "search", "passes", "seconds", "draws at sigma", "drop stderr",
               "|D_ind - 0.1|", "D_ind within 0.01", "implied sigma in 95% CI", "CI half-width"]
     print(f"\n{args.seeds} seeds, medians; independent check: {args.check_draws} full-pass draws per sigma; "
-          f"CPU, {args.threads} thread(s)\n")
-    print("| " + " | ".join(header) + " |")
-    print("|" + "---|" * len(header))
-    for row in rows:
-        print("| " + " | ".join(row) + " |")
+          f"{environment()}\n")
+    print(markdown_table(header, rows))
 
 
 if __name__ == "__main__":

@@ -17,20 +17,15 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from collections.abc import Callable
 
 import numpy as np
 import torch
+from _harness import elapsed, environment, markdown_table
 from torch import nn
 
 from flatlab.surface.directions import normalize_direction, parameter_tensors, random_direction
 from flatlab.surface.evaluate import PointEvaluator, SurfaceProblem
-
-
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def bench(name: str, model: nn.Module, source, target, repeats: int, device: str,
@@ -69,11 +64,7 @@ def bench(name: str, model: nn.Module, source, target, repeats: int, device: str
             del methods[label], times[label]
     for _ in range(repeats):
         for label, (fn, k) in methods.items():
-            _sync(device)
-            start = time.perf_counter()
-            fn()
-            _sync(device)
-            times[label].append((time.perf_counter() - start) / k)
+            times[label].append(elapsed(fn) / k)
     evaluators[1].restore()
     limit = statistics.median(times["forward pass (limit)"])
     rows = []
@@ -127,11 +118,8 @@ def main() -> None:
     rows += bench(f"ResNet-18 {args.resnet_resolution}px", resnet, rsrc, rtgt, max(3, args.repeats // 2),
                   args.device, sizes[:1])
     header = ["model", "params", "samples", "device", "method", "ms per point (median)", "vs forward"]
-    print("| " + " | ".join(header) + " |")
-    print("|" + "|".join("---" for _ in header) + "|")
-    for r in rows:
-        print("| " + " | ".join(r) + " |")
-    print(f"\ntorch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(markdown_table(header, rows))
+    print(f"\n{environment(args.device)}")
 
 
 if __name__ == "__main__":

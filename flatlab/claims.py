@@ -58,7 +58,6 @@ import fnmatch
 import math
 import os
 import re
-import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -67,6 +66,7 @@ from typing import Any
 import numpy as np
 
 from flatlab.errors import FlatlabError
+from flatlab.io import read_toml
 from flatlab.report import (
     ACCURACY_COLUMNS,
     DIAGNOSTIC_COLUMNS,
@@ -84,11 +84,6 @@ from flatlab.report import (
     static_columns,
     variants_of,
 )
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - Python 3.10
-    import tomli as tomllib
 
 #: Kinds of claim.
 CLAIM_KINDS = ("comparison", "value", "accuracy", "correlation", "correlation_difference")
@@ -371,12 +366,7 @@ def load_claims(path: str | os.PathLike[str], known_variants: Iterable[str] = ()
             measure, a wrong type, a missing required key, a repeated id.
     """
     p = Path(path)
-    if not p.is_file():
-        raise FlatlabError(f"no such claims file: {p}")
-    try:
-        raw = tomllib.loads(p.read_text(encoding="utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise FlatlabError(f"{p} is not valid TOML: {exc}") from None
+    raw = read_toml(p, "claims file")
     try:
         for key in raw:
             if key not in ("claims", "claim"):

@@ -18,6 +18,7 @@ import fnmatch
 import hashlib
 import json
 import os
+import sys
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -26,6 +27,11 @@ from typing import Any, Literal
 import numpy as np
 
 from flatlab.errors import FlatlabError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
 
 #: errno -> what it means for an output path, in words a user can act on.
 _OS_REASONS: dict[int, str] = {
@@ -242,6 +248,20 @@ def settings_fingerprint(settings: dict[str, Any], *arrays: np.ndarray) -> str:
 def array_sha256(array: np.ndarray) -> str:
     """Hex SHA-256 of an array's bytes in C order (e.g. the raw random draws of a surface)."""
     return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
+
+
+def read_toml(path: str | os.PathLike[str], what: str) -> dict[str, Any]:
+    """The table of the TOML file at ``path``; FlatlabError naming ``what`` (``study file``)
+    when the file is missing, unreadable or not valid UTF-8 TOML."""
+    p = Path(path)
+    if not p.is_file():
+        raise FlatlabError(f"no such {what}: {p}")
+    try:
+        return tomllib.loads(p.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise FlatlabError(f"{p} is not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise FlatlabError(f"cannot read {what} {p}: {os_error_reason(exc)}") from None
 
 
 def dumps_json(obj: Any) -> str:

@@ -42,14 +42,9 @@ from types import SimpleNamespace
 from typing import Any
 
 from flatlab.errors import FlatlabError
-from flatlab.io import atomic_write_text
+from flatlab.io import atomic_write_text, read_toml
 from flatlab.measures import FAMILIES, ConfigError, MeasureConfig, MeasurementSettings, get_measure
 from flatlab.measures.registry import configs_from_values, family_settings, measures_of
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - Python 3.10
-    import tomli as tomllib
 
 # --- the study schema ----------------------------------------------------------------------------
 
@@ -265,12 +260,7 @@ def load_study(path: str | os.PathLike[str]) -> Study:
     from flatlab.train.hparams import default_model, default_steps, resolve_hparams
 
     p = Path(path)
-    if not p.is_file():
-        raise FlatlabError(f"no such study file: {p}")
-    try:
-        raw = tomllib.loads(p.read_text(encoding="utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise FlatlabError(f"{p} is not valid TOML: {exc}") from None
+    raw = read_toml(p, "study file")
     for key, value in raw.items():
         if key not in TOP_LEVEL:
             raise FlatlabError(f"{p}: unknown key {key!r} at the top level (known: {', '.join(TOP_LEVEL)})")

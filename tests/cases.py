@@ -1,7 +1,10 @@
 """Small problems with known answers, shared by the correctness tests (curvlinops style).
 
 Every case builds, in float64, a model, a loss and a list of batches small enough that the dense
-Hessian, exact traces and closed-form surfaces can be computed by brute force.
+Hessian, exact traces and closed-form surfaces can be computed by brute force; the brute-force
+references' flat-parameter view (:func:`flat_parameters`, :func:`flat_loss`) lives here too. The
+end of the file holds the inputs of command-line tests: tiny checkpoints, tiny studies, files
+that are not results, and the check of a one-line refusal.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
 import torch
 from torch import nn
 
@@ -26,32 +30,66 @@ def _batches(x: torch.Tensor, y: torch.Tensor, size: int) -> list[tuple[torch.Te
     return [(x[i:i + size], y[i:i + size]) for i in range(0, len(y), size)]
 
 
+def _randomized(model: nn.Module, g: torch.Generator, scale: float = 1.0) -> nn.Module:
+    """``model`` in eval mode with every parameter drawn from ``scale`` N(0, 1) by ``g`` (in
+    parameter order: the cases' numbers depend on it)."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * scale)
+    return model.eval()
+
+
 def tiny_mlp_case(seed: int = 0, n: int = 40, batch: int = 16) -> Case:
     """MLP 6 -> 5 -> 3 with ReLU, cross-entropy, uneven last batch (weights |B|/N matter)."""
     g = torch.Generator().manual_seed(seed)
-    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3)).double()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64))
+    model = _randomized(nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3)).double(), g)
     x = torch.randn(n, 6, generator=g, dtype=torch.float64)
     y = torch.randint(0, 3, (n,), generator=g)
-    return Case("tiny-mlp", model.eval(), _batches(x, y, batch), nn.functional.cross_entropy)
+    return Case("tiny-mlp", model, _batches(x, y, batch), nn.functional.cross_entropy)
 
 
 def tiny_cnn_bn_case(seed: int = 0, n: int = 24, batch: int = 10) -> Case:
     """Conv(1->2) + BatchNorm (eval statistics) + Tanh + pool + Linear(2->3)."""
     g = torch.Generator().manual_seed(seed)
-    model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.BatchNorm2d(2), nn.Tanh(),
-                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2, 3)).double()
+    model = _randomized(nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.BatchNorm2d(2), nn.Tanh(),
+                                      nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2, 3)).double(), g)
     with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64))
         bn = model[1]
         bn.running_mean.copy_(torch.randn(2, generator=g, dtype=torch.float64) * 0.1)
         bn.running_var.copy_(torch.rand(2, generator=g, dtype=torch.float64) + 0.5)
     x = torch.randn(n, 1, 5, 5, generator=g, dtype=torch.float64)
     y = torch.randint(0, 3, (n,), generator=g)
-    return Case("tiny-cnn-bn", model.eval(), _batches(x, y, batch), nn.functional.cross_entropy)
+    return Case("tiny-cnn-bn", model, _batches(x, y, batch), nn.functional.cross_entropy)
+
+
+def flat_parameters(model: nn.Module) -> tuple[torch.Tensor, Callable[[torch.Tensor], dict[str, torch.Tensor]]]:
+    """The brute-force references' view of ``model``: its parameters as one flat (detached) vector,
+    and the map from such a vector back to named tensors for ``torch.func.functional_call``."""
+    named = list(model.named_parameters())
+    names = [n for n, _ in named]
+    shapes = [p.shape for _, p in named]
+    sizes = [p.numel() for _, p in named]
+
+    def weights(flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {n: c.view(s) for n, c, s in zip(names, torch.split(flat, sizes), shapes)}
+
+    return torch.cat([p.detach().reshape(-1) for _, p in named]), weights
+
+
+def flat_loss(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]],
+              loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+              ) -> tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], dict[str, torch.Tensor]],
+                         torch.Tensor]:
+    """The |B|/N-weighted loss over ``batches`` as a function of a flat parameter vector (what
+    flatlab's operators differentiate), with :func:`flat_parameters`' map and vector."""
+    flat0, weights = flat_parameters(model)
+    n_total = sum(len(y) for _, y in batches)
+
+    def full_loss(flat: torch.Tensor) -> torch.Tensor:
+        return sum(loss_fn(torch.func.functional_call(model, weights(flat), (x,)), y) * len(y) / n_total
+                   for x, y in batches)
+
+    return full_loss, weights, flat0
 
 
 class Quadratic(nn.Module):
@@ -111,13 +149,10 @@ def relu_two_layer_case(seed: int = 0, n: int = 30, batch: int = 10, d_in: int =
     """Linear(d_in -> hidden) -> ReLU -> Linear(hidden -> classes), no BatchNorm, cross-entropy:
     the network whose layer rescaling (:func:`rescale_relu_layers`) leaves the function unchanged."""
     g = torch.Generator().manual_seed(seed)
-    model = nn.Sequential(nn.Linear(d_in, hidden), nn.ReLU(), nn.Linear(hidden, classes)).double()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64))
+    model = _randomized(nn.Sequential(nn.Linear(d_in, hidden), nn.ReLU(), nn.Linear(hidden, classes)).double(), g)
     x = torch.randn(n, d_in, generator=g, dtype=torch.float64)
     y = torch.randint(0, classes, (n,), generator=g)
-    return Case("relu-two-layer", model.eval(), _batches(x, y, batch), nn.functional.cross_entropy)
+    return Case("relu-two-layer", model, _batches(x, y, batch), nn.functional.cross_entropy)
 
 
 def rescale_relu_layers(model: nn.Sequential, a: float, first: int = 0, second: int = 2) -> nn.Sequential:
@@ -145,13 +180,6 @@ class ModelPair:
     model2: nn.Module
     batches: list[tuple[torch.Tensor, torch.Tensor]]
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def _randomized(model: nn.Module, g: torch.Generator) -> nn.Module:
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype))
-    return model.eval()
 
 
 def linear_regression_pair(seed: int = 0, n: int = 30, d: int = 4, o: int = 2, batch: int = 8) -> ModelPair:
@@ -338,14 +366,11 @@ def interpolating_mse_case(seed: int = 0, n: int = 30, batch: int = 12) -> Case:
     """MLP 4 -> 5 -> 2 (Tanh) with squared error against its own outputs: an interpolating
     minimum (every residual zero), where the GGN equals the Hessian and the empirical Fisher is 0."""
     g = torch.Generator().manual_seed(seed)
-    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 2)).double()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64))
+    model = _randomized(nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 2)).double(), g)
     x = torch.randn(n, 4, generator=g, dtype=torch.float64)
     with torch.no_grad():
         y = model(x)
-    return Case("interpolating-mse", model.eval(), _batches(x, y, batch), nn.functional.mse_loss)
+    return Case("interpolating-mse", model, _batches(x, y, batch), nn.functional.mse_loss)
 
 
 class OldStyleSquare(torch.autograd.Function):
@@ -376,10 +401,146 @@ class OldStyleMLP(nn.Module):
 
 def old_style_case(seed: int = 0, n: int = 14, batch: int = 5) -> Case:
     g = torch.Generator().manual_seed(seed)
-    model = OldStyleMLP().double()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64) * 0.5)
+    model = _randomized(OldStyleMLP().double(), g, scale=0.5)
     x = torch.randn(n, 3, generator=g, dtype=torch.float64)
     y = torch.randint(0, 3, (n,), generator=g)
-    return Case("old-style", model.eval(), _batches(x, y, batch), nn.functional.cross_entropy)
+    return Case("old-style", model, _batches(x, y, batch), nn.functional.cross_entropy)
+
+
+# --- tiny studies, files that are not results, one-line refusals ---------------------------------
+
+def data_model_sections(width: int = 16) -> str:
+    """The [data] and [model] sections of the test studies: an MLP of depth 1 on 8x8 rotated
+    digits, test domain 0 (width 8 is the architecture of the session fixture ``mlp_run``)."""
+    return f"""
+[data]
+dataset = "rotated-digits"
+test_envs = [0]
+options = {{ resolution = 8 }}
+
+[model]
+name = "mlp"
+options = {{ width = {width}, depth = 1 }}
+"""
+
+
+#: The [data] and [model] sections of most test studies (width 16).
+DATA_MODEL = data_model_sections()
+
+#: A one-job study (ERM for 10 steps, seed 0) that a test completes with its measurement sections.
+ERM_STUDY = DATA_MODEL + '\n[train]\nsteps = 10\nseeds = [0]\n\n[[algorithms]]\nalgorithm = "erm"\n\n'
+
+#: A one-job study with a curvature measurement: ERM at lr 0.01, the top eigenvalue on 50 samples.
+CURVATURE_STUDY = DATA_MODEL + """
+[train]
+steps = 10
+seeds = [0]
+hparams = { lr = 0.01 }
+
+[[algorithms]]
+algorithm = "erm"
+
+[measure]
+max_samples = 50
+
+[measure.curvature]
+top_k = 1
+"""
+
+#: Two ERM variants (fp, fpb) x 2 seeds, an ensemble of the fp seeds and three [[barriers]]
+#: entries, on mlp_run's architecture (width 8): the session runs can stand in for its training jobs.
+BARRIER_STUDY = """
+[study]
+name = "bar17"
+""" + data_model_sections(width=8) + """
+[train]
+steps = 60
+seeds = [0, 1]
+trial_seed = 0
+
+[[algorithms]]
+label = "fp"
+algorithm = "erm"
+
+[[algorithms]]
+label = "fpb"
+algorithm = "erm"
+hparams = { lr = 0.002 }
+
+[[ensembles]]
+name = "eoq"
+variant = "fp"
+
+[[barriers]]
+name = "fp-fpb"
+between = ["fp", "fpb"]
+points = 3
+max_samples = 40
+
+[[barriers]]
+name = "fp-fpb-fine"
+between = ["fp", "fpb"]
+points = 5
+max_samples = 40
+seeds = [0]
+
+[[barriers]]
+name = "members"
+members = "eoq"
+points = 3
+max_samples = 40
+"""
+
+
+def write_study(folder: Path, text: str, name: str = "study.toml") -> Path:
+    path = folder / name
+    path.write_text(text)
+    return path
+
+
+def one_error_line(capsys: pytest.CaptureFixture[str], skip_warnings: bool = False) -> str:
+    """The one line a refused command wrote to stderr, ``flatlab: error: ...``, with no traceback.
+    ``skip_warnings`` passes over Python warning lines (a library's notes, not the refusal)."""
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    if skip_warnings:
+        lines = [line for line in lines if "Warning" not in line and "warnings.warn" not in line]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("flatlab: error: ") and "Traceback" not in err, err
+    return lines[0]
+
+
+def refused_study(folder: Path, capsys: pytest.CaptureFixture[str], text: str, *flags: str,
+                  skip_warnings: bool = False) -> str:
+    """``flatlab sweep FLAGS`` on a study file holding ``text`` must exit 2 with one error line that
+    names the file, and create no output folder: the line, for the caller's words."""
+    from flatlab.cli import main
+
+    study = write_study(folder, text)
+    out = folder / "out"
+    assert main(["sweep", str(study), *flags, "--out", str(out)]) == 2
+    line = one_error_line(capsys, skip_warnings)
+    assert str(study) in line, line
+    assert not out.exists()
+    return line
+
+
+def write_non_results(folder: Path) -> list[tuple[Path, str]]:
+    """Files every reader of results files must refuse, each with the words of its refusal: a text
+    file, someone else's HDF5 file, and flatlab results files without runs (no /runs, an empty one)."""
+    import h5py
+    import numpy as np
+
+    text = folder / "notes.txt"
+    text.write_text("not hdf5")
+    foreign = folder / "other.h5"
+    with h5py.File(foreign, "w") as fh:
+        fh["weights"] = np.arange(3)
+    no_runs, empty_runs = folder / "no-runs.h5", folder / "empty-runs.h5"
+    for path in (no_runs, empty_runs):
+        with h5py.File(path, "w") as fh:
+            fh.attrs["schema_version"] = 1
+            if path == empty_runs:
+                fh.create_group("runs")
+    return [(text, "not a flatlab results file"), (foreign, "not a flatlab results file"), (no_runs, "no runs"),
+            (empty_runs, "no runs")]

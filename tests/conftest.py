@@ -67,3 +67,13 @@ def qat_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("runs") / "qat-cnn"
     return _train(out, steps=400, eval_every=100, model="cnn", model_options={"width": 8}, seed=0,
                   algorithm="qat", hparam_flags={"bits": 4, "quant_start": 200})
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny models: on a shared 2-core machine it beats two (no
+    spin-waiting threads). Use it with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

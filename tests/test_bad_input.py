@@ -129,6 +129,32 @@ def _no_run(i: Inputs, t: Path) -> list[str]:
     return [str(t / "run")]
 
 
+#: Paths an output cannot take, the words of each refusal and the path given a name: a file where
+#: a folder goes, a folder where a file goes, a path under a file, and a folder nobody may write.
+BAD_OUTPUTS: dict[str, tuple[str, Callable[[Inputs, str], Path]]] = {
+    "is-file": ("it is a file, not a folder", lambda i, name: i.plain_file),
+    "is-folder": ("it is a folder, not a file", lambda i, name: i.folder),
+    "under-file": ("is a file, not a folder", lambda i, name: i.plain_file / name),
+    "sys": ("cannot write /sys/{name}", lambda i, name: Path("/sys") / name),
+}
+
+
+def _on(command: str, source: str, *options: str) -> Callable[[Inputs], list[str]]:
+    """``flatlab COMMAND <inputs.SOURCE> OPTIONS --quiet`` (the start of a command line)."""
+    return lambda i: [command, str(getattr(i, source)), *options, "--quiet"]
+
+
+def _bad_outputs(prefix: str, argv: Callable[[Inputs], list[str]], flag: str, name: str, *kinds: str) -> list[Case]:
+    """The cases ``PREFIX-KIND`` of one output option: ``argv(inputs) FLAG <a bad path>`` for each
+    kind of :data:`BAD_OUTPUTS` (``name``: the file or folder the option would write)."""
+    return [Case(f"{prefix}-{kind}", lambda i, t, path=BAD_OUTPUTS[kind][1]: [*argv(i), flag, str(path(i, name))],
+                 BAD_OUTPUTS[kind][0].format(name=name))
+            for kind in kinds]
+
+
+#: A cheap measurement of the tiny checkpoint, for the cases of its output path.
+SHARPNESS = _on("sharpness", "ckpt", "--trace", "--trace-products", "6", "--max-samples", "50")
+
 CASES = [
     # train: values and types, refused before anything is written
     Case("train-holdout-1.5", _train("--holdout-fraction", "1.5"), "holdout_fraction must lie strictly between 0 and 1", _no_run),
@@ -158,9 +184,7 @@ CASES = [
          "pretrained weights file", _no_run),
     Case("train-test-env-unknown", _train("--test-env", "9"), "unknown domain", _no_run),
     # train: output folders that cannot be
-    Case("train-out-is-file", lambda i, t: [*TRAIN, "--out", str(i.plain_file)], "it is a file, not a folder"),
-    Case("train-out-under-file", lambda i, t: [*TRAIN, "--out", str(i.plain_file / "run")], "is a file, not a folder"),
-    Case("train-out-sys", lambda i, t: [*TRAIN, "--out", "/sys/flatlab-test-run"], "cannot write /sys/flatlab-test-run"),
+    *_bad_outputs("train-out", lambda i: TRAIN, "--out", "flatlab-test-run", "is-file", "under-file", "sys"),
     Case("train-out-read-only", lambda i, t: [*TRAIN, "--out", str(i.read_only / "run")], "cannot write",
          lambda i, t: [str(i.read_only / "run")], needs_read_only=True),
     # evaluate / info: damaged checkpoints and bad values
@@ -189,49 +213,30 @@ CASES = [
          "100000 x 100000 grid has 10,000,000,000 points", lambda i, t: [str(t / "s.h5*")]),
     Case("surface-out-is-folder", lambda i, t: ["surface", str(i.ckpt), "--out", str(i.folder), "--quiet"],
          "it is a folder, not a file", lambda i, t: [str(i.folder) + ".journal"]),
-    Case("surface-out-sys", lambda i, t: ["surface", str(i.ckpt), "--out", "/sys/flatlab-s.h5", "--quiet"],
-         "cannot write /sys/flatlab-s.h5"),
-    Case("surface-out-under-file", lambda i, t: ["surface", str(i.ckpt), "--out", str(i.plain_file / "s.h5"), "--quiet"],
-         "is a file, not a folder"),
+    *_bad_outputs("surface-out", _on("surface", "ckpt"), "--out", "flatlab-s.h5", "sys", "under-file"),
     Case("surface-out-foreign-file", lambda i, t: ["surface", str(i.ckpt), "--out", str(i.plain_file), "--quiet"],
          "not an HDF5 file", lambda i, t: [str(i.plain_file) + ".journal"]),
-    Case("surface-results-is-folder", lambda i, t: ["surface", str(i.ckpt), "--results", str(i.folder), "--quiet"],
-         "it is a folder, not a file"),
+    *_bad_outputs("surface-results", _on("surface", "ckpt"), "--results", "r.h5", "is-folder"),
     Case("surface-results-runs-dataset", lambda i, t: ["surface", str(i.ckpt), "--results", str(i.runs_dataset),
                                                        "--quiet"],
          "/runs is a dataset, not a group", lambda i, t: [str(i.runs_dataset) + ".*"]),
     Case("surface-out-read-only", lambda i, t: ["surface", str(i.ckpt), "--out", str(i.read_only / "s.h5"), "--quiet"],
          "cannot write", needs_read_only=True),
     # export / ensemble / figures / report: output paths
-    Case("export-out-sys", lambda i, t: ["export", str(i.qckpt), "--out", "/sys/flatlab-x.pt", "--quiet"],
-         "cannot write /sys/flatlab-x.pt"),
-    Case("export-out-under-file", lambda i, t: ["export", str(i.qckpt), "--out", str(i.plain_file / "x.pt"), "--quiet"],
-         "is a file, not a folder"),
+    *_bad_outputs("export-out", _on("export", "qckpt"), "--out", "flatlab-x.pt", "sys", "under-file"),
     Case("export-out-is-folder", lambda i, t: ["export", str(i.qckpt), "--out", str(i.folder), "--quiet"],
          "is a folder"),
-    Case("ensemble-out-is-file", lambda i, t: ["ensemble", str(i.ckpt), "--out", str(i.plain_file), "--quiet"],
-         "it is a file, not a folder"),
-    Case("ensemble-out-sys", lambda i, t: ["ensemble", str(i.ckpt), "--out", "/sys/flatlab-ens", "--quiet"],
-         "cannot write /sys/flatlab-ens"),
-    Case("ensemble-results-is-folder", lambda i, t: ["ensemble", str(i.ckpt), "--results", str(i.folder), "--quiet"],
-         "it is a folder, not a file"),
+    *_bad_outputs("ensemble-out", _on("ensemble", "ckpt"), "--out", "flatlab-ens", "is-file", "sys"),
+    *_bad_outputs("ensemble-results", _on("ensemble", "ckpt"), "--results", "r.h5", "is-folder"),
     Case("ensemble-results-foreign", lambda i, t: ["ensemble", str(i.ckpt), "--results", str(i.plain_file), "--quiet"],
          "is not a flatlab results file"),
     Case("ensemble-batch-0", lambda i, t: ["ensemble", str(i.ckpt), "--batch-size", "0", "--quiet"], "batch-size"),
-    Case("figures-out-is-file", lambda i, t: ["figures", str(i.results), "--out", str(i.plain_file), "--quiet"],
-         "it is a file, not a folder"),
-    Case("figures-out-sys", lambda i, t: ["figures", str(i.results), "--out", "/sys/flatlab-figs", "--quiet"],
-         "cannot write /sys/flatlab-figs"),
-    Case("report-csv-is-folder", lambda i, t: ["report", str(i.ckpt), "--csv", str(i.folder), "--quiet"],
-         "it is a folder, not a file"),
-    Case("report-csv-sys", lambda i, t: ["report", str(i.ckpt), "--csv", "/sys/flatlab-r.csv", "--quiet"],
-         "cannot write /sys/flatlab-r.csv"),
-    Case("sharpness-out-sys", lambda i, t: ["sharpness", str(i.ckpt), "--trace", "--trace-products", "6",
-                                            "--max-samples", "50", "--results", "/sys/flatlab-m.h5", "--quiet"],
+    *_bad_outputs("figures-out", _on("figures", "results"), "--out", "flatlab-figs", "is-file", "sys"),
+    *_bad_outputs("report-csv", _on("report", "ckpt"), "--csv", "flatlab-r.csv", "is-folder", "sys"),
+    # sharpness: a refused --results is named with the reason
+    Case("sharpness-out-sys", lambda i, t: [*SHARPNESS(i), "--results", "/sys/flatlab-m.h5"],
          "cannot write /sys/flatlab-m.h5: permission denied"),
-    Case("sharpness-out-is-folder", lambda i, t: ["sharpness", str(i.ckpt), "--trace", "--trace-products", "6",
-                                                  "--max-samples", "50", "--results", str(i.folder), "--quiet"],
-         "it is a folder, not a file"),
+    *_bad_outputs("sharpness-out", SHARPNESS, "--results", "m.h5", "is-folder"),
     Case("report-runs-dataset", lambda i, t: ["report", str(i.runs_dataset), "--quiet"], "/runs is a dataset"),
 ]
 

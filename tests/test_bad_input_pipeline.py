@@ -10,16 +10,9 @@ from __future__ import annotations
 import json
 
 import pytest
+from cases import CURVATURE_STUDY, one_error_line, write_study
 
 from flatlab.cli import main
-
-
-def _one_error_line(capsys) -> str:
-    captured = capsys.readouterr()
-    lines = captured.err.strip().splitlines()
-    assert len(lines) == 1, captured.err
-    assert lines[0].startswith("flatlab: error: ") and "Traceback" not in captured.err
-    return lines[0]
 
 
 @pytest.fixture
@@ -53,7 +46,7 @@ def no_work(monkeypatch):
 def test_sharpness_settings_refused_before_work(mlp_run, tmp_path, capsys, no_work, flags, words):
     out = tmp_path / "r.h5"
     assert main(["sharpness", str(mlp_run), *flags, "--results", str(out)]) == 2
-    assert words in _one_error_line(capsys)
+    assert words in one_error_line(capsys)
     assert not out.exists()
 
 
@@ -65,7 +58,7 @@ def test_sharpness_results_onto_a_non_results_path(mlp_run, tmp_path, capsys, no
     else:
         target.write_text("my notes\n")
     assert main(["sharpness", str(mlp_run), "--trace", "--results", str(target)]) == 2
-    line = _one_error_line(capsys)
+    line = one_error_line(capsys)
     assert str(target) in line
     if kind == "text file":
         assert target.read_text() == "my notes\n"
@@ -87,73 +80,22 @@ def test_measure_model_refuses_a_bad_run_id_before_work(tmp_path, no_work):
     assert not (tmp_path / "r.h5").exists()
 
 
-STUDY = """
-[data]
-dataset = "rotated-digits"
-test_envs = [0]
-options = { resolution = 8 }
-
-[model]
-name = "mlp"
-options = { width = 16, depth = 1 }
-
-[train]
-steps = 10
-seeds = [0]
-hparams = { lr = 0.01 }
-
-[[algorithms]]
-algorithm = "erm"
-
-[measure]
-max_samples = 50
-
-[measure.curvature]
-top_k = 1
-"""
-
-
-@pytest.mark.parametrize("change, words", [
-    (('max_samples = 50', 'max_samples = 50\ndevice = "tpu"'), "device = 'tpu'"),
-    (('steps = 10', 'steps = 10\ndevice = "meta9"'), "device = 'meta9'"),
-    (("hparams = { lr = 0.01 }", 'hparams = { lr = "fast" }'), "lr"),
-    (("options = { width = 16, depth = 1 }", 'options = { width = "16", depth = 1 }'), "width"),
-    (("options = { width = 16, depth = 1 }", "options = { width = -3, depth = 1 }"), "width"),
-    (("top_k = 1", "top_k = 0"), "top_k must be at least 1"),
-    (("top_k = 1", 'top_k = "five"'), "top_k"),
-    (("[measure.curvature]", "[measure.curvature]\nsplit = \"test\""), "split must be one of"),
-    (("[measure.curvature]\ntop_k = 1", "[measure.bounds]\nmeasures = [\"pac\"]"), "unknown measure 'pac'"),
-    (("[measure.curvature]\ntop_k = 1", "[measure.local_flatness]\ngammas_rel = [0.1, 0.05]"), "strictly increasing"),
-    (("[measure.curvature]\ntop_k = 1",
-      '[[surfaces]]\nname = "huge"\ndims = 2\nx = "-1:1:100000"\ny = "-1:1:100000"'), "memory"),
-    (("[measure.curvature]\ntop_k = 1", '[[surfaces]]\nname = "../x"\ndims = 1'), "name"),
-])
-def test_bad_study_is_refused_before_anything_runs(tmp_path, capsys, change, words):
-    study = tmp_path / "s.toml"
-    study.write_text(STUDY.replace(*change))
-    out = tmp_path / "out"
-    assert main(["sweep", str(study), "--out", str(out)]) == 2
-    line = _one_error_line(capsys)
-    assert words in line and str(study) in line, line
-    assert not out.exists()
-
-
+# Bad studies, with and without --dry-run: BAD_STUDIES in tests/test_sweep.py.
 def test_sweep_out_onto_a_file_is_refused(tmp_path, capsys):
-    study = tmp_path / "s.toml"
-    study.write_text(STUDY)
+    study = write_study(tmp_path, CURVATURE_STUDY)
     target = tmp_path / "a-file"
     target.write_text("x")
     assert main(["sweep", str(study), "--out", str(target)]) == 2
-    assert "is a file" in _one_error_line(capsys)
+    assert "is a file" in one_error_line(capsys)
     assert target.read_text() == "x"
 
 
 def test_report_measure_args_are_checked(tmp_path, mlp_run, capsys):
     assert main(["report", str(mlp_run), "--measure", "--measure-args", "--top-k 0",
                  "--measure-results", str(tmp_path / "m.h5")]) == 2
-    assert "--top-k must be at least 1" in _one_error_line(capsys)
+    assert "--top-k must be at least 1" in one_error_line(capsys)
     assert main(["report", str(mlp_run), "--measure", "--measure-args", "--trace --results x.h5"]) == 2
-    assert "--measure-results" in _one_error_line(capsys)
+    assert "--measure-results" in one_error_line(capsys)
     assert not (tmp_path / "m.h5").exists()
 
 
@@ -163,7 +105,7 @@ def test_demo_force_never_deletes_foreign_files(tmp_path, capsys):
     (folder / "thesis.txt").write_text("years of work")
     for extra in ([], ["--force"]):
         assert main(["demo", "--quick", "--out", str(folder), "--quiet", *extra]) == 2
-        line = _one_error_line(capsys)
+        line = one_error_line(capsys)
         assert "thesis.txt" in line and "--force" not in line
     assert (folder / "thesis.txt").read_text() == "years of work"
     assert sorted(p.name for p in folder.iterdir()) == ["thesis.txt"]
@@ -181,7 +123,7 @@ def test_demo_force_refuses_a_demo_folder_with_a_foreign_file_inside(tmp_path, c
     (runs / "notes.md").write_text("mine")
     assert foreign_entry(folder, QUICK) == str(runs / "notes.md")
     assert main(["demo", "--quick", "--out", str(folder), "--quiet", "--force"]) == 2
-    assert "notes.md" in _one_error_line(capsys)
+    assert "notes.md" in one_error_line(capsys)
     assert (runs / "notes.md").read_text() == "mine" and (runs / "model.pt").exists()
 
 
@@ -211,8 +153,7 @@ def test_ctrl_c_in_a_demo_step_exits_130_and_resumes(tmp_path, capsys, monkeypat
 def test_ctrl_c_in_a_sweep_measurement_step_stops_the_sweep(tmp_path, capsys, monkeypatch):
     import flatlab.pipeline as pipeline
 
-    study = tmp_path / "s.toml"
-    study.write_text(STUDY)
+    study = write_study(tmp_path, CURVATURE_STUDY)
     out = tmp_path / "out"
 
     def interrupted(*_a, **_k):
@@ -233,5 +174,5 @@ def test_ctrl_c_in_a_sweep_measurement_step_stops_the_sweep(tmp_path, capsys, mo
 def test_study_grid_memory_check_matches_the_surface_command(tmp_path, mlp_run, capsys):
     assert main(["surface", str(mlp_run), "--2d", "--x", "-1:1:100000", "--y", "-1:1:100000",
                  "--out", str(tmp_path / "s.h5")]) == 2
-    assert "memory" in _one_error_line(capsys)
+    assert "memory" in one_error_line(capsys)
     assert not (tmp_path / "s.h5").exists()

@@ -20,14 +20,8 @@ from flatlab.surface.barrier import (
     reestimate_bn_statistics,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one thread beats two on a shared 2-core machine (no spin-waiting threads)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Tiny models: one thread beats two (see the fixture in conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _state_at(m1: nn.Module, m2: nn.Module, a: float) -> dict[str, torch.Tensor]:

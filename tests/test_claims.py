@@ -185,6 +185,14 @@ def _write(tmp_path: Path, text: str, name: str = "claims.toml") -> Path:
     return path
 
 
+def _only_claims(*ids: str) -> str:
+    """CLAIMS with its [claims] header and only the claims of these ids."""
+    head, *claims = CLAIMS.split("[[claim]]")
+    kept = [c for c in claims if any(f'id = "{i}"' in c for i in ids)]
+    assert len(kept) == len(ids), ids
+    return head + "".join("[[claim]]" + c for c in kept)
+
+
 def _by_id(result: dict) -> dict[str, dict]:
     return {r["id"]: r for r in result["results"]}
 
@@ -269,15 +277,7 @@ def test_correlation_with_fewer_than_5_runs_says_n_too_small(tmp_path: Path, cap
     path = tmp_path / "small.h5"
     make_study(path, seeds=2, variants={"erm": VARIANTS["erm"], "qat4": VARIANTS["qat4"]}, ensembles=False,
                test_envs=(0,))
-    claims = _write(tmp_path, CLAIMS.split("[[claim]]")[0] + """
-[[claim]]
-id = "trace-tracks-ood"
-text = "the trace falls as OOD accuracy rises"
-kind = "correlation"
-measure = "trace"
-statistic = "kendall"
-expect = "less"
-""")
+    claims = _write(tmp_path, _only_claims("trace-tracks-ood"))
     r = evaluate_claims(load_claims(claims), load_inputs([path]), uncertainty=FAST)["results"][0]
     assert r["n"] == 4 and r["verdict"] == "inconclusive" and "n too small" in r["reason"]
     assert math.isnan(r["ci_low"]) and math.isnan(r["p_value"])

@@ -8,10 +8,18 @@ Fisher from every class label weighted by the model's probability.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import pytest
 import torch
-from cases import interpolating_mse_case, old_style_case, tiny_cnn_bn_case, tiny_mlp_case
+from cases import (
+    flat_parameters,
+    interpolating_mse_case,
+    old_style_case,
+    tiny_cnn_bn_case,
+    tiny_mlp_case,
+)
 from torch import nn
 
 from flatlab.curvature import (
@@ -39,66 +47,65 @@ from flatlab.errors import FlatlabError
 CASES = [tiny_mlp_case, tiny_cnn_bn_case]
 
 
-def _samples(case):
-    for x, y in case.batches:
-        for i in range(len(y)):
-            yield x[i:i + 1], y[i:i + 1]
+Outputs = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def _flat_model(model):
-    names = [n for n, _ in model.named_parameters()]
-    shapes = [p.shape for _, p in model.named_parameters()]
-    sizes = [p.numel() for _, p in model.named_parameters()]
-    flat0 = torch.cat([p.detach().reshape(-1) for _, p in model.named_parameters()])
+def _sample_mean(case, term: Callable[[torch.Tensor, Outputs, torch.Tensor, torch.Tensor], np.ndarray]) -> np.ndarray:
+    """(1/N) sum_i term(w, outputs, x_i, y_i) over the case's samples one at a time, ``w`` the flat
+    parameters and ``outputs(flat, x)`` the model's outputs at another flat vector."""
+    flat0, weights = flat_parameters(case.model)
 
-    def outputs(flat, x):
-        weights = {n: c.view(s) for n, c, s in zip(names, torch.split(flat, sizes), shapes)}
-        return torch.func.functional_call(model, weights, (x,))
+    def outputs(flat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return torch.func.functional_call(case.model, weights(flat), (x,))
 
-    return flat0, outputs
+    terms = [term(flat0, outputs, x[i:i + 1], y[i:i + 1]) for x, y in case.batches for i in range(len(y))]
+    return sum(terms) / len(terms)
+
+
+def _gradient(flat0: torch.Tensor, loss: Callable[[torch.Tensor], torch.Tensor]) -> np.ndarray:
+    """The gradient of ``loss`` (a function of the flat parameters) at ``flat0``, by one backward pass."""
+    flat = flat0.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(loss(flat), flat)
+    return g.numpy()
 
 
 def brute_force_ggn(case) -> np.ndarray:
     """(1/N) sum_i J_i^T Lambda_i J_i, Lambda_i the Hessian of sample i's loss w.r.t. its outputs
     (closed form for cross-entropy, autograd otherwise), divided by the outputs per sample for MSE."""
-    flat0, outputs = _flat_model(case.model)
-    n_total = sum(len(y) for _, y in case.batches)
-    total = np.zeros((flat0.numel(), flat0.numel()))
-    for x, y in _samples(case):
-        jac = torch.autograd.functional.jacobian(lambda f, x=x: outputs(f, x)[0], flat0).numpy()
+
+    def term(flat0, outputs, x, y):
+        jac = torch.autograd.functional.jacobian(lambda f: outputs(f, x)[0], flat0).numpy()
         z = outputs(flat0, x)[0].detach()
         if case.loss_fn is nn.functional.cross_entropy:
             p = torch.softmax(z, 0).numpy()
             lam = np.diag(p) - np.outer(p, p)
         else:
-            lam = torch.autograd.functional.hessian(lambda o, y=y: case.loss_fn(o[None], y), z).numpy()
-        total += jac.T @ lam @ jac
-    return total / n_total
+            lam = torch.autograd.functional.hessian(lambda o: case.loss_fn(o[None], y), z).numpy()
+        return jac.T @ lam @ jac
+
+    return _sample_mean(case, term)
 
 
 def brute_force_empirical_fisher(case) -> np.ndarray:
-    flat0, outputs = _flat_model(case.model)
-    n_total = sum(len(y) for _, y in case.batches)
-    total = np.zeros((flat0.numel(), flat0.numel()))
-    for x, y in _samples(case):
-        flat = flat0.clone().requires_grad_(True)
-        (g,) = torch.autograd.grad(case.loss_fn(outputs(flat, x), y), flat)
-        total += np.outer(g.numpy(), g.numpy())
-    return total / n_total
+    """(1/N) sum_i g_i g_i^T with g_i the gradient of sample i's loss at its own label."""
+
+    def term(flat0, outputs, x, y):
+        g = _gradient(flat0, lambda flat: case.loss_fn(outputs(flat, x), y))
+        return np.outer(g, g)
+
+    return _sample_mean(case, term)
 
 
 def brute_force_true_fisher(case) -> np.ndarray:
     """(1/N) sum_i sum_c p_ic g_ic g_ic^T with g_ic the gradient of -log p(c | x_i)."""
-    flat0, outputs = _flat_model(case.model)
-    n_total = sum(len(y) for _, y in case.batches)
-    total = np.zeros((flat0.numel(), flat0.numel()))
-    for x, _ in _samples(case):
+
+    def term(flat0, outputs, x, _y):
         p = torch.softmax(outputs(flat0, x)[0], 0).detach().numpy()
-        for c in range(len(p)):
-            flat = flat0.clone().requires_grad_(True)
-            (g,) = torch.autograd.grad(nn.functional.cross_entropy(outputs(flat, x), torch.tensor([c])), flat)
-            total += p[c] * np.outer(g.numpy(), g.numpy())
-    return total / n_total
+        grads = [_gradient(flat0, lambda flat, c=c: nn.functional.cross_entropy(outputs(flat, x), torch.tensor([c])))
+                 for c in range(len(p))]
+        return sum(p_c * np.outer(g, g) for p_c, g in zip(p, grads))
+
+    return _sample_mean(case, term)
 
 
 @pytest.mark.parametrize("make_case", CASES)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from cases import quadratic_case, tiny_cnn_bn_case, tiny_mlp_case
+from cases import OldStyleSquare, flat_loss, quadratic_case, tiny_cnn_bn_case, tiny_mlp_case
 from torch import nn
 
 from flatlab.curvature import (
@@ -21,18 +21,7 @@ CASES = [tiny_mlp_case, tiny_cnn_bn_case]
 
 def brute_force_hessian(case) -> np.ndarray:
     """torch.autograd.functional.hessian of the |B|/N-weighted loss of a flat parameter vector."""
-    model = case.model
-    names = [n for n, _ in model.named_parameters()]
-    shapes = [p.shape for _, p in model.named_parameters()]
-    sizes = [p.numel() for _, p in model.named_parameters()]
-    flat0 = torch.cat([p.detach().reshape(-1) for _, p in model.named_parameters()])
-    n_total = sum(len(y) for _, y in case.batches)
-
-    def full_loss(flat: torch.Tensor) -> torch.Tensor:
-        weights = {n: c.view(s) for n, c, s in zip(names, torch.split(flat, sizes), shapes)}
-        return sum(case.loss_fn(torch.func.functional_call(model, weights, (x,)), y) * len(y) / n_total
-                   for x, y in case.batches)
-
+    full_loss, _, flat0 = flat_loss(case.model, case.batches, case.loss_fn)
     return torch.autograd.functional.hessian(full_loss, flat0).numpy()
 
 
@@ -156,27 +145,15 @@ def test_graph_cache_follows_weight_changes_and_budget():
     assert tiny_budget._cache is None  # over budget: products recompute the graph
 
 
-class _OldStyleSquare(torch.autograd.Function):
-    """x**2 as an autograd.Function without setup_context: torch.func cannot transform it."""
-
-    @staticmethod
-    def forward(ctx, x):
-        ctx.save_for_backward(x)
-        return x * x
-
-    @staticmethod
-    def backward(ctx, grad):
-        (x,) = ctx.saved_tensors
-        return 2 * x * grad
-
-
 class _OldStyleModel(nn.Module):
+    """The old-style square on the weights themselves (cases.OldStyleMLP squares activations)."""
+
     def __init__(self) -> None:
         super().__init__()
         self.w = nn.Parameter(torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64))
 
     def forward(self, x):
-        return (x * _OldStyleSquare.apply(self.w)).sum(dim=1, keepdim=True) ** 2
+        return (x * OldStyleSquare.apply(self.w)).sum(dim=1, keepdim=True) ** 2
 
 
 def test_auto_falls_back_when_torch_func_cannot_transform():

@@ -9,41 +9,23 @@ import copy
 import numpy as np
 import pytest
 import torch
-from cases import tiny_cnn_bn_case, tiny_mlp_case
+from cases import flat_loss, tiny_cnn_bn_case, tiny_mlp_case
 from torch import nn
 
 from flatlab.curvature import (
     CURVATURES,
     CurvatureWarning,
-    GGNOperator,
     HessianOperator,
     curvature_operator,
     dense_curvature,
     lanczos_top_eigenvalues,
 )
+from flatlab.curvature.factory import OPERATOR_CLASSES
 from flatlab.errors import FlatlabError
 
 
 def _flags(model: nn.Module) -> list[bool]:
     return [m.training for m in model.modules()]
-
-
-def _full_loss_of_flat(model: nn.Module, batches, loss_fn):
-    """The |B|/N-weighted loss as a function of a flat parameter vector (torch.func.functional_call)."""
-    names = [n for n, _ in model.named_parameters()]
-    shapes = [p.shape for _, p in model.named_parameters()]
-    sizes = [p.numel() for _, p in model.named_parameters()]
-    n_total = sum(len(y) for _, y in batches)
-
-    def weights(flat):
-        return {n: c.view(s) for n, c, s in zip(names, torch.split(flat, sizes), shapes)}
-
-    def full_loss(flat):
-        return sum(loss_fn(torch.func.functional_call(model, weights(flat), (x,)), y) * len(y) / n_total
-                   for x, y in batches)
-
-    flat0 = torch.cat([p.detach().reshape(-1) for _, p in model.named_parameters()])
-    return full_loss, weights, flat0
 
 
 @pytest.mark.parametrize("kind", CURVATURES)
@@ -77,7 +59,7 @@ def test_train_mode_uses_batch_statistics_and_restores_running_statistics():
     model = case.model.eval()
     running = [b.clone() for b in model.buffers()]
     train_copy = copy.deepcopy(model).train()
-    full_loss, weights, flat0 = _full_loss_of_flat(train_copy, case.batches, case.loss_fn)
+    full_loss, weights, flat0 = flat_loss(train_copy, case.batches, case.loss_fn)
     hessian = torch.autograd.functional.hessian(full_loss, flat0).numpy()
     n_total = sum(len(y) for _, y in case.batches)
     ggn = np.zeros_like(hessian)
@@ -89,13 +71,14 @@ def test_train_mode_uses_batch_statistics_and_restores_running_statistics():
         lam = torch.autograd.functional.hessian(lambda o, y=y: case.loss_fn(o, y), out).numpy()
         ggn += len(y) / n_total * jac.T @ lam.reshape(jac.shape[0], jac.shape[0]) @ jac
     v = np.random.default_rng(0).standard_normal((flat0.numel(), 2))
-    with pytest.warns(CurvatureWarning, match="mode='train'"):
-        ops = [HessianOperator(model, case.batches, case.loss_fn, mode="train"),
-               HessianOperator(model, case.batches, case.loss_fn, method="forward-over-reverse", mode="train"),
-               GGNOperator(model, case.batches, case.loss_fn, mode="train")]
-    for op, truth in zip(ops, [hessian, hessian, ggn]):
-        np.testing.assert_allclose(op @ v, truth @ v, rtol=1e-9, atol=1e-12)
-        assert op._cache is None  # train mode without dropout_seed: nothing cached
+    # Every method of both kinds, built as callers build them (the factory), meets the truth.
+    truths = {"hessian": hessian, "ggn": ggn}
+    for kind, truth in truths.items():
+        for method in OPERATOR_CLASSES[kind].methods:
+            with pytest.warns(CurvatureWarning, match="mode='train'"):
+                op = curvature_operator(kind, model, case.batches, case.loss_fn, method=method, mode="train")
+            np.testing.assert_allclose(op @ v, truth @ v, rtol=1e-9, atol=1e-12, err_msg=f"{kind} {method}")
+            assert op._cache is None  # train mode without dropout_seed: nothing cached
     eval_op = HessianOperator(model, case.batches, case.loss_fn)
     assert not np.allclose(eval_op @ v[:, 0], hessian @ v[:, 0], rtol=1e-3)  # eval mode is another matrix
     assert not model.training
@@ -127,7 +110,7 @@ def test_dropout_products_are_random_unless_seeded():
     assert not torch.allclose(random_op.product(v), random_op.product(v))
     # With dropout_seed the masks are those a forward pass draws right after torch.manual_seed(seed):
     # the Hessian of the loss with those fixed masks, computed here by brute force.
-    full_loss, _, flat0 = _full_loss_of_flat(copy.deepcopy(model).train(), data, nn.functional.cross_entropy)
+    full_loss, _, flat0 = flat_loss(copy.deepcopy(model).train(), data, nn.functional.cross_entropy)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(3)
         truth = torch.autograd.functional.hessian(full_loss, flat0)

@@ -14,6 +14,7 @@ import h5py
 import matplotlib
 import numpy as np
 import pytest
+from cases import write_non_results
 from matplotlib.contour import ContourSet
 from scipy import stats
 from test_report import RADII, _expect_error, make_results
@@ -265,17 +266,8 @@ def test_figure_scripts(demo: tuple[Path, dict], tmp_path: Path, monkeypatch: py
 
 def test_bad_inputs_exit_2_one_line(demo: tuple[Path, dict], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     path, _ = demo
-    text = tmp_path / "notes.txt"
-    text.write_text("not hdf5")
-    _expect_error(["figures", str(text)], capsys, "not a flatlab results file")
-    foreign = tmp_path / "other.h5"
-    with h5py.File(foreign, "w") as fh:
-        fh["weights"] = np.arange(3)
-    _expect_error(["figures", str(foreign)], capsys, "not a flatlab results file")
-    empty = tmp_path / "empty.h5"
-    with h5py.File(empty, "w") as fh:
-        fh.attrs["schema_version"] = 1
-    _expect_error(["figures", str(empty)], capsys, "no runs")
+    for bad, words in write_non_results(tmp_path):
+        _expect_error(["figures", str(bad)], capsys, words)
     _expect_error(["figures", str(path), "--measures", "sharpness"], capsys, "unknown measure 'sharpness'")
     _expect_error(["figures", str(path), "--format", "pdf,gif"], capsys, "unknown figure format gif")
     assert not (tmp_path / "notes_figures").exists()

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from cases import BARRIER_STUDY, ERM_STUDY, one_error_line, refused_study, write_study
 
 from flatlab.cli import main
 
@@ -76,11 +77,8 @@ def measured(mlp_run: Path, tmp_path_factory) -> dict[str, Any]:
 
 
 def _one_error_line(capsys: pytest.CaptureFixture[str]) -> str:
-    err = [line for line in capsys.readouterr().err.strip().splitlines() if "Warning" not in line
-           and "warnings.warn" not in line]
-    assert len(err) == 1, err
-    assert err[0].startswith("flatlab: error: ")
-    return err[0]
+    # Python warning lines (a library's notes on these commands) are not the refusal.
+    return one_error_line(capsys, skip_warnings=True)
 
 
 # --- the registry contract, measure by measure ----------------------------------------------------
@@ -105,11 +103,7 @@ def test_flags_are_on_the_sharpness_help(name: str, capsys):
     ("per_domain", "[measure.per_domain]\ntop_k = 3\ntrace_products = 6\nsource_part = \"out\""),
 ])
 def test_study_section_is_accepted_by_dry_run(name: str, section: str, tmp_path: Path, capsys):
-    from test_sweep import DATA_MODEL
-
-    study = tmp_path / "study.toml"
-    study.write_text(DATA_MODEL + "\n[train]\nsteps = 10\nseeds = [0]\n\n[[algorithms]]\nalgorithm = \"erm\"\n\n"
-                     "[measure]\nmax_samples = 50\n\n" + section + "\n")
+    study = write_study(tmp_path, ERM_STUDY + "[measure]\nmax_samples = 50\n\n" + section + "\n")
     assert main(["sweep", str(study), "--dry-run", "--json", "--quiet", "--out", str(tmp_path / "o")]) == 0
     payload = json.loads(capsys.readouterr().out)
     assert payload["jobs"][0]["steps"] == [name]
@@ -388,14 +382,7 @@ def test_norm_outside_2_and_inf_is_refused_by_the_parser(mlp_run: Path, tmp_path
     ("[measure.per_domain]\ntopk = 3", "unknown key 'topk' in [measure.per_domain]"),
 ])
 def test_bad_study_section_is_one_line_exit_2(section: str, needle: str, tmp_path: Path, capsys):
-    from test_sweep import DATA_MODEL
-
-    study = tmp_path / "study.toml"
-    study.write_text(DATA_MODEL + "\n[train]\nsteps = 10\nseeds = [0]\n\n[[algorithms]]\nalgorithm = \"erm\"\n\n"
-                     + section + "\n")
-    assert main(["sweep", str(study), "--dry-run", "--out", str(tmp_path / "o")]) == 2
-    assert needle in _one_error_line(capsys)
-    assert not (tmp_path / "o").exists()
+    assert needle in refused_study(tmp_path, capsys, ERM_STUDY + section + "\n", "--dry-run", skip_warnings=True)
 
 
 # --- barriers -------------------------------------------------------------------------------------
@@ -517,82 +504,7 @@ def test_merged_results_keep_every_child_of_a_container(tmp_path: Path):
     assert "trace" not in run["curvature"] and "top_eigenvalues" in run["curvature"]  # a result is replaced whole
 
 
-# --- sweeps with [[barriers]] ---------------------------------------------------------------------
-
-SWEEP = """
-[study]
-name = "bar17"
-
-[data]
-dataset = "rotated-digits"
-test_envs = [0]
-options = { resolution = 8 }
-
-[model]
-name = "mlp"
-options = { width = 8, depth = 1 }
-
-[train]
-steps = 60
-seeds = [0, 1]
-trial_seed = 0
-
-[[algorithms]]
-label = "fp"
-algorithm = "erm"
-
-[[algorithms]]
-label = "fpb"
-algorithm = "erm"
-hparams = { lr = 0.002 }
-
-[[ensembles]]
-name = "eoq"
-variant = "fp"
-
-[[barriers]]
-name = "fp-fpb"
-between = ["fp", "fpb"]
-points = 3
-max_samples = 40
-
-[[barriers]]
-name = "fp-fpb-fine"
-between = ["fp", "fpb"]
-points = 5
-max_samples = 40
-seeds = [0]
-
-[[barriers]]
-name = "members"
-members = "eoq"
-points = 3
-max_samples = 40
-"""
-
-
-@pytest.mark.parametrize("change, needle", [
-    (('between = ["fp", "fpb"]\npoints = 3', 'between = ["fp", "qat9"]\npoints = 3'), "unknown variant 'qat9'"),
-    (('members = "eoq"', 'members = "nope"'), "members = 'nope' names no [[ensembles]] entry"),
-    (('members = "eoq"', 'members = "eoq"\nbetween = ["fp", "fpb"]'), "give either between"),
-    (("points = 5", "points = 1"), "points must be an integer of at least 2, got 1"),
-    (('between = ["fp", "fpb"]\npoints = 3', 'between = ["fp", "fp"]\npoints = 3'), "two different variants"),
-    (("seeds = [0]", "seeds = [7]"), "seeds must be among the study's seeds"),
-    (("points = 3\nmax_samples = 40\n\n[[barriers]]\nname = \"fp-fpb-fine\"",
-      "points = 3\nmax_samples = 40\nbn = \"repair\"\n\n[[barriers]]\nname = \"fp-fpb-fine\""),
-     "bn must be one of interpolate, reestimate"),
-    (("[[barriers]]\nname = \"members\"", "[[barriers]]\nname = \"members\"\nnumber = 3"),
-     "unknown key 'number' in [barriers]"),
-])
-def test_bad_barrier_section_is_one_line_exit_2(change: tuple[str, str], needle: str, tmp_path: Path, capsys):
-    study = tmp_path / "study.toml"
-    assert change[0] in SWEEP
-    study.write_text(SWEEP.replace(*change, 1))
-    assert main(["sweep", str(study), "--dry-run", "--out", str(tmp_path / "o")]) == 2
-    line = _one_error_line(capsys)
-    assert needle in line and str(study) in line
-    assert not (tmp_path / "o").exists()
-
+# --- sweeps with [[barriers]] (bad sections: BAD_STUDIES in tests/test_sweep.py) ------------------
 
 def test_sweep_runs_barrier_jobs_after_training_and_merges_them(mlp_run: Path, mlp_other: Path, tmp_path: Path,
                                                                 capsys):
@@ -602,7 +514,7 @@ def test_sweep_runs_barrier_jobs_after_training_and_merges_them(mlp_run: Path, m
     from flatlab.sweep import expand_jobs, load_study, run_sweep
 
     path = tmp_path / "study.toml"
-    path.write_text(SWEEP)
+    path.write_text(BARRIER_STUDY)
     study = load_study(path)
     jobs = expand_jobs(study)
     assert [j.kind for j in jobs] == ["train"] * 4 + ["ensemble"] + ["barrier"] * 3

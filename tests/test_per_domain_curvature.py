@@ -22,14 +22,8 @@ from flatlab.curvature.per_domain import (
 from flatlab.errors import FlatlabError
 from flatlab.plots.overlap import overlap_heatmap
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one thread beats two on a shared 2-core machine (no spin-waiting threads)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Tiny models: one thread beats two (see the fixture in conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 EXACT = {"rtol": 1e-10}  # float64 models: converge to rounding

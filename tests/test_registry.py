@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cases import ERM_STUDY, write_study
 
 from flatlab.cli import build_parser, main
 from flatlab.measures import FAMILIES, MEASURES, get_measure
@@ -70,8 +71,6 @@ def test_request_flag_and_settings_flags_exist(name: str):
 
 @pytest.mark.parametrize("name", list(MEASURES))
 def test_study_section_is_accepted_by_dry_run(name: str, tmp_path: Path, capsys):
-    from test_sweep import DATA_MODEL
-
     measure = MEASURES[name]
     family = FAMILIES[measure.family]
     keys = {s.name: s.toml for s in family_settings(family.name)}
@@ -85,9 +84,7 @@ def test_study_section_is_accepted_by_dry_run(name: str, tmp_path: Path, capsys)
         if setting in keys and setting != measure.value_field:
             toml_value = json.dumps(list(value)) if isinstance(value, tuple) else json.dumps(value)
             lines.append(f"{keys[setting]} = {toml_value}")
-    study = tmp_path / "study.toml"
-    study.write_text(DATA_MODEL + "\n[train]\nsteps = 10\nseeds = [0]\n\n[[algorithms]]\nalgorithm = \"erm\"\n\n"
-                     "[measure]\nmax_samples = 50\n\n" + "\n".join(lines) + "\n")
+    study = write_study(tmp_path, ERM_STUDY + "[measure]\nmax_samples = 50\n\n" + "\n".join(lines) + "\n")
     assert main(["sweep", str(study), "--dry-run", "--json", "--quiet", "--out", str(tmp_path / "o")]) == 0
     payload = json.loads(capsys.readouterr().out)
     assert payload["jobs"][0]["steps"] == [family.name]

@@ -8,9 +8,9 @@ import json
 import math
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pytest
+from cases import write_non_results
 from scipy import stats
 
 from flatlab.cli import main
@@ -254,18 +254,8 @@ def _expect_error(argv: list[str], capsys: pytest.CaptureFixture, needle: str) -
 def test_bad_inputs_exit_2_one_line(results_file: tuple[Path, dict], tmp_path: Path,
                                     capsys: pytest.CaptureFixture) -> None:
     path, _ = results_file
-    text = tmp_path / "notes.txt"
-    text.write_text("not hdf5")
-    _expect_error(["report", str(text)], capsys, "not a flatlab results file")
-    foreign = tmp_path / "other.h5"
-    with h5py.File(foreign, "w") as fh:
-        fh["x"] = np.arange(3)
-    _expect_error(["report", str(foreign)], capsys, "not a flatlab results file")
-    empty = tmp_path / "empty.h5"
-    with h5py.File(empty, "w") as fh:
-        fh.attrs["schema_version"] = 1
-        fh.create_group("runs")
-    _expect_error(["report", str(empty)], capsys, "no runs")
+    for bad, words in write_non_results(tmp_path):
+        _expect_error(["report", str(bad)], capsys, words)
     _expect_error(["report", str(path), "--measures", "trace,flatness"], capsys, "unknown measure 'flatness'")
     _expect_error(["report", str(tmp_path / "missing.h5")], capsys, "no such file")
     with pytest.raises(FlatlabError):

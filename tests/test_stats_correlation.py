@@ -16,8 +16,8 @@ from flatlab.stats._common import Strata, bootstrap_indices, resample_counts
 from flatlab.stats.correlation import (
     _granulated_plan,
     _psi_of_counts,
-    rowwise_spearman,
     _signs,
+    rowwise_spearman,
     weighted_tau_b,
 )
 

@@ -14,22 +14,11 @@ from typing import Any
 
 import numpy as np
 import pytest
+from cases import BARRIER_STUDY, CURVATURE_STUDY, DATA_MODEL, refused_study
 
 from flatlab.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
-
-#: The data and model of the test studies: an MLP on 8x8 digits, test domain 0.
-DATA_MODEL = """
-[data]
-dataset = "rotated-digits"
-test_envs = [0]
-options = { resolution = 8 }
-
-[model]
-name = "mlp"
-options = { width = 16, depth = 1 }
-"""
 
 #: A tiny study: 4-bit QAT MLP on 8x8 digits, 1 test domain x 2 seeds, every kind of measurement
 #: on a small budget, and an EoQ ensemble over the seeds (3 jobs).
@@ -92,30 +81,51 @@ def _study(tmp_path: Path, text: str = TINY, name: str = "study.toml") -> Path:
     return path
 
 
-def _one_error_line(capsys: pytest.CaptureFixture[str]) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1, err
-    assert err[0].startswith("flatlab: error: ")
-    return err[0]
+#: Bad studies: (a study, (old, new): its one change, words the refusal must hold).
+BAD_STUDIES = [
+    # the tiny QAT study: unknown keys, names and domains, solver settings
+    (TINY, ("[train]", "[train]\nlearning_rate = 0.1"), "unknown key 'learning_rate' in [train]"),
+    (TINY, ("[measure.curvature]", "[measure.curvature]\ntopk = 3"), "unknown key 'topk' in [measure.curvature]"),
+    (TINY, ("[study]", "[studies]"), "unknown key 'studies' at the top level"),
+    (TINY, ('algorithm = "qat"', 'algorithm = "qatt"'), "unknown algorithm 'qatt'"),
+    (TINY, ('dataset = "rotated-digits"', 'dataset = "MNIST-C"'), "unknown data set 'MNIST-C'"),
+    (TINY, ('variant = "qat4"', 'variant = "qat8"'), "unknown variant 'qat8'"),
+    (TINY, ("test_envs = [0]", "test_envs = [9]"), "unknown domain '9'"),
+    (TINY, ("[measure.curvature]", "[measure.curvature]\nrtol = 1e-2\ntol = 1e-6"), "pick different solvers"),
+    (TINY, ("[measure.curvature]", "[measure.curvature]\nrtol = 0.0"), "rtol must be greater than 0"),
+    # the one-job curvature study: values, devices, measurement and surface settings
+    (CURVATURE_STUDY, ('max_samples = 50', 'max_samples = 50\ndevice = "tpu"'), "device = 'tpu'"),
+    (CURVATURE_STUDY, ('steps = 10', 'steps = 10\ndevice = "meta9"'), "device = 'meta9'"),
+    (CURVATURE_STUDY, ("hparams = { lr = 0.01 }", 'hparams = { lr = "fast" }'), "lr"),
+    (CURVATURE_STUDY, ("options = { width = 16, depth = 1 }", 'options = { width = "16", depth = 1 }'), "width"),
+    (CURVATURE_STUDY, ("options = { width = 16, depth = 1 }", "options = { width = -3, depth = 1 }"), "width"),
+    (CURVATURE_STUDY, ("top_k = 1", "top_k = 0"), "top_k must be at least 1"),
+    (CURVATURE_STUDY, ("top_k = 1", 'top_k = "five"'), "top_k"),
+    (CURVATURE_STUDY, ("[measure.curvature]", "[measure.curvature]\nsplit = \"test\""), "split must be one of"),
+    (CURVATURE_STUDY, ("[measure.curvature]\ntop_k = 1", "[measure.bounds]\nmeasures = [\"pac\"]"), "unknown measure 'pac'"),
+    (CURVATURE_STUDY, ("[measure.curvature]\ntop_k = 1", "[measure.local_flatness]\ngammas_rel = [0.1, 0.05]"), "strictly increasing"),
+    (CURVATURE_STUDY, ("[measure.curvature]\ntop_k = 1", '[[surfaces]]\nname = "huge"\ndims = 2\nx = "-1:1:100000"\ny = "-1:1:100000"'), "memory"),
+    (CURVATURE_STUDY, ("[measure.curvature]\ntop_k = 1", '[[surfaces]]\nname = "../x"\ndims = 1'), "name"),
+    # the barrier study: [[barriers]] sections
+    (BARRIER_STUDY, ('between = ["fp", "fpb"]\npoints = 3', 'between = ["fp", "qat9"]\npoints = 3'), "unknown variant 'qat9'"),
+    (BARRIER_STUDY, ('members = "eoq"', 'members = "nope"'), "members = 'nope' names no [[ensembles]] entry"),
+    (BARRIER_STUDY, ('members = "eoq"', 'members = "eoq"\nbetween = ["fp", "fpb"]'), "give either between"),
+    (BARRIER_STUDY, ("points = 5", "points = 1"), "points must be an integer of at least 2, got 1"),
+    (BARRIER_STUDY, ('between = ["fp", "fpb"]\npoints = 3', 'between = ["fp", "fp"]\npoints = 3'), "two different variants"),
+    (BARRIER_STUDY, ("seeds = [0]", "seeds = [7]"), "seeds must be among the study's seeds"),
+    (BARRIER_STUDY, ('name = "fp-fpb"\n', 'name = "fp-fpb"\nbn = "repair"\n'), "bn must be one of interpolate, reestimate"),
+    (BARRIER_STUDY, ('name = "members"', 'name = "members"\nnumber = 3'), "unknown key 'number' in [barriers]"),
+]
 
 
-@pytest.mark.parametrize("change, expected", [
-    (("[train]", "[train]\nlearning_rate = 0.1"), "unknown key 'learning_rate' in [train]"),
-    (("[measure.curvature]", "[measure.curvature]\ntopk = 3"), "unknown key 'topk' in [measure.curvature]"),
-    (("[study]", "[studies]"), "unknown key 'studies' at the top level"),
-    (('algorithm = "qat"', 'algorithm = "qatt"'), "unknown algorithm 'qatt'"),
-    (('dataset = "rotated-digits"', 'dataset = "MNIST-C"'), "unknown data set 'MNIST-C'"),
-    (('variant = "qat4"', 'variant = "qat8"'), "unknown variant 'qat8'"),
-    (("test_envs = [0]", "test_envs = [9]"), "unknown domain '9'"),
-    (("[measure.curvature]", "[measure.curvature]\nrtol = 1e-2\ntol = 1e-6"), "pick different solvers"),
-    (("[measure.curvature]", "[measure.curvature]\nrtol = 0.0"), "rtol must be greater than 0"),
-])
-def test_bad_study_exits_2_with_one_line(tmp_path, capsys, change, expected):
-    path = _study(tmp_path, TINY.replace(*change))
-    assert main(["sweep", str(path), "--dry-run", "--out", str(tmp_path / "out")]) == 2
-    line = _one_error_line(capsys)
-    assert expected in line and str(path) in line
-    assert not (tmp_path / "out").exists()
+@pytest.mark.parametrize("dry_run", [True, False], ids=["dry-run", "run"])
+@pytest.mark.parametrize("study, change, words", BAD_STUDIES, ids=[words for _, _, words in BAD_STUDIES])
+def test_bad_study_is_one_line_exit_2_before_any_work(study: str, change: tuple[str, str], words: str,
+                                                      dry_run: bool, tmp_path: Path, capsys):
+    # A change that applies nowhere, or in two places, would test something else.
+    assert study.count(change[0]) == 1, change[0]
+    flags = ["--dry-run"] if dry_run else []  # a real run must be refused before it starts too
+    assert words in refused_study(tmp_path, capsys, study.replace(*change), *flags)
 
 
 def _closed_port() -> int:

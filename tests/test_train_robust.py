@@ -8,10 +8,12 @@ check, which compares a diverged and a learning run).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -32,22 +34,30 @@ def _one_line(err: str, expect: str) -> None:
     assert expect in err, err
 
 
-def _interrupted_run(out: Path, monkeypatch, capsys) -> None:
-    """A run stopped by Ctrl-C after its first evaluation (step 2): state.pt and one log line."""
+@contextlib.contextmanager
+def _ctrl_c_at_evaluation(monkeypatch: pytest.MonkeyPatch, n: int) -> Iterator[None]:
+    """Inside the block the trainer's n-th evaluation raises KeyboardInterrupt (Ctrl-C) instead
+    of evaluating; the others, and all after the block, are the real ones."""
     import flatlab.train.trainer as trainer
 
     real = trainer.evaluate_models
     calls = {"n": 0}
 
-    def evaluate_then_interrupt(*args, **kwargs):
+    def evaluate_or_interrupt(*args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == 2:
+        if calls["n"] == n:
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(trainer, "evaluate_models", evaluate_then_interrupt)
-    assert main(_train(out)) == 130
-    monkeypatch.setattr(trainer, "evaluate_models", real)
+    with monkeypatch.context() as m:
+        m.setattr(trainer, "evaluate_models", evaluate_or_interrupt)
+        yield
+
+
+def _interrupted_run(out: Path, monkeypatch, capsys) -> None:
+    """A run stopped by Ctrl-C after its first evaluation (step 2): state.pt and one log line."""
+    with _ctrl_c_at_evaluation(monkeypatch, 2):
+        assert main(_train(out)) == 130
     assert "interrupted" in capsys.readouterr().err
     assert (out / "state.pt").exists() and not (out / "done").exists()
     assert len((out / "results.jsonl").read_text().splitlines()) == 1
@@ -276,25 +286,13 @@ def test_run_json_records_the_environment_and_a_resume_under_another_says_so(tmp
     thread count prints a note (its numbers will not be bit for bit an uninterrupted run's)."""
     import json
 
-    import flatlab.train.trainer as trainer
     from flatlab.train import TrainConfig, train
 
     out = tmp_path / "run"
     config = TrainConfig(steps=20, eval_every=5, model="mlp", model_options={"width": 8, "depth": 1},
                          dataset_options={"resolution": 8}, out=str(out), quiet=True)
-    real = trainer.evaluate_models
-    calls = {"n": 0}
-
-    def interrupted(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    with monkeypatch.context() as m:
-        m.setattr(trainer, "evaluate_models", interrupted)
-        with pytest.raises(KeyboardInterrupt):
-            train(config)
+    with _ctrl_c_at_evaluation(monkeypatch, 3), pytest.raises(KeyboardInterrupt):
+        train(config)
     record = json.loads((out / "run.json").read_text())
     env = record["environment"]
     assert env["torch_threads"] >= 1 and env["torch_version"] and env["device"] == "cpu"

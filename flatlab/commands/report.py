@@ -22,9 +22,9 @@ from flatlab.commands import common
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = common.add_command(sub, __doc__)
-    common.add_results_inputs(p, inputs="results files (.h5), stand-alone surface files, run folders or checkpoints",
-                              use="show",
-                              claims="one verdict per claim")
+    common.add_results_inputs(
+        p, use="show", claims="one verdict per claim",
+        inputs="results files (.h5), stand-alone surface files, run folders or checkpoints")
     p.add_argument("--csv", default=None, metavar="FILE",
                    help="also write the per-run table as CSV (with <measure>_stderr columns; missing = empty cell)")
     p.add_argument("--markdown", action="store_true",

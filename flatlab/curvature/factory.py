@@ -25,7 +25,7 @@ from flatlab.curvature.fisher import EmpiricalFisherOperator
 from flatlab.curvature.ggn import GGNOperator
 from flatlab.curvature.hvp import HessianOperator
 from flatlab.curvature.operator import CURVATURES, MODES, Batch, CurvatureOperator, LossFn, OutputFn
-from flatlab.curvature.params import PARAM_CHOICES
+from flatlab.curvature.params import check_params
 from flatlab.errors import FlatlabError
 
 #: kind -> operator class.
@@ -60,15 +60,7 @@ class CurvatureConfig:
     def __post_init__(self) -> None:
         if self.kind not in CURVATURES:
             raise FlatlabError(f"kind must be one of {', '.join(CURVATURES)}, got {self.kind!r}")
-        if isinstance(self.params, str):
-            if self.params not in PARAM_CHOICES:
-                raise FlatlabError(f"params must be one of {', '.join(PARAM_CHOICES)} or a list of parameter names, "
-                                   f"got {self.params!r}")
-        else:
-            names = tuple(self.params)
-            if not names or not all(isinstance(n, str) for n in names):
-                raise FlatlabError("params must be one of all, weights, no-bn or a non-empty list of parameter names")
-            object.__setattr__(self, "params", names)
+        object.__setattr__(self, "params", check_params(self.params))
         methods = OPERATOR_CLASSES[self.kind].methods
         if self.method not in methods:
             raise FlatlabError(f"method {self.method!r} is not a {self.kind} method: method must be one of "

@@ -51,13 +51,13 @@ Each product makes one Jacobian-vector product (:math:`J v`) and one vector-Jaco
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from flatlab.curvature.operator import Batch, CurvatureOperator, LossFn, OutputFn
+from flatlab.curvature.operator import CurvatureOperator
 
 GGN_METHODS = ("auto", "double-vjp", "forward-mode")
 #: The method ``auto`` picks (the faster on CPU in benchmarks/bench_curvature_ops.py).
@@ -106,10 +106,10 @@ class GGNOperator(CurvatureOperator):
             per-batch graphs ``double-vjp`` keeps.
         method: ``auto``, ``double-vjp`` or ``forward-mode``.
 
-    Attributes:
-        output_hessian: ``cross-entropy`` (closed form) or ``autograd`` (double backward through
-            the loss), decided from ``loss_fn``; a cross-entropy batch whose targets are not plain
-            class indices (or hit ``ignore_index``) uses ``autograd``.
+    The output Hessian :math:`\Lambda` is the closed form of the cross-entropy
+    (:attr:`output_hessian` ``cross-entropy``) or a double backward through the loss
+    (``autograd``); a cross-entropy batch whose targets are not plain class indices (or hit
+    ``ignore_index``) uses ``autograd``.
     """
 
     kind: ClassVar[str] = "ggn"
@@ -117,14 +117,10 @@ class GGNOperator(CurvatureOperator):
     default_method: ClassVar[str] = DEFAULT_GGN_METHOD
     fallbacks: ClassVar[dict[str, str]] = {"forward-mode": "double-vjp"}
 
-    def __init__(self, model: nn.Module, data: Iterable[Batch], loss_fn: LossFn | None = None,
-                 params: str | Sequence[str] = "all", *, method: str = "auto", mode: str = "eval",
-                 output_fn: OutputFn | None = None, progress: Callable[[], Any] | None = None,
-                 cache_bytes: int | None = None, dropout_seed: int | None = None,
-                 notes: Sequence[str] | None = None) -> None:
-        super().__init__(model, data, loss_fn, params, method=method, mode=mode, output_fn=output_fn,
-                         progress=progress, cache_bytes=cache_bytes, dropout_seed=dropout_seed, notes=notes)
-        self.output_hessian = "cross-entropy" if is_plain_cross_entropy(self.loss_fn) else "autograd"
+    @property
+    def output_hessian(self) -> str:
+        """``cross-entropy`` (closed form) or ``autograd``: decided from ``loss_fn``."""
+        return "cross-entropy" if is_plain_cross_entropy(self.loss_fn) else "autograd"
 
     # -- the output Hessian --------------------------------------------------------------------
     def output_curvature(self, out: torch.Tensor, y: Any) -> OutputCurvature:

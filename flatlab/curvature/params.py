@@ -50,6 +50,21 @@ def _owners(model: nn.Module) -> dict[str, tuple[str, nn.Module]]:
     return found
 
 
+def check_params(params: str | Sequence[str]) -> str | tuple[str, ...]:
+    """``params`` as a config stores it: one of :data:`PARAM_CHOICES`, or a non-empty tuple of
+    parameter names; FlatlabError naming ``params`` otherwise."""
+    if isinstance(params, str):
+        if params not in PARAM_CHOICES:
+            raise FlatlabError(f"params must be one of {', '.join(PARAM_CHOICES)} or a list of parameter names, "
+                               f"got {params!r}")
+        return params
+    names = tuple(params)
+    if not names or not all(isinstance(n, str) for n in names):
+        raise FlatlabError(f"params must be one of {', '.join(PARAM_CHOICES)} or a non-empty list of parameter "
+                           f"names, got {params!r}")
+    return names
+
+
 def select_parameters(model: nn.Module, which: str | Sequence[str] = "all") -> list[tuple[str, nn.Parameter]]:
     """The (name, parameter) pairs a curvature measurement differentiates with respect to.
 
@@ -104,4 +119,4 @@ def parameter_blocks(names: Sequence[str]) -> dict[str, list[str]]:
     return blocks
 
 
-__all__ = ["PARAM_CHOICES", "is_normalization", "is_quantizer_scale", "parameter_blocks", "select_parameters"]
+__all__ = ["PARAM_CHOICES", "check_params", "is_normalization", "is_quantizer_scale", "parameter_blocks", "select_parameters"]

@@ -58,7 +58,7 @@ from torch import nn
 
 from flatlab.curvature.hvp import Batch, HessianOperator, LossFn
 from flatlab.curvature.lanczos import DEFAULT_RTOL, lanczos_top_eigenvalues
-from flatlab.curvature.params import PARAM_CHOICES
+from flatlab.curvature.params import check_params
 from flatlab.curvature.trace import TRACE_METHODS, estimate_trace
 from flatlab.errors import FlatlabError
 
@@ -112,15 +112,7 @@ class PerDomainCurvatureConfig:
         if not integer(self.trace_products) or (self.trace_products != 0 and self.trace_products < least):
             raise FlatlabError(f"trace_products must be 0 (no trace) or at least {least} for {self.trace_method}, "
                                f"got {self.trace_products!r}")
-        if isinstance(self.params, str):
-            if self.params not in PARAM_CHOICES:
-                raise FlatlabError(f"params must be one of {', '.join(PARAM_CHOICES)} or a tuple of parameter names, "
-                                   f"got {self.params!r}")
-        else:
-            names = tuple(self.params)
-            if not names or not all(isinstance(n, str) for n in names):
-                raise FlatlabError(f"params must name at least one parameter, got {self.params!r}")
-            object.__setattr__(self, "params", names)
+        object.__setattr__(self, "params", check_params(self.params))
         if not integer(self.seed):
             raise FlatlabError(f"seed must be an integer, got {self.seed!r}")
         if not isinstance(self.keep_eigenvectors, bool):

@@ -123,6 +123,26 @@ def _check_comparable(operator: Any) -> None:
         raise FlatlabError("PyHessian calls loss_fn(model(x), y) in eval mode: it cannot use output_fn or mode='train'")
 
 
+@contextlib.contextmanager
+def _pyhessian(operator: HessianOperator, seed: int) -> Iterator[_PyHessianRun]:
+    """PyHessian on the operator's model, data and loss, counting its products: only the selected
+    parameters require grad, the global RNG is forked and seeded, attention runs on the math kernel
+    (as flatlab's operators: no fused kernel), and every module's train flag is restored after
+    (PyHessian switches the model to eval)."""
+    model = operator.model
+    flags = [(m, m.training) for m in model.modules()]
+    try:
+        with _only_these_require_grad(model, operator.param_names), torch.random.fork_rng(devices=[]), _quiet(), \
+                sdpa_kernel(SDPBackend.MATH):
+            torch.manual_seed(seed)
+            run = _PyHessianRun(model, operator.data, operator.loss_fn)
+            with run.counting():
+                yield run
+    finally:
+        for module, flag in flags:
+            module.training = flag
+
+
 def pyhessian_top_eigenvalues(operator: HessianOperator, k: int = 1, max_iter: int = 100, tol: float = 1e-3,
                               seed: int = 0, residuals: bool = True) -> EigenResult:
     """PyHessian's top-``k`` eigenvalues (largest in magnitude, deflated power iteration) on the
@@ -135,18 +155,10 @@ def pyhessian_top_eigenvalues(operator: HessianOperator, k: int = 1, max_iter: i
     _check_comparable(operator)
     if not 1 <= k <= operator.dim:
         raise FlatlabError(f"k = {k} is outside [1, {operator.dim}] (the number of selected parameters)")
-    model = operator.model
     if operator.torch_dtype != torch.float32:
         raise FlatlabError("PyHessian works in float32 only (it draws float32 vectors): use a float32 model")
-    flags = [(m, m.training) for m in model.modules()]  # PyHessian switches to eval: restore every flag
-    with _only_these_require_grad(model, operator.param_names), torch.random.fork_rng(devices=[]), _quiet(), \
-            sdpa_kernel(SDPBackend.MATH):  # attention: as flatlab's operators (no fused kernel)
-        torch.manual_seed(seed)
-        run = _PyHessianRun(model, operator.data, operator.loss_fn)
-        with run.counting():
-            values, vectors = run.hessian.eigenvalues(maxIter=max_iter, tol=tol, top_n=k)
-    for module, flag in flags:
-        module.training = flag
+    with _pyhessian(operator, seed) as run:
+        values, vectors = run.hessian.eigenvalues(maxIter=max_iter, tol=tol, top_n=k)
     flat = np.column_stack([torch.cat([t.detach().reshape(-1) for t in vec]).cpu().double().numpy() for vec in vectors])
     flat /= np.linalg.norm(flat, axis=0, keepdims=True)
     values = np.asarray(values, dtype=np.float64)
@@ -162,16 +174,8 @@ def pyhessian_top_eigenvalues(operator: HessianOperator, k: int = 1, max_iter: i
 def pyhessian_trace(operator: HessianOperator, max_iter: int = 100, tol: float = 1e-3, seed: int = 0) -> TraceEstimate:
     """PyHessian's Hutchinson trace (stops when the running mean changes by < ``tol`` relative)."""
     _check_comparable(operator)
-    model = operator.model
-    flags = [(m, m.training) for m in model.modules()]  # PyHessian switches to eval: restore every flag
-    with _only_these_require_grad(model, operator.param_names), torch.random.fork_rng(devices=[]), _quiet(), \
-            sdpa_kernel(SDPBackend.MATH):  # attention: as flatlab's operators (no fused kernel)
-        torch.manual_seed(seed)
-        run = _PyHessianRun(model, operator.data, operator.loss_fn)
-        with run.counting():
-            samples = np.asarray(run.hessian.trace(maxIter=max_iter, tol=tol), dtype=np.float64)
-    for module, flag in flags:
-        module.training = flag
+    with _pyhessian(operator, seed) as run:
+        samples = np.asarray(run.hessian.trace(maxIter=max_iter, tol=tol), dtype=np.float64)
     stderr = float(np.std(samples, ddof=1) / np.sqrt(len(samples))) if len(samples) > 1 else float("nan")
     return TraceEstimate(float(samples.mean()), stderr, run.count, "pyhessian-hutchinson", samples)
 

@@ -30,6 +30,7 @@ seed gives the same probes as before and on every device.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,6 +56,17 @@ def _stderr(samples: np.ndarray) -> float:
     return float(np.std(samples, ddof=1) / np.sqrt(len(samples))) if len(samples) > 1 else float("nan")
 
 
+def _probed(operator: Any, num_products: int, least: int, method: str
+            ) -> tuple[CountingOperator, Callable[[torch.Tensor, torch.Tensor], None], torch.dtype, torch.device, int]:
+    """The counted operator, its product ``apply(v, out)`` in its own dtype and device, and its
+    dimension; FlatlabError when ``num_products`` is below the estimator's ``least``."""
+    if num_products < least:
+        raise FlatlabError(f"num_products must be at least {least} for {method}, got {num_products}")
+    op = CountingOperator(operator)
+    apply, dtype, device = torch_product(op)
+    return op, apply, dtype, device, op.shape[0]
+
+
 def hutchinson_trace(operator: Any, num_products: int = 100, seed: int = 0) -> TraceEstimate:
     """Hutchinson's estimate of :math:`\\operatorname{tr}(A)` from ``num_products`` Rademacher probes.
 
@@ -64,12 +76,8 @@ def hutchinson_trace(operator: Any, num_products: int = 100, seed: int = 0) -> T
         num_products: probes (one product each), at least 1.
         seed: seeds the probes.
     """
-    if num_products < 1:
-        raise FlatlabError(f"num_products must be at least 1 for Hutchinson's trace, got {num_products}")
-    op = CountingOperator(operator)
+    op, apply, dtype, device, n = _probed(operator, num_products, 1, "Hutchinson's trace")
     rng = np.random.default_rng(seed)
-    apply, dtype, device = torch_product(op)
-    n = op.shape[0]
     product = torch.empty(n, dtype=dtype, device=device)
     probe = torch.empty((1, n), dtype=dtype, device=device)
     z = probe[0]
@@ -88,12 +96,8 @@ def hutchpp_trace(operator: Any, num_products: int = 99, seed: int = 0) -> Trace
     Hutchinson probes :math:`g` of the deflated operator (see the module docstring). When the
     sketch spans the whole space (``num_products // 3 >= n``) the estimate is exact.
     """
-    if num_products < 3:
-        raise FlatlabError(f"num_products must be at least 3 for Hutch++, got {num_products}")
-    op = CountingOperator(operator)
+    op, apply, dtype, device, n = _probed(operator, num_products, 3, "Hutch++")
     rng = np.random.default_rng(seed)
-    apply, dtype, device = torch_product(op)
-    n = op.shape[0]
     sketch = num_products // 3
     probes = num_products - 2 * sketch
     s = rademacher(rng, sketch, n, dtype, device)

@@ -205,6 +205,16 @@ def _dense(ctx: MeasureContext, config: CurvatureConfig) -> tuple[Any, int]:
     return ctx.cache[key], op.dim  # one column per parameter
 
 
+def _operator_and_spectrum(ctx: MeasureContext, config: CurvatureConfig) -> tuple[Any, Any, int]:
+    """The measure's operator; with solver dense also the dense spectrum and the products spent
+    on it now (else None and 0)."""
+    op = operator(ctx, config)
+    if config.solver != "dense":
+        return op, None, 0
+    spectrum, products = _dense(ctx, config)
+    return op, spectrum, products
+
+
 def common_attrs(ctx: MeasureContext, config: CurvatureConfig) -> dict[str, Any]:
     """Attributes of the curvature group every curvature measure shares."""
     op = operator(ctx, config)
@@ -225,9 +235,8 @@ def compute_top_eigenvalues(ctx: MeasureContext, config: TopEigenvaluesConfig) -
         raise ConfigError("top_k", f"= {k} exceeds the number of selected parameters ({op.dim}): use at most {op.dim}")
     payload: dict[str, Any] = {}
     attrs: dict[str, Any] = {}
-    products = 0
-    if config.solver == "dense":
-        spectrum, products = _dense(ctx, config)
+    _, spectrum, products = _operator_and_spectrum(ctx, config)
+    if spectrum is not None:
         values = spectrum.eigenvalues[:k]
         vectors = spectrum.eigenvectors[:, :k]
         residuals = np.linalg.norm(spectrum.hessian @ vectors - vectors * values, axis=0)
@@ -262,10 +271,8 @@ def compute_top_eigenvalues(ctx: MeasureContext, config: TopEigenvaluesConfig) -
 def compute_trace(ctx: MeasureContext, config: TraceConfig) -> MeasureResult:
     from flatlab.curvature.trace import estimate_trace
 
-    op = operator(ctx, config)
-    products = 0
-    if config.solver == "dense":
-        spectrum, products = _dense(ctx, config)
+    op, spectrum, products = _operator_and_spectrum(ctx, config)
+    if spectrum is not None:
         trace, stderr, used, method = float(np.trace(spectrum.hessian)), 0.0, 0, "exact"
     elif config.solver == "pyhessian":
         from flatlab.curvature.power_iteration import pyhessian_trace
@@ -285,10 +292,8 @@ def compute_trace(ctx: MeasureContext, config: TraceConfig) -> MeasureResult:
 def compute_density(ctx: MeasureContext, config: DensityConfig) -> MeasureResult:
     from flatlab.curvature.density import gaussian_broadening, slq_density
 
-    op = operator(ctx, config)
-    products = 0
-    if config.solver == "dense":
-        spectrum, products = _dense(ctx, config)
+    op, spectrum, products = _operator_and_spectrum(ctx, config)
+    if spectrum is not None:
         n = len(spectrum.eigenvalues)
         nodes, weights = [spectrum.eigenvalues[::-1].copy()], [np.full(n, 1.0 / n)]
         grid, density, sigma = gaussian_broadening(nodes, weights)
@@ -309,10 +314,8 @@ def compute_density(ctx: MeasureContext, config: DensityConfig) -> MeasureResult
 def compute_per_layer(ctx: MeasureContext, config: PerLayerConfig) -> MeasureResult:
     from flatlab.curvature.per_layer import per_layer_curvature
 
-    op = operator(ctx, config)
-    products = 0
-    if config.solver == "dense":
-        _, products = _dense(ctx, config)  # kept for the product count; blocks use Lanczos
+    # With solver dense the spectrum is still computed, for the product count; blocks use Lanczos.
+    op, _, products = _operator_and_spectrum(ctx, config)
     layers = per_layer_curvature(op, trace_products=min(config.trace_products, 30), seed=ctx.settings.seed,
                                  **config.eigen_settings())
     products += sum(layer.products for layer in layers)

@@ -52,22 +52,24 @@ def register_measure(measure: Measure) -> Measure:
     if measure.config.measure != measure.name:
         raise FlatlabError(f"measure {measure.name!r}: its config class {measure.config.__name__} says "
                            f"measure = {measure.config.measure!r}")
-    taken = {c.name for owner, c in all_columns() if owner is not measure}
-    for column in measure.columns:
-        if column.name in taken:
-            raise FlatlabError(f"measure {measure.name!r}: column {column.name!r} is already another measure's")
+    _check_new_columns(measure, f"measure {measure.name!r}")
     MEASURES[measure.name] = measure
     return measure
+
+
+def _check_new_columns(owner: Measure | ColumnSource, who: str) -> None:
+    """Column names are unique across measures and column sources (the report's columns)."""
+    taken = {c.name for other, c in all_columns() if other is not owner}
+    for column in owner.columns:
+        if column.name in taken:
+            raise FlatlabError(f"{who}: column {column.name!r} is already declared by another measure or source")
 
 
 def register_columns(source: ColumnSource) -> ColumnSource:
     """Add a column source (idempotent for the same object); its column names must be new."""
     if source.name in COLUMN_SOURCES and COLUMN_SOURCES[source.name] is not source:
         raise FlatlabError(f"a column source named {source.name!r} is already registered")
-    taken = {c.name for owner, c in all_columns() if owner is not source}
-    for column in source.columns:
-        if column.name in taken:
-            raise FlatlabError(f"column source {source.name!r}: column {column.name!r} is already declared")
+    _check_new_columns(source, f"column source {source.name!r}")
     COLUMN_SOURCES[source.name] = source
     return source
 

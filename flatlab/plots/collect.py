@@ -508,12 +508,14 @@ __all__ = ["ALL_FORMATS", "FIGURE_FORMATS", "FigureJob", "barrier_records", "cla
            "overlap_maps", "parse_formats", "slug", "write_figures"]
 
 
-def script_main(doc: str, draw: Callable[[Collection, Path, list[str]], list[Path]],
-                argv: Sequence[str] | None = None) -> None:
+def script_main(doc: str, draw: Callable[..., list[Path]], argv: Sequence[str] | None = None, *,
+                add_options: Callable[[Any], None] | None = None) -> None:
     """Entry point of a ``figures/`` script: ``python figures/fig_X.py RESULTS... OUTDIR [--format pdf,png]``.
 
-    ``draw(collection, out_dir, formats)`` builds the figure(s) with the package's builders and
-    returns the files written. Bad input ends with one ``error:`` line and exit status 2.
+    ``draw(collection, out_dir, formats, **options)`` builds the figure(s) with the package's
+    builders and returns the files written; ``add_options(parser)`` adds a script's own options,
+    which ``draw`` receives by their argparse destination. Bad input ends with one ``error:``
+    line and exit status 2.
     """
     import argparse
     import sys
@@ -522,11 +524,14 @@ def script_main(doc: str, draw: Callable[[Collection, Path, list[str]], list[Pat
     parser.add_argument("results", nargs="+", help="results file(s) or surface files")
     parser.add_argument("out_dir", help="folder for the figure files")
     parser.add_argument("--format", default="pdf,png", help="comma-separated formats (default pdf,png)")
+    if add_options is not None:
+        add_options(parser)
     args = parser.parse_args(argv)
+    options = {k: v for k, v in vars(args).items() if k not in ("results", "out_dir", "format")}
     try:
         formats = parse_formats(args.format)
         out = Path(args.out_dir)
-        files = draw(load_inputs_for_script(args.results), out, formats)
+        files = draw(load_inputs_for_script(args.results), out, formats, **options)
         if not files:
             raise FlatlabError(f"the inputs hold nothing for this figure ({Path(sys.argv[0]).name})")
     except FlatlabError as exc:

@@ -122,6 +122,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from flatlab.checks import coerce_int_fields, is_int
 from flatlab.curvature.params import select_parameters
 from flatlab.errors import FlatlabError
 from flatlab.outputs import (
@@ -144,10 +145,6 @@ APGD_MIN_SPACING = 0.06
 APGD_SPACING_DECREASE = 0.03
 #: Factor applied to the step at a checkpoint where progress stalled.
 APGD_STEP_DECAY = 0.5
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
 def _positive_float(name: str, value: Any) -> float:
@@ -235,16 +232,10 @@ class AdaptiveSharpnessConfig:
             raise FlatlabError(f"scaling must be one of {', '.join(SCALINGS)}, got {self.scaling!r}")
         object.__setattr__(self, "p", _normalize_p(self.p))
         if self.m is not None:
-            if not _is_int(self.m) or self.m < 1:
+            if not is_int(self.m) or self.m < 1:
                 raise FlatlabError(f"m must be a positive number of samples or None (the whole set), got {self.m!r}")
             object.__setattr__(self, "m", int(self.m))
-        for name, low in (("steps", 1), ("restarts", 0), ("samples", 2), ("seed", 0)):
-            value = getattr(self, name)
-            if not _is_int(value):
-                raise FlatlabError(f"{name} must be an integer, got {value!r}")
-            if value < low:
-                raise FlatlabError(f"{name} must be at least {low}, got {value}")
-            object.__setattr__(self, name, int(value))
+        coerce_int_fields(self, (("steps", 1), ("restarts", 0), ("samples", 2), ("seed", 0)))
         for name in ("random_start", "antithetic"):
             if not isinstance(getattr(self, name), bool):
                 raise FlatlabError(f"{name} must be true or false, got {getattr(self, name)!r}")

@@ -26,10 +26,10 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from flatlab.outputs import OutputFn, model_device, prepare_batches, with_output_fn
-from flatlab.sharpness.pacbayes import FoldedPair, interval_of, search_inputs
-from flatlab.sharpness.perturb import Batch, check_batches, num_classes_of
-from flatlab.sharpness.sigma_search import SIGMA_IS_STD_NOTE, sigma_search
+from flatlab.outputs import OutputFn
+from flatlab.sharpness.pacbayes import folded_sigma_search, interval_of, search_inputs
+from flatlab.sharpness.perturb import Batch
+from flatlab.sharpness.sigma_search import SIGMA_IS_STD_NOTE
 
 MAGNITUDE_EPS = 1e-3
 
@@ -59,16 +59,11 @@ def magnitude_bounds(model: nn.Module, batches: Sequence[Batch], initial_model: 
         ``sigma_ci_high``, ``orig``, ``init``, ``inv_sigma_sq`` with its interval and standard
         error, ``epsilon`` and every input (m, omega, norms, target, passes, draws, ...).
     """
-    batches = prepare_batches(batches, model_device(model), name="batches")
-    # Refuse a model without accuracy before the BatchNorm fold: sigma is defined by an accuracy drop.
-    num_classes_of(with_output_fn(model, output_fn), batches, "magnitude")
-    pair = FoldedPair(model, initial_model, fold_bn)
-    n = check_batches(batches)
-    m = int(m if m is not None else n)
-    search = sigma_search(pair.model, batches, target_drop=target_drop, tolerance=tolerance,
-                          mc_samples=mc_samples, depth=depth, sigma_max=sigma_max, seed=seed,
-                          magnitude_eps=eps, early_stop=early_stop, fixed_draws=fixed_draws,
-                          max_samples=max_samples, draw_examples=draw_examples, output_fn=output_fn, measure="magnitude")
+    pair, m, search = folded_sigma_search(
+        model, batches, initial_model, measure="magnitude", m=m, fold_bn=fold_bn, output_fn=output_fn,
+        target_drop=target_drop, tolerance=tolerance, mc_samples=mc_samples, depth=depth, sigma_max=sigma_max,
+        seed=seed, magnitude_eps=eps, early_stop=early_stop, fixed_draws=fixed_draws, max_samples=max_samples,
+        draw_examples=draw_examples)
     sigma = search.radius
     orig = init = None
     if pair.w0 is not None:

@@ -125,6 +125,22 @@ def interval_of(sigma: float, low: float, high: float, z: float = Z_CONFIDENCE) 
             "inv_sigma_sq_stderr": (inv_high - inv_low) / (2.0 * z)}
 
 
+def folded_sigma_search(model: nn.Module, batches: Sequence[Batch], initial_model: nn.Module | None, *,
+                        measure: str, m: int | None, fold_bn: bool, output_fn: OutputFn | None,
+                        **search_settings: Any) -> tuple[FoldedPair, int, SearchResult]:
+    """The first half of the PAC-Bayes and the magnitude-aware bounds: the model (BatchNorm
+    folded) with w0, the training-set size m of the bound (default: the samples in ``batches``)
+    and sigma's search (``search_settings``: those of
+    :func:`~flatlab.sharpness.sigma_search.sigma_search`)."""
+    batches = prepare_batches(batches, model_device(model), name="batches")
+    # Refuse a model without accuracy before the BatchNorm fold: sigma is defined by an accuracy drop.
+    num_classes_of(with_output_fn(model, output_fn), batches, measure)
+    pair = FoldedPair(model, initial_model, fold_bn)
+    n = check_batches(batches)
+    search = sigma_search(pair.model, batches, output_fn=output_fn, measure=measure, **search_settings)
+    return pair, int(m if m is not None else n), search
+
+
 def pacbayes_bounds(model: nn.Module, batches: Sequence[Batch], initial_model: nn.Module | None = None, *,
                     m: int | None = None, target_drop: float = 0.1, tolerance: float = 0.01, mc_samples: int = 10,
                     depth: int = 15, sigma_max: float = 2.0, seed: int = 0, fold_bn: bool = True,
@@ -156,16 +172,11 @@ def pacbayes_bounds(model: nn.Module, batches: Sequence[Batch], initial_model: n
         converged, ... plus ``sigma_note`` saying that sigma is a standard deviation and
         ``note`` when the cap on draws or the depth stopped the search short.
     """
-    batches = prepare_batches(batches, model_device(model), name="batches")
-    # Refuse a model without accuracy before the BatchNorm fold: sigma is defined by an accuracy drop.
-    num_classes_of(with_output_fn(model, output_fn), batches, "pacbayes")
-    pair = FoldedPair(model, initial_model, fold_bn)
-    n = check_batches(batches)
-    m = int(m if m is not None else n)
-    search = sigma_search(pair.model, batches, target_drop=target_drop, tolerance=tolerance,
-                          mc_samples=mc_samples, depth=depth, sigma_max=sigma_max, seed=seed,
-                          early_stop=early_stop, fixed_draws=fixed_draws, max_samples=max_samples,
-                          draw_examples=draw_examples, output_fn=output_fn, measure="pacbayes")
+    pair, m, search = folded_sigma_search(
+        model, batches, initial_model, measure="pacbayes", m=m, fold_bn=fold_bn, output_fn=output_fn,
+        target_drop=target_drop, tolerance=tolerance, mc_samples=mc_samples, depth=depth, sigma_max=sigma_max,
+        seed=seed, early_stop=early_stop, fixed_draws=fixed_draws, max_samples=max_samples,
+        draw_examples=draw_examples)
     sigma, low, high = search.radius, search.radius_ci_low, search.radius_ci_high
 
     def bound(norm_sq: float | None) -> dict[str, float | None]:
@@ -194,4 +205,4 @@ def pacbayes_bounds(model: nn.Module, batches: Sequence[Batch], initial_model: n
     }
 
 
-__all__ = ["FoldedPair", "interval_of", "pacbayes_bound", "pacbayes_bounds", "search_inputs"]
+__all__ = ["FoldedPair", "folded_sigma_search", "interval_of", "pacbayes_bound", "pacbayes_bounds", "search_inputs"]

@@ -92,6 +92,7 @@ import torch.nn.functional as F
 from scipy.sparse.linalg import LinearOperator
 from torch import nn
 
+from flatlab.checks import coerce_int_fields
 from flatlab.curvature.dense import dense_hessian
 from flatlab.curvature.hvp import HessianOperator
 from flatlab.curvature.trace import hutchinson_trace, hutchpp_trace
@@ -102,10 +103,6 @@ from flatlab.sharpness.perturb import Batch, LossFn
 RELATIVE_FLATNESS_METHODS = ("auto", "exact", "hutchinson", "hutch++")
 #: Largest d * n for which ``auto`` builds the layer's dense Hessian (d * n HVPs, (dn)^2 floats).
 DEFAULT_EXACT_MAX_SIZE = 2048
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
@@ -134,13 +131,7 @@ class RelativeFlatnessConfig:
             raise FlatlabError(f"layer must be a module name or None (the last Linear layer), got {self.layer!r}")
         if self.method not in RELATIVE_FLATNESS_METHODS:
             raise FlatlabError(f"method must be one of {', '.join(RELATIVE_FLATNESS_METHODS)}, got {self.method!r}")
-        for name, low in (("exact_max_size", 1), ("num_products", 2), ("seed", 0)):
-            value = getattr(self, name)
-            if not _is_int(value):
-                raise FlatlabError(f"{name} must be an integer, got {value!r}")
-            if value < low:
-                raise FlatlabError(f"{name} must be at least {low}, got {value}")
-            object.__setattr__(self, name, int(value))
+        coerce_int_fields(self, (("exact_max_size", 1), ("num_products", 2), ("seed", 0)))
         if self.method == "hutch++" and self.num_products < 3:
             raise FlatlabError(f"num_products must be at least 3 for hutch++, got {self.num_products}")
 

@@ -76,6 +76,19 @@ from flatlab.sharpness.sigma_search import (
 KESKAR_EPS = 1e-3
 
 
+def _ascent_copy(model: nn.Module, batches: Sequence[Batch] | Any, output_fn: OutputFn | None
+                 ) -> tuple[list[Batch], nn.Module, list[nn.Parameter]]:
+    """What a gradient ascent on the weights works on: the batches on the model's device, an
+    eval-mode copy of the model (the caller's is never modified) whose every parameter requires
+    grad, read through ``output_fn``, and those parameters (the copy is perturbed through them)."""
+    batches = prepare_batches(batches, model_device(model), name="batches")
+    work = copy.deepcopy(model).eval()
+    for p in work.parameters():
+        p.requires_grad_(True)
+    params = list(work.parameters())
+    return batches, with_output_fn(work, output_fn), params
+
+
 def box_ascent(model: nn.Module, params: Sequence[Tensor], base: Sequence[Tensor], radius: Sequence[Tensor],
                batches: Sequence[Batch], loss_fn: LossFn, steps: int, step_fraction: float | None = None) -> list[Tensor]:
     """Projected sign-gradient ascent of the loss over the box |u| <= radius (elementwise).
@@ -121,12 +134,7 @@ def worst_case_alpha(model: nn.Module, batches: Sequence[Batch], *, loss_fn: Los
     check_target_drop(target_drop, tolerance)
     if ascent_steps < 1:
         raise FlatlabError(f"the number of gradient-ascent steps must be at least 1, got {ascent_steps}")
-    batches = prepare_batches(batches, model_device(model), name="batches")
-    work = copy.deepcopy(model).eval()
-    for p in work.parameters():
-        p.requires_grad_(True)
-    params = list(work.parameters())
-    work = with_output_fn(work, output_fn)  # perturbed through params, read through output_fn
+    batches, work, params = _ascent_copy(model, batches, output_fn)
     n = check_batches(batches)
     num_classes = num_classes_of(work, batches, "worst_case")
     base_correct, _ = count_correct(work, batches)
@@ -178,12 +186,7 @@ def keskar_sharpness(model: nn.Module, batches: Sequence[Batch], *, loss_fn: Los
     """
     if not eps > 0:
         raise FlatlabError(f"Keskar's epsilon must be positive, got {eps}")
-    batches = prepare_batches(batches, model_device(model), name="batches")
-    work = copy.deepcopy(model).eval()
-    for p in work.parameters():
-        p.requires_grad_(True)
-    params = list(work.parameters())
-    work = with_output_fn(work, output_fn)
+    batches, work, params = _ascent_copy(model, batches, output_fn)
     base = [p.detach().clone() for p in params]
     loss = mean_loss(work, batches, loss_fn)
     radius = [eps * (b.abs() + 1.0) for b in base]
