@@ -11,6 +11,7 @@ normal 95% interval of a Monte Carlo or Hutch++ estimate). Accuracies are drawn 
 from __future__ import annotations
 
 import math
+import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -258,14 +259,13 @@ def bits_sweep(groups: Sequence[dict[str, Any]], columns: Sequence[str], labels:
             ax.set_xticks(range(len(all_bits)))
             ax.set_xticklabels(["FP" if b >= 32 else f"{b:g}" for b in all_bits])
             ax.set_xlabel("weight bit width")
-            ax.set_ylabel(ylabel)
+            # Long measure labels would run into the next panel at this width: two lines instead.
+            ax.set_ylabel("\n".join(textwrap.wrap(ylabel, 28)) if n > 1 else ylabel)
         handles, labels_ = axes[0].get_legend_handles_labels()
         if handles:
             fig.legend(handles, labels_, loc="outside lower center", ncol=min(5, len(handles)))
         text = title or "bit width: mean over seeds, 95% bootstrap CI"
         if n == 1 and len(text) > 40:  # one narrow panel: wrap the title instead of clipping it
-            import textwrap
-
             text = "\n".join(textwrap.wrap(text, 40))
         fig.suptitle(text)
     return fig
