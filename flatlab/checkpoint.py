@@ -27,6 +27,7 @@ from torch import nn
 
 from flatlab import __version__
 from flatlab.checkpoint_format import FORMAT, FORMAT_VERSION, safe_torch_load
+from flatlab.checks import is_int
 from flatlab.data import DomainSplits, MultiDomainDataset, build_dataset
 from flatlab.errors import FlatlabError
 from flatlab.io import atomic_write_bytes
@@ -142,10 +143,6 @@ def save_checkpoint(path: str | os.PathLike[str], model: nn.Module, w0: dict[str
     atomic_write_bytes(path, torch_bytes(payload))
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def check_meta(meta: Any, path: str | os.PathLike[str] | None = None) -> None:
     """Check that a checkpoint's metadata holds what rebuilding its model and splits needs.
 
@@ -166,13 +163,13 @@ def check_meta(meta: Any, path: str | os.PathLike[str] | None = None) -> None:
         ("dataset", lambda v: isinstance(v, str) and v != "", "a data set name"),
         ("domains", lambda v: isinstance(v, list) and len(v) > 0 and all(isinstance(d, str) for d in v),
          "a non-empty list of domain names"),
-        ("test_envs", lambda v: isinstance(v, list) and all(_is_int(e) for e in v), "a list of domain indices"),
+        ("test_envs", lambda v: isinstance(v, list) and all(is_int(e) for e in v), "a list of domain indices"),
         ("model", lambda v: isinstance(v, str) and v != "", "a model name"),
         ("model_options", lambda v: isinstance(v, dict), "a dict"),
-        ("input_shape", lambda v: isinstance(v, (list, tuple)) and len(v) > 0 and all(_is_int(d) and d > 0 for d in v),
+        ("input_shape", lambda v: isinstance(v, (list, tuple)) and len(v) > 0 and all(is_int(d) and d > 0 for d in v),
          "a list of positive integers"),
-        ("num_classes", lambda v: _is_int(v) and v >= 2, "an integer >= 2"),
-        ("trial_seed", _is_int, "an integer"),
+        ("num_classes", lambda v: is_int(v) and v >= 2, "an integer >= 2"),
+        ("trial_seed", is_int, "an integer"),
     ]
     for key, ok, expected in checks:
         if key not in meta:
@@ -190,7 +187,7 @@ def check_meta(meta: Any, path: str | os.PathLike[str] | None = None) -> None:
         h = meta["holdout_fraction"]
         if isinstance(h, bool) or not isinstance(h, (int, float)) or not 0.0 < h < 1.0:
             raise FlatlabError(f"{where} is a damaged flatlab checkpoint: holdout_fraction must lie in (0, 1), got {h!r}")
-    if "step" in meta and not _is_int(meta["step"]):
+    if "step" in meta and not is_int(meta["step"]):
         raise FlatlabError(f"{where} is a damaged flatlab checkpoint: step must be an integer, got {meta['step']!r}")
     if meta.get("quant") is not None and not isinstance(meta["quant"], dict):
         raise FlatlabError(f"{where} is a damaged flatlab checkpoint: quant must be a dict, got {meta['quant']!r:.80}")

@@ -1,4 +1,5 @@
-"""Checks of integer settings shared by the frozen configs of the sharpness measures.
+"""Checks of integer settings shared by the frozen configs of the sharpness measures and the
+checkpoint metadata check.
 
 Each raises :class:`~flatlab.errors.FlatlabError` naming the setting as the caller wrote it
 (``steps must be at least 1, got 0``).

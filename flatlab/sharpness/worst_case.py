@@ -76,7 +76,7 @@ from flatlab.sharpness.sigma_search import (
 KESKAR_EPS = 1e-3
 
 
-def _ascent_copy(model: nn.Module, batches: Sequence[Batch] | Any, output_fn: OutputFn | None
+def _ascent_copy(model: nn.Module, batches: Sequence[Batch], output_fn: OutputFn | None
                  ) -> tuple[list[Batch], nn.Module, list[nn.Parameter]]:
     """What a gradient ascent on the weights works on: the batches on the model's device, an
     eval-mode copy of the model (the caller's is never modified) whose every parameter requires
